@@ -1,0 +1,45 @@
+"""lora_jax: LoRA (low-rank adaptation) for any JAX function, Flax linen and NNX included."""
+
+from lora_jax.adapters import LoraWeights as LoraWeights
+from lora_jax.adapters import init as init
+from lora_jax.adapters import merge as merge
+from lora_jax.adapters import unmerge as unmerge
+from lora_jax.config import ALL_LINEAR as ALL_LINEAR
+from lora_jax.config import LoraConfig as LoraConfig
+from lora_jax.targets import ParamCount as ParamCount
+from lora_jax.targets import Plan as Plan
+from lora_jax.targets import Target as Target
+from lora_jax.targets import count as count
+from lora_jax.targets import plan as plan
+from lora_jax.transform import KernelUse as KernelUse
+from lora_jax.transform import LoraFallbackWarning as LoraFallbackWarning
+from lora_jax.transform import analyze as analyze
+from lora_jax.train import StepOutput as StepOutput
+from lora_jax.train import lora_plus as lora_plus
+from lora_jax.train import train_step as train_step
+from lora_jax.train import value_and_grad as value_and_grad
+from lora_jax.transform import lora as lora
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_LINEAR",
+    "KernelUse",
+    "LoraConfig",
+    "LoraFallbackWarning",
+    "LoraWeights",
+    "ParamCount",
+    "Plan",
+    "StepOutput",
+    "Target",
+    "analyze",
+    "count",
+    "init",
+    "lora",
+    "lora_plus",
+    "merge",
+    "plan",
+    "train_step",
+    "unmerge",
+    "value_and_grad",
+]

@@ -1,0 +1,175 @@
+"""A small jaxpr interpreter in which targeted kernels are ``Kernel`` values.
+
+Only equations that a ``Kernel`` flows into get special handling; every other equation is
+re-bound unchanged with ``primitive.bind``. Higher-order primitives that a kernel enters
+(``jit``, ``scan``, ``checkpoint``, ``cond``) are rebuilt through their public APIs with a
+Python body that runs this interpreter on the inner jaxpr. The per-primitive rules for a
+kernel itself (``dot_general``, casts, transposes) live in ``lora_jax.transform`` and come in
+through ``ctx.rules``; a primitive with no rule gets the merged kernel (``ctx.materialize``).
+"""
+
+from __future__ import annotations
+
+import jax
+from jax import lax
+from jax.extend import core
+
+@jax.tree_util.register_pytree_node_class
+class Kernel:
+  """A targeted kernel inside the interpreter.
+
+  ``w`` is the base kernel as ``fn`` currently sees it (after casts and transposes) and
+  ``axes[k]`` is the original kernel axis that axis k of ``w`` is. ``a`` and ``b`` are the
+  factors with the stacked axes that a ``lax.scan`` sliced off removed; they are None while
+  ``analyze`` only watches how kernels are used.
+  """
+
+  def __init__(self, w, a, b, *, path, axes, roles, scale, dropout):
+    self.w, self.a, self.b = w, a, b
+    self.path, self.axes, self.roles = path, tuple(axes), roles
+    self.scale, self.dropout = scale, dropout
+
+  def replace(self, **changes) -> "Kernel":
+    fields = dict(path=self.path, axes=self.axes, roles=self.roles, scale=self.scale,
+                  dropout=self.dropout)
+    w, a, b = changes.pop("w", self.w), changes.pop("a", self.a), changes.pop("b", self.b)
+    return Kernel(w, a, b, **{**fields, **changes})
+
+  def role(self, dim: int) -> str | None:
+    return self.roles[self.axes[dim]] if self.roles else None
+
+  def tree_flatten(self):
+    aux = (self.path, self.axes, self.roles, self.scale, self.dropout)
+    return (self.w, self.a, self.b), aux
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    path, axes, roles, scale, dropout = aux
+    return cls(*children, path=path, axes=axes, roles=roles, scale=scale, dropout=dropout)
+
+
+def bind(eqn, invals) -> list:
+  """Re-binds ``eqn``'s primitive on ``invals``; always returns a list of outputs."""
+  params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns = ()
+  if isinstance(params, tuple):  # JAX < 0.7 returned (subfuns, params)
+    subfuns, params = params
+  out = eqn.primitive.bind(*subfuns, *invals, **params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _open(jaxpr):
+  if isinstance(jaxpr, core.ClosedJaxpr):
+    return jaxpr.jaxpr, jaxpr.consts
+  return jaxpr, ()
+
+
+def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
+  """Evaluates ``jaxpr`` on ``args``, which may hold ``Kernel`` values."""
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, core.Literal) else env[v]
+
+  def write(v, x):
+    if not isinstance(v, core.DropVar):
+      env[v] = x
+
+  for v, x in zip(jaxpr.constvars, consts):
+    write(v, x)
+  for v, x in zip(jaxpr.invars, args):
+    write(v, x)
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(x, Kernel) for x in invals):
+      outvals = _rule(eqn.primitive.name, ctx)(eqn, invals, ctx)
+    else:
+      outvals = bind(eqn, invals)
+    for v, x in zip(eqn.outvars, outvals):
+      write(v, x)
+  return [read(v) for v in jaxpr.outvars]
+
+
+def run(closed, args, ctx) -> list:
+  """Evaluates a closed jaxpr; kernels that reach the outputs are returned merged."""
+  jaxpr, consts = _open(closed)
+  return [ctx.materialize(x, "output") for x in eval_jaxpr(jaxpr, consts, args, ctx)]
+
+
+def _rule(name: str, ctx):
+  return HIGHER_ORDER.get(name) or ctx.rules.get(name) or _fallback
+
+
+def _fallback(eqn, invals, ctx) -> list:
+  return bind(eqn, [ctx.materialize(x, eqn.primitive.name) for x in invals])
+
+
+def _inline(param: str):
+  """jit / closed_call: evaluate the inner jaxpr in place, so kernels flow through it."""
+
+  def rule(eqn, invals, ctx):
+    jaxpr, consts = _open(eqn.params[param])
+    return eval_jaxpr(jaxpr, consts, invals, ctx)
+
+  return rule
+
+
+def _body(jaxpr, consts, ctx, name: str):
+  """A Python function running ``jaxpr`` in the interpreter, merging kernels it outputs."""
+
+  def body(*args):
+    return [ctx.materialize(x, name) for x in eval_jaxpr(jaxpr, consts, list(args), ctx)]
+
+  return body
+
+
+def _scan(eqn, invals, ctx) -> list:
+  """lax.scan: a stacked kernel in ``xs`` is sliced together with its stacked A and B."""
+  p = eqn.params
+  nc, nk = p["num_consts"], p["num_carry"]
+  consts, xs = invals[:nc], invals[nc + nk:]
+  carry = [ctx.materialize(x, "scan carry") for x in invals[nc:nc + nk]]
+  xs = [ctx.unstack(x, "scan") if isinstance(x, Kernel) else x for x in xs]
+  keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
+  jaxpr, inner_consts = _open(p["jaxpr"])
+
+  def body(carry, xs_and_key):
+    xs, key = xs_and_key
+    inner = _body(jaxpr, inner_consts, ctx.with_key(key), "scan output")
+    outs = inner(*consts, *carry, *xs)
+    return outs[:nk], outs[nk:]
+
+  carry, ys = lax.scan(body, carry, (xs, keys), length=p["length"], reverse=p["reverse"],
+                       unroll=p["unroll"])
+  return [*carry, *ys]
+
+
+def _remat(eqn, invals, ctx) -> list:
+  """jax.checkpoint: rebuilt with the same policy, kernels passed in as (w, a, b)."""
+  jaxpr, consts = _open(eqn.params["jaxpr"])
+
+  def body(key, *args):
+    return _body(jaxpr, consts, ctx.with_key(key), "checkpoint output")(*args)
+
+  remat = jax.checkpoint(body, prevent_cse=eqn.params["prevent_cse"],
+                         policy=eqn.params["policy"])
+  return remat(ctx.next_key(), *invals)
+
+
+def _cond(eqn, invals, ctx) -> list:
+  """lax.cond / lax.switch: every branch runs in the interpreter."""
+  index = ctx.materialize(invals[0], "cond index")
+  branches = [_body(*_open(br), ctx, "cond output") for br in eqn.params["branches"]]
+  return lax.switch(index, branches, *invals[1:])
+
+
+HIGHER_ORDER = {
+    "jit": _inline("jaxpr"),
+    "pjit": _inline("jaxpr"),
+    "closed_call": _inline("call_jaxpr"),
+    "core_call": _inline("call_jaxpr"),
+    "scan": _scan,
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "cond": _cond,
+}

@@ -1,0 +1,145 @@
+"""LoraConfig: what to adapt and how (Hu et al. 2021, "LoRA", arXiv:2106.09685).
+
+Every targeted kernel ``W`` acts as ``W + scale * A @ B`` with ``A: (in, rank)``,
+``B: (rank, out)`` and ``scale = alpha / rank`` (or ``alpha / sqrt(rank)`` with rsLoRA,
+Kalajdzievski 2023, arXiv:2312.03732).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+
+ALL_LINEAR = "all-linear"
+"""Preset target: every matmul kernel except the output head (as PEFT's ``"all-linear"``)."""
+
+HEAD_PATTERN = r"(^|/)(lm_head|head|output_head|classifier|score|qa_outputs)(/|$)"
+"""Module names treated as the output head and left out by the ``all-linear`` preset."""
+
+INITS = ("kaiming_uniform", "gaussian")
+AXIS_ROLES = "lio"  # l: stacked-layer axis, i: input (contracted) axis, o: output axis
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+  """Which kernels get low-rank adapters, and with which rank, alpha and init.
+
+  Args:
+    targets: a regular expression, or a sequence of them, searched (``re.search``) in
+      '/'-joined parameter paths such as ``layers_3/attn/query/kernel``; or ``"all-linear"``.
+      A pattern selects the matmul kernels on matching paths; a pattern that matches
+      nothing, or only leaves that are not kernels, is an error.
+    rank: r, the inner dimension of A (in, r) and B (r, out).
+    alpha: the numerator of the scale ``alpha / rank``.
+    rank_pattern: ``{pattern: rank}`` overrides per path; the first matching pattern wins.
+    alpha_pattern: ``{pattern: alpha}`` overrides per path; the first matching pattern wins.
+    axes_pattern: ``{pattern: roles}`` for kernels with more than two axes: one letter per
+      axis, ``l`` a stacked-layer axis, ``i`` an input axis, ``o`` an output axis, e.g.
+      ``"ioo"`` for a DenseGeneral query kernel (d, heads, head_dim), ``"lio"`` for a
+      scanned Dense stack (layers, d, k). ``analyze`` infers these from the model.
+    exclude: patterns of paths never to adapt (applied after ``targets``).
+    dropout: dropout rate on the adapter branch's input (training only).
+    init: ``"kaiming_uniform"`` (PEFT's default for A) or ``"gaussian"`` (A ~ N(0, 1/r)).
+    use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    dtype: dtype of A and B, float32 by default whatever the base dtype.
+    kernel_names: leaf names that are matmul kernels (Flax calls them ``kernel``).
+  """
+
+  targets: str | Sequence[str]
+  rank: int = 8
+  alpha: float = 8.0
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  axes_pattern: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  exclude: str | Sequence[str] = ()
+  dropout: float = 0.0
+  init: str = "kaiming_uniform"
+  use_rslora: bool = False
+  dtype: Any = jnp.float32
+  kernel_names: Sequence[str] = ("kernel",)
+
+  def __post_init__(self):
+    _check_rank("rank", self.rank)
+    _check_alpha("alpha", self.alpha)
+    for pattern, rank in self.rank_pattern.items():
+      _check_rank(f"rank_pattern[{pattern!r}]", rank)
+    for pattern, alpha in self.alpha_pattern.items():
+      _check_alpha(f"alpha_pattern[{pattern!r}]", alpha)
+    for pattern, roles in self.axes_pattern.items():
+      check_roles(f"axes_pattern[{pattern!r}]", roles)
+    for pattern in (*self.target_patterns, *self.exclude_patterns, *self.rank_pattern,
+                    *self.alpha_pattern, *self.axes_pattern):
+      _check_regex(pattern)
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+    if self.init not in INITS:
+      raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+    if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
+      raise ValueError(f"dtype must be a floating dtype such as float32, got {self.dtype!r}.")
+
+  @property
+  def target_patterns(self) -> tuple[str, ...]:
+    return _as_patterns("targets", self.targets)
+
+  @property
+  def exclude_patterns(self) -> tuple[str, ...]:
+    return _as_patterns("exclude", self.exclude, allow_empty=True)
+
+  def rank_for(self, path: str) -> int:
+    """The rank for ``path``: the first matching ``rank_pattern`` entry, else ``rank``."""
+    return _first_match(self.rank_pattern, path, self.rank)
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha for ``path``: the first matching ``alpha_pattern`` entry, else ``alpha``."""
+    return _first_match(self.alpha_pattern, path, self.alpha)
+
+  def scale_for(self, path: str) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, for ``path``."""
+    rank = self.rank_for(path)
+    return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def check_roles(name: str, roles: str) -> None:
+  """Raises ValueError unless ``roles`` is a valid axis-role string (see ``axes_pattern``)."""
+  if (not isinstance(roles, str) or set(roles) - set(AXIS_ROLES)
+      or "i" not in roles or "o" not in roles):
+    raise ValueError(
+        f"{name} must be a string of axis roles, one of 'l' (stacked layers), 'i' (input) "
+        f"or 'o' (output) per kernel axis with at least one 'i' and one 'o', got {roles!r}.")
+
+
+def _first_match(patterns: Mapping[str, Any], path: str, default):
+  return next((v for p, v in patterns.items() if re.search(p, path)), default)
+
+
+def _as_patterns(name, value, allow_empty=False) -> tuple[str, ...]:
+  patterns = (value,) if isinstance(value, str) else tuple(value)
+  if not patterns and not allow_empty:
+    raise ValueError(f"{name} must name at least one pattern (or {ALL_LINEAR!r}), got {value!r}.")
+  if not all(isinstance(p, str) for p in patterns):
+    raise ValueError(f"{name} must be a string or a sequence of strings, got {value!r}.")
+  return patterns
+
+
+def _check_regex(pattern: str) -> None:
+  if pattern == ALL_LINEAR:
+    return
+  try:
+    re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
+
+
+def _check_rank(name: str, rank) -> None:
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"{name} must be an integer >= 1, got {rank!r}.")
+
+
+def _check_alpha(name: str, alpha) -> None:
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    raise ValueError(f"{name} must be a number > 0, got {alpha!r}.")

@@ -1,0 +1,252 @@
+"""Path matching: which kernels a LoraConfig adapts, the plan, and parameter counts.
+
+Paths are '/'-joined pytree keys, e.g. ``params/layers_0/attn/query/kernel`` for a Flax
+linen tree or ``layers/0/kernel`` for an NNX state (the trailing ``.value`` of an NNX
+variable is dropped). Only shapes are read, so every function here also works on the
+abstract trees of ``jax.eval_shape``: no weights need to exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from lora_jax.config import ALL_LINEAR, HEAD_PATTERN, LoraConfig, check_roles
+
+
+def path_keys(key_path) -> tuple[str, ...]:
+  """The string keys of a ``jax.tree_util`` key path, without NNX's trailing ``value``."""
+  keys = [_key_str(k) for k in key_path]
+  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
+    keys.pop()
+  return tuple(keys)
+
+
+def _key_str(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaves_by_path(tree) -> dict[str, Any]:
+  """``{'/'-joined path: leaf}`` for every leaf of ``tree``."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {"/".join(path_keys(p)): leaf for p, leaf in flat}
+
+
+def size(leaf) -> int:
+  return math.prod(getattr(leaf, "shape", ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One adapted kernel: where it is, its shape and axis roles, and its adapter's size."""
+
+  path: str
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: str  # one role per kernel axis: l (stacked layer), i (input), o (output)
+  rank: int
+  alpha: float
+  scale: float
+  route: str | None = None  # "factored" or "merged", when the plan was made with analyze()
+
+  def _prod(self, role: str) -> int:
+    return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
+
+  @property
+  def stack(self) -> int:
+    return self._prod("l")
+
+  @property
+  def in_features(self) -> int:
+    return self._prod("i")
+
+  @property
+  def out_features(self) -> int:
+    return self._prod("o")
+
+  @property
+  def num_params(self) -> int:
+    """Trainable parameters of A and B: ``stack * rank * (in + out)``."""
+    return self.stack * self.rank * (self.in_features + self.out_features)
+
+
+def listing(paths, limit: int = 6) -> str:
+  """A short, comma-separated listing of ``paths`` for error messages."""
+  paths = list(paths)
+  shown = ", ".join(paths[:limit])
+  more = len(paths) - limit
+  return shown + (f", ... ({more} more; use lora_jax.plan() to list all)" if more > 0 else "")
+
+
+def _is_kernel(config: LoraConfig, path: str, leaf) -> bool:
+  return path.rsplit("/", 1)[-1] in config.kernel_names and len(getattr(leaf, "shape", ())) >= 2
+
+
+def _module(path: str) -> str:
+  return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _match_pattern(config, pattern, leaves, kernels) -> set[str]:
+  if pattern == ALL_LINEAR:
+    return {p for p in kernels if not re.search(HEAD_PATTERN, p)}
+  matched = [p for p in leaves if re.search(pattern, p)]
+  if not matched:
+    raise ValueError(f"target pattern {pattern!r} matched no parameter; available paths "
+                     f"include {listing(leaves)}.")
+  chosen = {p for p in matched if p in kernels}
+  modules = {_module(p) for p in chosen}
+  for p in matched:
+    if p not in chosen and _module(p) not in modules:
+      raise ValueError(
+          f"target pattern {pattern!r} matched {p!r} (shape {tuple(leaves[p].shape)}), which "
+          f"is not a matmul kernel (a leaf named one of {tuple(config.kernel_names)} with 2 "
+          f"or more axes); kernels include {listing(kernels)}.")
+  return chosen
+
+
+def _check_pattern_keys(name: str, patterns: Mapping, targeted: list[str]) -> None:
+  for pattern in patterns:
+    if not any(re.search(pattern, p) for p in targeted):
+      raise ValueError(f"{name} pattern {pattern!r} matched no targeted kernel; targeted paths "
+                       f"include {listing(targeted)}.")
+
+
+def _axes_for(config: LoraConfig, path: str, shape, uses) -> str:
+  roles = next((r for p, r in config.axes_pattern.items() if re.search(p, path)), None)
+  if roles is None and uses is not None and path in uses:
+    roles = getattr(uses[path], "axes", uses[path])
+  if roles is None and len(shape) == 2:
+    roles = "io"
+  if roles is None:
+    raise ValueError(
+        f"kernel {path!r} has shape {tuple(shape)}: which axes are input, output or stacked "
+        f"layers is ambiguous; pass uses=lora_jax.analyze(fn, params, *args) or "
+        f"LoraConfig(axes_pattern={{pattern: roles}}) with roles such as 'ioo' or 'lio'.")
+  check_roles(f"axes for {path!r}", roles)
+  if len(roles) != len(shape):
+    raise ValueError(f"axes {roles!r} for kernel {path!r} name {len(roles)} axes but the kernel "
+                     f"has shape {tuple(shape)}; give one role per axis.")
+  return roles
+
+
+def _target(config, path, leaf, uses) -> Target:
+  axes = _axes_for(config, path, leaf.shape, uses)
+  rank = config.rank_for(path)
+  target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes, rank=rank,
+                  alpha=config.alpha_for(path), scale=config.scale_for(path),
+                  route=getattr(uses.get(path), "route", None) if uses else None)
+  limit = min(target.in_features, target.out_features)
+  if rank > limit:
+    raise ValueError(f"rank {rank} for kernel {path!r} is larger than min(in, out) = {limit} "
+                     f"(in {target.in_features}, out {target.out_features}); use a rank <= "
+                     f"{limit} (rank_pattern sets it per path).")
+  return target
+
+
+def resolve(config: LoraConfig, params, *, uses: Mapping | None = None) -> list[Target]:
+  """The kernels of ``params`` that ``config`` adapts, in tree order.
+
+  Args:
+    config: the LoraConfig.
+    params: the base parameter pytree, concrete or abstract (``jax.eval_shape``).
+    uses: optional ``{path: KernelUse or roles}`` from ``lora_jax.analyze``, which supplies the
+      axis roles of kernels with more than two axes and the route each kernel takes.
+
+  Raises:
+    ValueError: a pattern matches nothing, selects a leaf that is not a matmul kernel, a rank
+      does not fit, or a kernel's axis roles are unknown.
+  """
+  leaves = leaves_by_path(params)
+  kernels = {p: leaf for p, leaf in leaves.items() if _is_kernel(config, p, leaf)}
+  chosen: set[str] = set()
+  for pattern in config.target_patterns:
+    chosen |= _match_pattern(config, pattern, leaves, kernels)
+  chosen = {p for p in chosen if not any(re.search(e, p) for e in config.exclude_patterns)}
+  targeted = [p for p in leaves if p in chosen]
+  if not targeted:
+    raise ValueError(f"targets {config.targets!r} minus exclude {config.exclude!r} left no "
+                     f"kernel to adapt; kernels include {listing(kernels)}.")
+  for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
+    _check_pattern_keys(name, getattr(config, name), targeted)
+  return [_target(config, p, leaves[p], uses) for p in targeted]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  """Trainable and total parameters, with PEFT's ``print_trainable_parameters`` convention:
+  total = base parameters + adapter parameters."""
+
+  trainable: int
+  total: int
+
+  @property
+  def percent(self) -> float:
+    return 100.0 * self.trainable / self.total if self.total else 0.0
+
+  def __str__(self) -> str:
+    return (f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || "
+            f"trainable%: {self.percent:.4f}")
+
+
+def count(base, adapters) -> ParamCount:
+  """Trainable (adapter) and total (base + adapter) parameter counts, as PEFT prints them.
+
+  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike.
+  """
+  trainable = sum(size(x) for x in jax.tree_util.tree_leaves(adapters))
+  base_total = sum(size(x) for x in jax.tree_util.tree_leaves(base))
+  return ParamCount(trainable=trainable, total=base_total + trainable)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Every adapted kernel with shape, rank, alpha, scale and adapter size, and the totals."""
+
+  targets: tuple[Target, ...]
+  base_params: int
+
+  @property
+  def counts(self) -> ParamCount:
+    trainable = sum(t.num_params for t in self.targets)
+    return ParamCount(trainable=trainable, total=self.base_params + trainable)
+
+  @property
+  def fallbacks(self) -> tuple[Target, ...]:
+    """Targets that analyze() saw used outside a matrix product (computed merged)."""
+    return tuple(t for t in self.targets if t.route == "merged")
+
+  def __str__(self) -> str:
+    header = ("path", "shape", "axes", "rank", "alpha", "scale", "params", "route")
+    rows = [header] + [(t.path, "x".join(map(str, t.shape)), t.axes, str(t.rank), f"{t.alpha:g}",
+                        f"{t.scale:g}", f"{t.num_params:,d}", t.route or "-")
+                       for t in self.targets]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    summary = f"{len(self.targets)} kernels adapted; {self.counts}"
+    if self.fallbacks:
+      summary += f"; {len(self.fallbacks)} used outside a matmul (merged fallback)"
+    return "\n".join(lines + [summary])
+
+
+def plan(config: LoraConfig, params, *, uses: Mapping | None = None) -> Plan:
+  """The adaptation plan for ``params`` under ``config``, before any weight is created.
+
+  Args:
+    config: the LoraConfig.
+    params: the base parameter pytree, concrete or abstract.
+    uses: optional result of ``lora_jax.analyze`` (axis roles and routes).
+
+  Returns:
+    A Plan; ``print(plan)`` shows one row per kernel and the PEFT-style totals.
+  """
+  targets = tuple(resolve(config, params, uses=uses))
+  base_params = sum(size(x) for x in jax.tree_util.tree_leaves(params))
+  return Plan(targets=targets, base_params=base_params)

@@ -1,0 +1,305 @@
+"""The transform ``lora(fn)``: run ``fn`` with every targeted kernel acting as W + s·A@B.
+
+How it works, with public APIs only: ``fn`` is traced to a jaxpr (``jax.make_jaxpr``) on the
+base shapes, then that jaxpr is evaluated by a small interpreter (``lora_jax._interpret``) in
+which every targeted kernel is a ``Kernel`` value: the base array plus its adapter. Casts and
+transposes of a ``Kernel`` stay ``Kernel``s; a ``dot_general`` with a ``Kernel`` operand becomes
+the factored product ``x@W + s·((x@A)@B)`` (no W-sized array is ever formed, so the backward
+pass builds no weight gradient); any other use falls back to the merged kernel ``W + s·A@B``,
+with a ``LoraFallbackWarning``. Equations no kernel flows into are re-bound unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import string
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import _interpret
+from lora_jax._interpret import Kernel
+from lora_jax.adapters import factor_subscripts, match
+from lora_jax.targets import path_keys
+
+_FREE = [c for c in string.ascii_lowercase if c != "r"]  # subscripts of the activation's axes
+_AXIS = string.ascii_uppercase  # subscripts of kernel axes, as in adapters.factor_subscripts
+
+
+class LoraFallbackWarning(UserWarning):
+  """A targeted kernel was used outside a matrix product and was merged (W + s·A@B) there."""
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelUse:
+  """How ``fn`` uses one parameter with two or more axes (see ``analyze``).
+
+  Attributes:
+    path: the '/'-joined parameter path.
+    axes: inferred axis roles (``l`` stacked layer, ``i`` contracted input, ``o`` output), or
+      None when the uses do not determine them.
+    route: ``"factored"`` (every use is a matrix product), ``"merged"`` (some use is not, so
+      an adapter there runs through the merged kernel), or ``"unused"``.
+    consumers: the primitives that consume it, e.g. ``("dot_general",)`` or ``("gather",)``.
+  """
+
+  path: str
+  axes: str | None
+  route: str
+  consumers: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class _Record:
+  roles: dict = dataclasses.field(default_factory=dict)  # original axis -> set of roles
+  consumers: set = dataclasses.field(default_factory=set)
+  merged: bool = False
+  ndim: int = 0
+
+  def use(self, path: str) -> KernelUse:
+    axes = None
+    if all(len(self.roles.get(j, ())) == 1 for j in range(self.ndim)):
+      axes = "".join(next(iter(self.roles[j])) for j in range(self.ndim))
+      axes = axes if "i" in axes and "o" in axes else None
+    route = "unused" if not self.consumers else "merged" if self.merged else "factored"
+    return KernelUse(path=path, axes=axes, route=route, consumers=tuple(sorted(self.consumers)))
+
+
+class _Context:
+  """What one interpretation shares: analysis records, fallbacks, the dropout key."""
+
+  def __init__(self, *, analyze: bool, key=None, records=None, fallbacks=None):
+    self.analyze, self.key = analyze, key
+    self.records = {} if records is None else records
+    self.fallbacks = [] if fallbacks is None else fallbacks
+    self.rules = RULES
+    self._count = 0
+
+  def with_key(self, key) -> "_Context":
+    return _Context(analyze=self.analyze, key=key, records=self.records, fallbacks=self.fallbacks)
+
+  def next_key(self):
+    self._count += 1
+    return None if self.key is None else jax.random.fold_in(self.key, self._count)
+
+  def note(self, k: Kernel, consumer: str, roles=None, merged=False) -> None:
+    rec = self.records.setdefault(k.path, _Record())
+    rec.consumers.add(consumer)
+    rec.merged |= merged
+    for j, r in (roles or {}).items():
+      rec.roles.setdefault(j, set()).add(r)
+    if merged and not self.analyze:
+      self.fallbacks.append((k.path, consumer))
+
+  def materialize(self, x, consumer: str):
+    """``x`` as a plain array: a Kernel becomes its merged value ``W + s·A@B``."""
+    if not isinstance(x, Kernel):
+      return x
+    self.note(x, consumer, merged=True)
+    if x.a is None:
+      return x.w
+    a_sub, b_sub = factor_subscripts(x.roles, x.axes)
+    w_sub = "".join(_AXIS[j] for j in x.axes)
+    d = jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", x.a, x.b, precision=jax.lax.Precision.HIGHEST)
+    return x.w + (x.scale * d).astype(x.w.dtype)
+
+  def unstack(self, k: Kernel, consumer: str):
+    """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
+    if self.analyze:
+      self.note(k, consumer, roles={k.axes[0]: "l"})
+      return k.replace(axes=k.axes[1:])
+    stacked = [j for j in k.axes if k.roles[j] == "l"]
+    if k.role(0) != "l" or k.axes[0] != min(stacked):
+      return self.materialize(k, consumer)
+    return k.replace(axes=k.axes[1:])
+
+
+def _dropout(x, rate: float, key):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: _Context):
+  """``dot_general(x, W)`` as ``x@W + s·((x@A)@B)``, or None when the roles do not allow it."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  (xc, kc), (xb, kb) = ((rc, lc), (rb, lb)) if kernel_is_lhs else ((lc, rc), (lb, rb))
+  kfree = [d for d in range(k.w.ndim) if d not in kc and d not in kb]
+  contracted, free = {k.role(d) for d in kc}, {k.role(d) for d in kfree}
+  present_stack = [d for d in range(k.w.ndim) if k.role(d) == "l"]
+  if not ({k.role(d) for d in kb} <= {"l"} and sorted(kb) == present_stack):
+    return None
+  if contracted == {"i"} and free == {"o"} and len(kc) == k.roles.count("i"):
+    first, second = (k.a, k.b)
+  elif contracted == {"o"} and free == {"i"} and len(kc) == k.roles.count("o"):
+    first, second = (k.b, k.a)  # transposed use, x @ W.T: contract the out axes with B first
+  else:
+    return None
+  a_sub, b_sub = factor_subscripts(k.roles, k.axes)
+  first_sub, second_sub = (a_sub, b_sub) if first is k.a else (b_sub, a_sub)
+  letters = {xd: _AXIS[k.axes[kd]] for xd, kd in (*zip(xc, kc), *zip(xb, kb))}
+  free_x = iter(_FREE)
+  x_sub = "".join(letters.get(d) or next(free_x) for d in range(x.ndim))
+  batch = "".join(_AXIS[k.axes[d]] for d in kb)
+  x_free = "".join(x_sub[d] for d in range(x.ndim) if d not in xc and d not in xb)
+  k_free = "".join(_AXIS[k.axes[d]] for d in kfree)
+  out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
+  opts = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+  if k.dropout and ctx.key is not None:
+    x = _dropout(x, k.dropout, ctx.next_key())
+  dtype = k.w.dtype
+  t = jnp.einsum(f"{x_sub},{first_sub}->{batch}{x_free}r", x, first.astype(dtype), **opts)
+  t = t * jnp.asarray(k.scale, t.dtype)
+  return jnp.einsum(f"{batch}{x_free}r,{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
+
+
+def _dot_general(eqn, invals, ctx: _Context):
+  lhs, rhs = invals
+  if isinstance(lhs, Kernel) and isinstance(rhs, Kernel):
+    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
+  kernel_is_lhs = isinstance(lhs, Kernel)
+  k, x = (lhs, rhs) if kernel_is_lhs else (rhs, lhs)
+  base = _interpret.bind(eqn, [k.w, x] if kernel_is_lhs else [x, k.w])[0]
+  if ctx.analyze:
+    ctx.note(k, "dot_general", roles=_roles_of_dot(eqn, k, kernel_is_lhs))
+    return [base]
+  extra = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
+  if extra is None:
+    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
+  ctx.note(k, "dot_general")
+  return [base + extra.astype(base.dtype)]
+
+
+def _roles_of_dot(eqn, k: Kernel, kernel_is_lhs: bool) -> dict:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  kc, kb = (lc, lb) if kernel_is_lhs else (rc, rb)
+  return {k.axes[d]: "i" if d in kc else "l" if d in kb else "o" for d in range(k.w.ndim)}
+
+
+def _passthrough(axes_of):
+  """A rule for a unary op that keeps a kernel a kernel (cast, transpose, copy)."""
+
+  def rule(eqn, invals, ctx):
+    (k,) = invals
+    (w,) = _interpret.bind(eqn, [k.w])
+    return [k.replace(w=w, axes=axes_of(eqn, k))]
+
+  return rule
+
+
+_same_axes = _passthrough(lambda eqn, k: k.axes)
+RULES = {
+    "dot_general": _dot_general,
+    "convert_element_type": _same_axes,
+    "copy": _same_axes,
+    "copy_p": _same_axes,
+    "sharding_constraint": _same_axes,
+    "transpose": _passthrough(lambda eqn, k: [k.axes[p] for p in eqn.params["permutation"]]),
+}
+
+
+def _is_dynamic(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _trace(fn, base, args, kwargs):
+  """``fn``'s jaxpr with the base leaves and the array leaves of the arguments as inputs."""
+  base_leaves, base_def = jax.tree_util.tree_flatten(base)
+  arg_leaves, arg_def = jax.tree_util.tree_flatten((args, kwargs))
+  dynamic = [i for i, x in enumerate(arg_leaves) if _is_dynamic(x)]
+
+  def flat_fn(base_leaves, dyn):
+    leaves = list(arg_leaves)
+    for i, v in zip(dynamic, dyn):
+      leaves[i] = v
+    a, kw = jax.tree_util.tree_unflatten(arg_def, leaves)
+    return fn(jax.tree_util.tree_unflatten(base_def, base_leaves), *a, **kw)
+
+  dyn = [arg_leaves[i] for i in dynamic]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(base_leaves, dyn)
+  return closed, jax.tree_util.tree_structure(out_shape), dyn
+
+
+def _paths(tree) -> list[str]:
+  return ["/".join(path_keys(p)) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _warn(fallbacks) -> None:
+  if fallbacks:
+    uses = sorted({f"{path} ({consumer})" for path, consumer in fallbacks})
+    warnings.warn(f"{len(uses)} use(s) of adapted kernels are not matrix products and ran through "
+                  f"the merged kernel W + s*A@B (correct, but it builds full-size weight "
+                  f"gradients): {', '.join(uses)}.", LoraFallbackWarning, stacklevel=3)
+
+
+def lora(fn):
+  """Transforms ``fn(params, *args, **kwargs)`` to ``adapted(base, adapters, *args, **kwargs)``.
+
+  The result equals ``fn(lora_jax.merge(base, adapters), *args, **kwargs)``, but every matrix
+  product with a targeted kernel is computed as ``x@W + s·((x@A)@B)``: no W-sized array is
+  formed, so gradients with respect to the adapters never build a full weight gradient. Works
+  with Flax linen ``apply``, NNX (``lambda state, x: nnx.merge(graphdef, state)(x)``) and
+  plain JAX functions, under jit, grad, vmap, lax.scan, jax.checkpoint and cond.
+
+  Args:
+    fn: a function whose first argument is the parameter pytree. Array arguments are traced;
+      other arguments (Python scalars, strings, flags) are treated as static.
+
+  Returns:
+    ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
+    ``lora_dropout_key``, adapters whose config set ``dropout`` drop inputs of their branch.
+
+  Example:
+    >>> adapted = lora_jax.lora(model.apply)
+    >>> y = adapted(params, adapters, x)   # == model.apply(merge(params, adapters), x)
+  """
+
+  @functools.wraps(fn)
+  def adapted(base, adapters, *args, lora_dropout_key=None, **kwargs):
+    flat = match(base, adapters)
+    closed, out_def, dyn = _trace(fn, base, args, kwargs)
+    inputs = []
+    for path, w in zip(_paths(base), jax.tree_util.tree_leaves(base)):
+      lw = flat.get(path)
+      inputs.append(w if lw is None else Kernel(
+          w, lw.a, lw.b, path=path, axes=range(w.ndim), roles=lw.axes, scale=lw.scale,
+          dropout=lw.dropout))
+    ctx = _Context(analyze=False, key=lora_dropout_key)
+    outs = _interpret.run(closed, inputs + dyn, ctx)
+    _warn(ctx.fallbacks)
+    return jax.tree_util.tree_unflatten(out_def, outs)
+
+  return adapted
+
+
+def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:
+  """How ``fn(params, *args, **kwargs)`` uses each parameter with two or more axes.
+
+  Traces ``fn`` abstractly (no computation; ``params`` may be ``jax.eval_shape`` output) and
+  reports, per path, the axis roles the uses imply (contracted axes are inputs, ``lax.scan``
+  slices are stacked layers) and whether every use is a matrix product. Pass the result as
+  ``uses=`` to ``lora_jax.init`` or ``lora_jax.plan``.
+  """
+  leaves = jax.tree_util.tree_leaves(params)
+  watched = {p: i for i, (p, w) in enumerate(zip(_paths(params), leaves)) if len(w.shape) >= 2}
+  closed, _, dyn = _trace(fn, params, args, kwargs)
+  ctx = _Context(analyze=True)
+
+  def run(leaves, dyn):
+    inputs = list(leaves)
+    for p, i in watched.items():
+      inputs[i] = Kernel(leaves[i], None, None, path=p, axes=range(leaves[i].ndim), roles=None,
+                         scale=0.0, dropout=0.0)
+    return _interpret.run(closed, inputs + list(dyn), ctx)
+
+  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  jax.eval_shape(run, abstract, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dyn])
+  uses = {}
+  for p, i in watched.items():
+    rec = ctx.records.get(p, _Record())
+    rec.ndim = len(leaves[i].shape)
+    uses[p] = rec.use(p)
+  return uses

@@ -1,0 +1,34 @@
+"""The public API is exactly what __init__ lists."""
+
+import lora_jax
+
+PUBLIC = [
+    "ALL_LINEAR",
+    "KernelUse",
+    "LoraConfig",
+    "LoraFallbackWarning",
+    "LoraWeights",
+    "ParamCount",
+    "Plan",
+    "StepOutput",
+    "Target",
+    "analyze",
+    "count",
+    "init",
+    "lora",
+    "lora_plus",
+    "merge",
+    "plan",
+    "train_step",
+    "unmerge",
+    "value_and_grad",
+]
+
+
+def test_public_api_is_pinned():
+  assert lora_jax.__all__ == PUBLIC
+  for name in PUBLIC:
+    assert getattr(lora_jax, name) is not None
+  exported = {n for n in dir(lora_jax) if not n.startswith("_")}
+  modules = {"adapters", "config", "targets", "train", "transform"}
+  assert exported - modules == set(PUBLIC)
