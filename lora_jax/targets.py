@@ -224,9 +224,10 @@ class Plan:
     return tuple(t for t in self.targets if t.route == "merged")
 
   def __str__(self) -> str:
-    header = ("path", "shape", "axes", "rank", "alpha", "scale", "params", "route")
+    routes = any(t.route for t in self.targets)
+    header = ("path", "shape", "axes", "rank", "alpha", "scale", "params") + ("route",) * routes
     rows = [header] + [(t.path, "x".join(map(str, t.shape)), t.axes, str(t.rank), f"{t.alpha:g}",
-                        f"{t.scale:g}", f"{t.num_params:,d}", t.route or "-")
+                        f"{t.scale:g}", f"{t.num_params:,d}") + (t.route or "-",) * routes
                        for t in self.targets]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
