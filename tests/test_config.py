@@ -42,8 +42,8 @@ def test_matched_leaf_not_a_matmul_kernel():
   with pytest.raises(ValueError, match=r"matched 'dense/bias' .* not a matmul kernel"):
     lora_jax.plan(lora_jax.LoraConfig(targets="dense/bias"), params)
   # a module pattern selects the module's kernel; its bias is not an error
-  assert [t.path for t in lora_jax.plan(lora_jax.LoraConfig(targets="dense", rank=2), params).targets] == [
-      "dense/kernel"]
+  shown = lora_jax.plan(lora_jax.LoraConfig(targets="dense", rank=2), params)
+  assert [t.path for t in shown.targets] == ["dense/kernel"]
 
 
 @pytest.mark.parametrize("rank", [0, -1, 2.5, True])
@@ -94,8 +94,9 @@ def test_everything_excluded(params):
 def test_ambiguous_axes_need_analyze_or_axes_pattern():
   case = linen_stack_case()
   config = lora_jax.LoraConfig(targets="mlp")
-  with pytest.raises(ValueError, match=r"kernel 'params/layers/mlp/kernel' has shape \(3, 16, 16\): "
-                                       r"which axes are .* pass uses=lora_jax.analyze"):
+  with pytest.raises(ValueError, match=r"kernel 'params/layers/mlp/kernel' has shape "
+                                       r"\(3, 16, 16\): which axes are .* pass "
+                                       r"uses=lora_jax.analyze"):
     lora_jax.init(config, case.params, key=jax.random.key(0))
   explicit = lora_jax.LoraConfig(targets="mlp", axes_pattern={"mlp": "lio"})
   assert lora_jax.plan(explicit, case.params).targets[0].axes == "lio"
@@ -109,5 +110,6 @@ def test_pattern_overrides_apply_first_match(params):
                 rank_pattern={"query": 2, "query|einsum": 3}, alpha_pattern={"einsum": 1.0})
   by_path = {t.path: t for t in shown.targets}
   assert by_path["params/query/kernel"].rank == 2
-  assert by_path["params/einsum/kernel"].rank == 3 and by_path["params/einsum/kernel"].scale == 1 / 3
+  einsum = by_path["params/einsum/kernel"]
+  assert einsum.rank == 3 and einsum.scale == 1 / 3
   assert by_path["params/dense/kernel"].scale == 8 / 4

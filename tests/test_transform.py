@@ -142,3 +142,20 @@ def test_dropout_changes_only_the_adapter_branch():
   d2 = adapted(case.params, adapters, case.x, lora_dropout_key=jax.random.key(4))
   assert not np.allclose(d1, plain) and not np.allclose(d1, d2)
   np.testing.assert_array_equal(d1, adapted(case.params, adapters, case.x, lora_dropout_key=key))
+
+
+def test_nested_jit_and_custom_jvp_uses():
+  params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (8, 8))}}
+  config = lora_jax.LoraConfig(targets="w", rank=2)
+  adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(1)), jax.random.key(2))
+  x = jnp.ones((2, 8))
+  inner = jax.jit(lambda w, x: jnp.einsum("bd,dk->bk", x, w.astype(jnp.float32)))
+  nested = lambda p, x: inner(p["w"]["kernel"], x)  # noqa: E731
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+    got = jax.jit(lora_jax.lora(nested))(params, adapters, x)
+  np.testing.assert_allclose(got, nested(lora_jax.merge(params, adapters), x), rtol=1e-5)
+  custom = lambda p, x: x @ jax.nn.relu(p["w"]["kernel"])  # noqa: E731  relu is a custom_jvp
+  with pytest.warns(lora_jax.LoraFallbackWarning, match="custom_jvp_call"):
+    got = lora_jax.lora(custom)(params, adapters, x)
+  np.testing.assert_allclose(got, custom(lora_jax.merge(params, adapters), x), rtol=1e-5)
