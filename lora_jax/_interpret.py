@@ -97,10 +97,11 @@ def run(closed, args, ctx) -> list:
 
 
 def _rule(name: str, ctx):
-  return HIGHER_ORDER.get(name) or ctx.rules.get(name) or _fallback
+  return HIGHER_ORDER.get(name) or ctx.rules.get(name) or fallback
 
 
-def _fallback(eqn, invals, ctx) -> list:
+def fallback(eqn, invals, ctx) -> list:
+  """The merged kernel for a use with no rule: correct, reported as a fallback."""
   return bind(eqn, [ctx.materialize(x, eqn.primitive.name) for x in invals])
 
 

@@ -122,38 +122,49 @@ def _dropout(x, rate: float, key):
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def _factor_order(k: Kernel, kc, kb, kfree):
+  """(first, second) factor and subscripts for a product contracting kernel dims ``kc``.
+
+  Contracting all input axes gives ``(x@A)@B``; all output axes (``x @ W.T``) gives
+  ``(x@Bᵀ)@Aᵀ``. Stacked axes may be batch dims (``lax.scan`` bodies, ``vmap`` over x too) or
+  free dims (``vmap`` over the kernel alone). Anything else returns None.
+  """
+  contracted, free = {k.role(d) for d in kc}, {k.role(d) for d in kfree}
+  if not {k.role(d) for d in kb} <= {"l"}:
+    return None
+  a_sub, b_sub = factor_subscripts(k.roles, k.axes)
+  if contracted == {"i"} and free - {"l"} == {"o"} and len(kc) == k.roles.count("i"):
+    return (k.a, a_sub), (k.b, b_sub)
+  if contracted == {"o"} and free - {"l"} == {"i"} and len(kc) == k.roles.count("o"):
+    return (k.b, b_sub), (k.a, a_sub)
+  return None
+
+
 def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: _Context):
   """``dot_general(x, W)`` as ``x@W + s·((x@A)@B)``, or None when the roles do not allow it."""
   (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
   (xc, kc), (xb, kb) = ((rc, lc), (rb, lb)) if kernel_is_lhs else ((lc, rc), (lb, rb))
   kfree = [d for d in range(k.w.ndim) if d not in kc and d not in kb]
-  contracted, free = {k.role(d) for d in kc}, {k.role(d) for d in kfree}
-  present_stack = [d for d in range(k.w.ndim) if k.role(d) == "l"]
-  if not ({k.role(d) for d in kb} <= {"l"} and sorted(kb) == present_stack):
+  order = _factor_order(k, kc, kb, kfree)
+  if order is None:
     return None
-  if contracted == {"i"} and free == {"o"} and len(kc) == k.roles.count("i"):
-    first, second = (k.a, k.b)
-  elif contracted == {"o"} and free == {"i"} and len(kc) == k.roles.count("o"):
-    first, second = (k.b, k.a)  # transposed use, x @ W.T: contract the out axes with B first
-  else:
-    return None
-  a_sub, b_sub = factor_subscripts(k.roles, k.axes)
-  first_sub, second_sub = (a_sub, b_sub) if first is k.a else (b_sub, a_sub)
+  (first, first_sub), (second, second_sub) = order
   letters = {xd: _AXIS[k.axes[kd]] for xd, kd in (*zip(xc, kc), *zip(xb, kb))}
   free_x = iter(_FREE)
   x_sub = "".join(letters.get(d) or next(free_x) for d in range(x.ndim))
   batch = "".join(_AXIS[k.axes[d]] for d in kb)
   x_free = "".join(x_sub[d] for d in range(x.ndim) if d not in xc and d not in xb)
   k_free = "".join(_AXIS[k.axes[d]] for d in kfree)
+  t_sub = batch + x_free + "".join(_AXIS[k.axes[d]] for d in kfree if k.role(d) == "l") + "r"
   out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
   opts = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
   if k.dropout and ctx.key is not None:
     x = _dropout(x, k.dropout, ctx.next_key())
   dtype = k.w.dtype
-  t = jnp.einsum(f"{x_sub},{first_sub}->{batch}{x_free}r", x, first.astype(dtype), **opts)
+  t = jnp.einsum(f"{x_sub},{first_sub}->{t_sub}", x, first.astype(dtype), **opts)
   t = t * jnp.asarray(k.scale, t.dtype)
-  return jnp.einsum(f"{batch}{x_free}r,{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
+  return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
 
 
 def _dot_general(eqn, invals, ctx: _Context):
@@ -179,6 +190,60 @@ def _roles_of_dot(eqn, k: Kernel, kernel_is_lhs: bool) -> dict:
   return {k.axes[d]: "i" if d in kc else "l" if d in kb else "o" for d in range(k.w.ndim)}
 
 
+def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
+  """Roles of ``new_shape`` when the reshape only splits or merges axes of one role."""
+  roles, i, j = "", 0, 0
+  while i < len(old_shape) and j < len(new_shape):
+    ii, jj, po, pn = i + 1, j + 1, old_shape[i], new_shape[j]
+    while po != pn:
+      if po < pn:
+        po, ii = po * old_shape[ii], ii + 1
+      else:
+        pn, jj = pn * new_shape[jj], jj + 1
+    if len(set(old_roles[i:ii])) != 1:
+      return None
+    roles, i, j = roles + old_roles[i] * (jj - j), ii, jj
+  if any(n != 1 for n in (*old_shape[i:], *new_shape[j:])) or not roles:
+    return None
+  return roles + roles[-1] * (len(new_shape) - j)
+
+
+def _reshape(eqn, invals, ctx):
+  """A reshape that splits or merges input, output or stacked axes keeps a kernel factored:
+  A and B are reshaped the same way (e.g. (d, heads * head_dim) -> (d, heads, head_dim))."""
+  k = invals[0]
+  new_shape = eqn.outvars[0].aval.shape
+  if ctx.analyze:
+    return _reshape_watched(eqn, k, new_shape, ctx)
+  current = "".join(k.roles[j] for j in k.axes) if k.roles else None
+  ordered = list(k.axes) == sorted(k.axes) and eqn.params.get("dimensions") is None
+  roles = _reshape_roles(k.w.shape, current, new_shape) if current and ordered else None
+  if roles is None or len(invals) != 1:
+    return _interpret.fallback(eqn, invals, ctx)
+  (w,) = _interpret.bind(eqn, [k.w])
+  dims = {r: tuple(n for n, q in zip(new_shape, roles) if q == r) for r in "lio"}
+  a = k.a.reshape(*dims["l"], *dims["i"], k.a.shape[-1])
+  b = k.b.reshape(*dims["l"], k.b.shape[len(k.b.shape) - len(dims["o"]) - 1], *dims["o"])
+  return [Kernel(w, a, b, path=k.path, axes=range(len(new_shape)), roles=roles, scale=k.scale,
+                 dropout=k.dropout)]
+
+
+def _reshape_watched(eqn, k: Kernel, new_shape, ctx):
+  """analyze(): follow a reshape that only adds or drops size-1 axes; for any other reshape
+  the roles of the merged axes cannot be seen, so stop watching (axes stay unknown)."""
+  (w,) = _interpret.bind(eqn, [k.w])
+  kept = [j for j, n in zip(k.axes, k.w.shape) if n != 1]
+  if [n for n in k.w.shape if n != 1] != [n for n in new_shape if n != 1]:
+    ctx.note(k, "reshape")
+    return [w]
+  it = iter(kept)
+  axes = [next(it) if n != 1 else None for n in new_shape]
+  if None in axes:
+    ctx.note(k, "reshape")
+    return [w]
+  return [k.replace(w=w, axes=axes)]
+
+
 def _passthrough(axes_of):
   """A rule for a unary op that keeps a kernel a kernel (cast, transpose, copy)."""
 
@@ -198,6 +263,8 @@ RULES = {
     "copy_p": _same_axes,
     "sharding_constraint": _same_axes,
     "transpose": _passthrough(lambda eqn, k: [k.axes[p] for p in eqn.params["permutation"]]),
+    "reshape": _reshape,
+    "squeeze": _reshape,
 }
 
 

@@ -159,3 +159,32 @@ def test_nested_jit_and_custom_jvp_uses():
   with pytest.warns(lora_jax.LoraFallbackWarning, match="custom_jvp_call"):
     got = lora_jax.lora(custom)(params, adapters, x)
   np.testing.assert_allclose(got, custom(lora_jax.merge(params, adapters), x), rtol=1e-5)
+
+
+def _stacked(roles, fn, x):
+  params = {"ens": {"kernel": jax.random.normal(jax.random.key(0), (3, 8, 6))}}
+  config = lora_jax.LoraConfig(targets="ens", rank=2, axes_pattern={"ens": roles})
+  adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(1)), jax.random.key(2))
+  want = fn(lora_jax.merge(params, adapters), x)
+  return lora_jax.lora(fn), params, adapters, want
+
+
+def test_vmap_over_stacked_kernel_inside_fn_is_factored():
+  fn = lambda p, x: jax.vmap(lambda w: jnp.tanh(x @ w))(p["ens"]["kernel"])  # noqa: E731
+  x = jnp.ones((5, 8))
+  adapted, params, adapters, want = _stacked("lio", fn, x)  # one adapter per ensemble member
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+    np.testing.assert_allclose(adapted(params, adapters, x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_within_one_role_is_factored_and_across_roles_falls_back():
+  merge_inputs = lambda p, x: x @ p["ens"]["kernel"].reshape(24, 6)  # noqa: E731
+  x = jnp.ones((5, 24))
+  adapted, params, adapters, want = _stacked("iio", merge_inputs, x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+    np.testing.assert_allclose(adapted(params, adapters, x), want, rtol=1e-5, atol=1e-5)
+  adapted, params, adapters, want = _stacked("lio", merge_inputs, x)  # merges a layer axis in
+  with pytest.warns(lora_jax.LoraFallbackWarning, match=r"ens/kernel \(reshape\)"):
+    np.testing.assert_allclose(adapted(params, adapters, x), want, rtol=1e-5, atol=1e-5)
