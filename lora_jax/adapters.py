@@ -145,9 +145,13 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
 
 def check_pair(path: str, w, lw: LoraWeights) -> None:
   """Raises ValueError unless ``lw``'s factors fit the kernel ``w``."""
+  if not isinstance(lw.axes, str) or len(lw.axes) != len(w.shape):
+    raise ValueError(f"adapter at {path!r} has axes {lw.axes!r}, which must be a string of one "
+                     f"role per axis of the base kernel of shape {tuple(w.shape)}; rebuild the "
+                     f"adapters with lora_jax.init on this base.")
   t = Target(path=path, shape=tuple(w.shape), dtype=w.dtype, axes=lw.axes, rank=lw.rank,
              alpha=0.0, scale=lw.scale)
-  if len(lw.axes) != len(w.shape) or factor_shapes(t) != (lw.a.shape, lw.b.shape):
+  if factor_shapes(t) != (tuple(lw.a.shape), tuple(lw.b.shape)):
     raise ValueError(f"adapter at {path!r} (a {tuple(lw.a.shape)}, b {tuple(lw.b.shape)}, axes "
                      f"{lw.axes!r}) does not fit the base kernel of shape {tuple(w.shape)}; "
                      f"rebuild the adapters with lora_jax.init on this base.")

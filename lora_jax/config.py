@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -66,6 +67,8 @@ class LoraConfig:
   def __post_init__(self):
     _check_rank("rank", self.rank)
     _check_alpha("alpha", self.alpha)
+    for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
+      _check_mapping(name, getattr(self, name))
     for pattern, rank in self.rank_pattern.items():
       _check_rank(f"rank_pattern[{pattern!r}]", rank)
     for pattern, alpha in self.alpha_pattern.items():
@@ -75,12 +78,21 @@ class LoraConfig:
     for pattern in (*self.target_patterns, *self.exclude_patterns, *self.rank_pattern,
                     *self.alpha_pattern, *self.axes_pattern):
       _check_regex(pattern)
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+    object.__setattr__(self, "kernel_names", _as_patterns("kernel_names", self.kernel_names))
+    if not (is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
+      raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
     if self.init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
-    if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
-      raise ValueError(f"dtype must be a floating dtype such as float32, got {self.dtype!r}.")
+    if not isinstance(self.use_rslora, bool):
+      raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")
+    _check_dtype(self.dtype)
+
+  def __hash__(self):  # dict fields: hash their items, so a config can be a static argument
+    items = lambda m: tuple(sorted(m.items()))  # noqa: E731
+    return hash((self.target_patterns, self.rank, self.alpha, items(self.rank_pattern),
+                 items(self.alpha_pattern), items(self.axes_pattern), self.exclude_patterns,
+                 self.dropout, self.init, self.use_rslora, str(jnp.dtype(self.dtype)),
+                 self.kernel_names))
 
   @property
   def target_patterns(self) -> tuple[str, ...]:
@@ -92,16 +104,17 @@ class LoraConfig:
 
   def rank_for(self, path: str) -> int:
     """The rank for ``path``: the first matching ``rank_pattern`` entry, else ``rank``."""
-    return _first_match(self.rank_pattern, path, self.rank)
+    return int(_first_match(self.rank_pattern, path, self.rank))
 
   def alpha_for(self, path: str) -> float:
     """The alpha for ``path``: the first matching ``alpha_pattern`` entry, else ``alpha``."""
-    return _first_match(self.alpha_pattern, path, self.alpha)
+    return float(_first_match(self.alpha_pattern, path, self.alpha))
 
   def scale_for(self, path: str) -> float:
     """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, for ``path``."""
-    rank = self.rank_for(path)
-    return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+    rank = int(self.rank_for(path))
+    alpha = float(self.alpha_for(path))
+    return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
 
 def check_roles(name: str, roles: str) -> None:
@@ -118,12 +131,19 @@ def _first_match(patterns: Mapping[str, Any], path: str, default):
 
 
 def _as_patterns(name, value, allow_empty=False) -> tuple[str, ...]:
-  patterns = (value,) if isinstance(value, str) else tuple(value)
-  if not patterns and not allow_empty:
+  if isinstance(value, str):
+    return (value,)
+  if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+    raise ValueError(f"{name} must be a string or a list of strings, got {value!r}.")
+  if not value and not allow_empty:
     raise ValueError(f"{name} must name at least one pattern (or {ALL_LINEAR!r}), got {value!r}.")
-  if not all(isinstance(p, str) for p in patterns):
-    raise ValueError(f"{name} must be a string or a sequence of strings, got {value!r}.")
-  return patterns
+  return tuple(value)
+
+
+def _check_mapping(name: str, value) -> None:
+  if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    raise ValueError(f"{name} must be a dict from path patterns (strings) to values, "
+                     f"got {value!r}.")
 
 
 def _check_regex(pattern: str) -> None:
@@ -135,11 +155,25 @@ def _check_regex(pattern: str) -> None:
     raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
 
 
+def _check_dtype(dtype) -> None:
+  try:
+    floating = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise ValueError(f"dtype must be a floating dtype such as float32, got {dtype!r}.")
+
+
+def is_real(x) -> bool:
+  """A real number that is not a bool (NumPy scalars included)."""
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def _check_rank(name: str, rank) -> None:
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+  if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
     raise ValueError(f"{name} must be an integer >= 1, got {rank!r}.")
 
 
 def _check_alpha(name: str, alpha) -> None:
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-    raise ValueError(f"{name} must be a number > 0, got {alpha!r}.")
+  if not is_real(alpha) or not 0 < alpha < math.inf:
+    raise ValueError(f"{name} must be a finite number > 0, got {alpha!r}.")

@@ -40,8 +40,16 @@ def leaves_by_path(tree) -> dict[str, Any]:
   return {"/".join(path_keys(p)): leaf for p, leaf in flat}
 
 
+def _shape(leaf) -> tuple[int, ...]:
+  return tuple(getattr(leaf, "shape", ()))
+
+
+def _ndim(leaf) -> int:
+  return len(_shape(leaf))
+
+
 def size(leaf) -> int:
-  return math.prod(getattr(leaf, "shape", ()))
+  return math.prod(_shape(leaf))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +95,7 @@ def listing(paths, limit: int = 6) -> str:
 
 
 def _is_kernel(config: LoraConfig, path: str, leaf) -> bool:
-  return path.rsplit("/", 1)[-1] in config.kernel_names and len(getattr(leaf, "shape", ())) >= 2
+  return path.rsplit("/", 1)[-1] in config.kernel_names and _ndim(leaf) >= 2
 
 
 def _module(path: str) -> str:
@@ -95,6 +103,9 @@ def _module(path: str) -> str:
 
 
 def _match_pattern(config, pattern, leaves, kernels) -> set[str]:
+  """The kernels ``pattern`` selects. A pattern that matches nothing, matches no kernel, or
+  matches a weight matrix that is not a kernel (an embedding) outside any selected module is
+  an error; biases and norms beside a selected kernel, or inside a selected block, are not."""
   if pattern == ALL_LINEAR:
     return {p for p in kernels if not re.search(HEAD_PATTERN, p)}
   matched = [p for p in leaves if re.search(pattern, p)]
@@ -104,11 +115,11 @@ def _match_pattern(config, pattern, leaves, kernels) -> set[str]:
   chosen = {p for p in matched if p in kernels}
   modules = {_module(p) for p in chosen}
   for p in matched:
-    if p not in chosen and _module(p) not in modules:
+    if p not in chosen and (not chosen or (_ndim(leaves[p]) >= 2 and _module(p) not in modules)):
       raise ValueError(
-          f"target pattern {pattern!r} matched {p!r} (shape {tuple(leaves[p].shape)}), which "
-          f"is not a matmul kernel (a leaf named one of {tuple(config.kernel_names)} with 2 "
-          f"or more axes); kernels include {listing(kernels)}.")
+          f"target pattern {pattern!r} matched {p!r} (shape {_shape(leaves[p])}), which is not "
+          f"a matmul kernel (a leaf named one of {config.kernel_names} with 2 or more axes); "
+          f"kernels include {listing(kernels)}.")
   return chosen
 
 
@@ -196,14 +207,28 @@ class ParamCount:
             f"trainable%: {self.percent:.4f}")
 
 
+def num_params(tree) -> int:
+  """Parameters in ``tree`` as PEFT counts them: floating-point leaves only (an NNX state's
+  RNG keys and counters are not parameters), and only the ``"params"`` collection of a Flax
+  linen variables dict (``batch_stats`` and other collections are buffers, not parameters)."""
+  if isinstance(tree, Mapping) and "params" in tree:
+    tree = tree["params"]
+  leaves = jax.tree_util.tree_leaves(tree)
+  return sum(size(x) for x in leaves if jax.numpy.issubdtype(_dtype(x), jax.numpy.inexact))
+
+
+def _dtype(leaf):
+  return getattr(leaf, "dtype", None) or jax.numpy.result_type(leaf)
+
+
 def count(base, adapters) -> ParamCount:
   """Trainable (adapter) and total (base + adapter) parameter counts, as PEFT prints them.
 
-  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike.
+  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike; see ``num_params``
+  for what counts as a base parameter.
   """
   trainable = sum(size(x) for x in jax.tree_util.tree_leaves(adapters))
-  base_total = sum(size(x) for x in jax.tree_util.tree_leaves(base))
-  return ParamCount(trainable=trainable, total=base_total + trainable)
+  return ParamCount(trainable=trainable, total=num_params(base) + trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +273,4 @@ def plan(config: LoraConfig, params, *, uses: Mapping | None = None) -> Plan:
   Returns:
     A Plan; ``print(plan)`` shows one row per kernel and the PEFT-style totals.
   """
-  targets = tuple(resolve(config, params, uses=uses))
-  base_params = sum(size(x) for x in jax.tree_util.tree_leaves(params))
-  return Plan(targets=targets, base_params=base_params)
+  return Plan(targets=tuple(resolve(config, params, uses=uses)), base_params=num_params(params))

@@ -13,6 +13,7 @@ import jax
 import optax
 
 from lora_jax.adapters import LoraWeights
+from lora_jax.config import is_real
 from lora_jax.transform import lora
 
 
@@ -98,7 +99,7 @@ def lora_plus(make_optimizer: Callable[..., optax.GradientTransformation], *,
   Raises:
     ValueError: ``ratio`` is not positive.
   """
-  if not ratio > 0:
+  if not (is_real(ratio) and ratio > 0):
     raise ValueError(f"ratio must be > 0 (lr_B / lr_A), got {ratio!r}.")
   if callable(learning_rate):
     lr_b = lambda count: ratio * learning_rate(count)  # noqa: E731

@@ -89,8 +89,9 @@ class _Context:
     rec = self.records.setdefault(k.path, _Record())
     rec.consumers.add(consumer)
     rec.merged |= merged
-    for j, r in (roles or {}).items():
-      rec.roles.setdefault(j, set()).add(r)
+    for group, r in (roles or {}).items():  # analyze() may see one axis for several (reshape)
+      for j in _flat(group):
+        rec.roles.setdefault(j, set()).add(r)
     if merged and not self.analyze:
       self.fallbacks.append((k.path, consumer))
 
@@ -190,9 +191,11 @@ def _roles_of_dot(eqn, k: Kernel, kernel_is_lhs: bool) -> dict:
   return {k.axes[d]: "i" if d in kc else "l" if d in kb else "o" for d in range(k.w.ndim)}
 
 
-def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
-  """Roles of ``new_shape`` when the reshape only splits or merges axes of one role."""
-  roles, i, j = "", 0, 0
+def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:
+  """The (old dims, new dims) runs of a reshape: the shortest runs with equal sizes."""
+  if 0 in old_shape or not old_shape or not new_shape:
+    return None
+  blocks, i, j = [], 0, 0
   while i < len(old_shape) and j < len(new_shape):
     ii, jj, po, pn = i + 1, j + 1, old_shape[i], new_shape[j]
     while po != pn:
@@ -200,12 +203,23 @@ def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
         po, ii = po * old_shape[ii], ii + 1
       else:
         pn, jj = pn * new_shape[jj], jj + 1
-    if len(set(old_roles[i:ii])) != 1:
+    blocks.append((range(i, ii), range(j, jj)))
+    i, j = ii, jj
+  last_old, last_new = blocks[-1]  # trailing size-1 dims join the last run
+  blocks[-1] = (range(last_old.start, len(old_shape)), range(last_new.start, len(new_shape)))
+  return blocks
+
+
+def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
+  """Roles of ``new_shape`` when the reshape only splits or merges axes of one role."""
+  roles = [""] * len(new_shape)
+  for olds, news in _blocks(old_shape, new_shape) or [(range(0), range(0))]:
+    role = {old_roles[d] for d in olds}
+    if len(role) != 1:
       return None
-    roles, i, j = roles + old_roles[i] * (jj - j), ii, jj
-  if any(n != 1 for n in (*old_shape[i:], *new_shape[j:])) or not roles:
-    return None
-  return roles + roles[-1] * (len(new_shape) - j)
+    for d in news:
+      roles[d] = next(iter(role))
+  return "".join(roles)
 
 
 def _reshape(eqn, invals, ctx):
@@ -215,33 +229,38 @@ def _reshape(eqn, invals, ctx):
   new_shape = eqn.outvars[0].aval.shape
   if ctx.analyze:
     return _reshape_watched(eqn, k, new_shape, ctx)
-  current = "".join(k.roles[j] for j in k.axes) if k.roles else None
+  current = "".join(k.roles[j] for j in k.axes)
   ordered = list(k.axes) == sorted(k.axes) and eqn.params.get("dimensions") is None
-  roles = _reshape_roles(k.w.shape, current, new_shape) if current and ordered else None
-  if roles is None or len(invals) != 1:
+  roles = _reshape_roles(k.w.shape, current, new_shape) if ordered else None
+  if roles is None:
     return _interpret.fallback(eqn, invals, ctx)
   (w,) = _interpret.bind(eqn, [k.w])
   dims = {r: tuple(n for n, q in zip(new_shape, roles) if q == r) for r in "lio"}
-  a = k.a.reshape(*dims["l"], *dims["i"], k.a.shape[-1])
-  b = k.b.reshape(*dims["l"], k.b.shape[len(k.b.shape) - len(dims["o"]) - 1], *dims["o"])
+  rank = k.a.shape[-1]
+  a = k.a.reshape(*dims["l"], *dims["i"], rank)
+  b = k.b.reshape(*dims["l"], rank, *dims["o"])
   return [Kernel(w, a, b, path=k.path, axes=range(len(new_shape)), roles=roles, scale=k.scale,
                  dropout=k.dropout)]
 
 
 def _reshape_watched(eqn, k: Kernel, new_shape, ctx):
-  """analyze(): follow a reshape that only adds or drops size-1 axes; for any other reshape
-  the roles of the merged axes cannot be seen, so stop watching (axes stay unknown)."""
+  """analyze(): after a reshape, each new axis stands for the original axes of its run, and a
+  role seen on it is recorded for all of them (so (d, h*k) -> (d, h, k) still infers "io")."""
   (w,) = _interpret.bind(eqn, [k.w])
-  kept = [j for j, n in zip(k.axes, k.w.shape) if n != 1]
-  if [n for n in k.w.shape if n != 1] != [n for n in new_shape if n != 1]:
-    ctx.note(k, "reshape")
+  blocks = _blocks(k.w.shape, new_shape)
+  if blocks is None:
+    ctx.note(k, "reshape", merged=True)
     return [w]
-  it = iter(kept)
-  axes = [next(it) if n != 1 else None for n in new_shape]
-  if None in axes:
-    ctx.note(k, "reshape")
-    return [w]
+  axes = [None] * len(new_shape)
+  for olds, news in blocks:
+    group = tuple(j for d in olds for j in _flat(k.axes[d]))
+    for d in news:
+      axes[d] = group[0] if len(group) == 1 else group
   return [k.replace(w=w, axes=axes)]
+
+
+def _flat(axis) -> tuple[int, ...]:
+  return axis if isinstance(axis, tuple) else (axis,)
 
 
 def _passthrough(axes_of):
@@ -269,7 +288,13 @@ RULES = {
 
 
 def _is_dynamic(x) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+  """Arrays (and abstract arrays) are traced; Python and NumPy scalars, strings, flags and
+  other objects are closed over as static, as they are when ``fn`` is called directly."""
+  return isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))
+
+
+def _abstract(x):
+  return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
 
 
 def _trace(fn, base, args, kwargs):
@@ -324,7 +349,6 @@ def lora(fn):
     >>> y = adapted(params, adapters, x)   # == model.apply(merge(params, adapters), x)
   """
 
-  @functools.wraps(fn)
   def adapted(base, adapters, *args, lora_dropout_key=None, **kwargs):
     flat = match(base, adapters)
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
@@ -339,6 +363,10 @@ def lora(fn):
     _warn(ctx.fallbacks)
     return jax.tree_util.tree_unflatten(out_def, outs)
 
+  # Name and docs from fn, but not its signature: jax.jit's static_argnames and
+  # donate_argnames must see (base, adapters, *args, ...), so no __wrapped__.
+  functools.update_wrapper(adapted, fn, updated=())
+  del adapted.__wrapped__
   return adapted
 
 
@@ -351,7 +379,7 @@ def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:
   ``uses=`` to ``lora_jax.init`` or ``lora_jax.plan``.
   """
   leaves = jax.tree_util.tree_leaves(params)
-  watched = {p: i for i, (p, w) in enumerate(zip(_paths(params), leaves)) if len(w.shape) >= 2}
+  watched = {p: i for i, (p, w) in enumerate(zip(_paths(params), leaves)) if np.ndim(w) >= 2}
   closed, _, dyn = _trace(fn, params, args, kwargs)
   ctx = _Context(analyze=True)
 
@@ -362,11 +390,10 @@ def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:
                          scale=0.0, dropout=0.0)
     return _interpret.run(closed, inputs + list(dyn), ctx)
 
-  abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  jax.eval_shape(run, abstract, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in dyn])
+  jax.eval_shape(run, [_abstract(x) for x in leaves], [_abstract(x) for x in dyn])
   uses = {}
   for p, i in watched.items():
     rec = ctx.records.get(p, _Record())
-    rec.ndim = len(leaves[i].shape)
+    rec.ndim = np.ndim(leaves[i])
     uses[p] = rec.use(p)
   return uses

@@ -1,6 +1,8 @@
 """Every configuration error names the problem, what was expected, and how to fix it."""
 
 import jax
+import numpy as np
+import optax
 import jax.numpy as jnp
 import pytest
 
@@ -65,14 +67,14 @@ def test_rank_larger_than_min_in_out(params):
 
 @pytest.mark.parametrize("alpha", [0, -2.0, float("nan"), "8"])
 def test_alpha_not_positive(alpha):
-  with pytest.raises(ValueError, match=r"alpha must be a number > 0, got"):
+  with pytest.raises(ValueError, match=r"alpha must be a finite number > 0, got"):
     lora_jax.LoraConfig(targets="dense", alpha=alpha)
-  with pytest.raises(ValueError, match=r"alpha_pattern\['q'\] must be a number > 0"):
+  with pytest.raises(ValueError, match=r"alpha_pattern\[.q.\] must be a finite number > 0"):
     lora_jax.LoraConfig(targets="dense", alpha_pattern={"q": alpha})
 
 
 def test_other_bad_options():
-  with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+  with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
     lora_jax.LoraConfig(targets="d", dropout=1.0)
   with pytest.raises(ValueError, match=r"init must be one of \('kaiming_uniform', 'gaussian'\)"):
     lora_jax.LoraConfig(targets="d", init="xavier")
@@ -113,3 +115,54 @@ def test_pattern_overrides_apply_first_match(params):
   einsum = by_path["params/einsum/kernel"]
   assert einsum.rank == 3 and einsum.scale == 1 / 3
   assert by_path["params/dense/kernel"].scale == 8 / 4
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(targets=None), r"targets must be a string or a list of strings, got None"),
+    (dict(targets=3), r"targets must be a string or a list of strings, got 3"),
+    (dict(targets="d", exclude=None), r"exclude must be a string or a list of strings"),
+    (dict(targets="d", rank_pattern=None), r"rank_pattern must be a dict from path patterns"),
+    (dict(targets="d", alpha_pattern={3: 2.0}), r"alpha_pattern must be a dict from path "
+                                                r"patterns \(strings\)"),
+    (dict(targets="d", dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
+    (dict(targets="d", dtype="foo"), r"dtype must be a floating dtype such as float32"),
+    (dict(targets="d", use_rslora="no"), r"use_rslora must be True or False, got 'no'"),
+    (dict(targets="d", alpha=float("inf")), r"alpha must be a finite number > 0, got inf"),
+    (dict(targets="d", kernel_names=None), r"kernel_names must be a string or a list"),
+])
+def test_wrong_types_are_value_errors(options, message):
+  with pytest.raises(ValueError, match=message):
+    lora_jax.LoraConfig(**options)
+
+
+def test_numpy_scalars_strings_and_hashing():
+  config = lora_jax.LoraConfig(targets="d", rank=np.int64(4), alpha=np.float32(8),
+                               kernel_names="weight", rank_pattern={"d": 2})
+  assert config.kernel_names == ("weight",) and config.scale_for("d/weight") == 4.0
+  assert hash(config) == hash(lora_jax.LoraConfig(targets="d", rank=4, alpha=8.0,
+                                                  kernel_names=("weight",), rank_pattern={"d": 2}))
+  params = {"d": {"weight": jnp.ones((4, 4)), "e": jnp.ones((4, 4))}}
+  assert [t.path for t in lora_jax.plan(config, params).targets] == ["d/weight"]
+  with pytest.raises(ValueError, match=r"ratio must be > 0 \(lr_B / lr_A\), got None"):
+    lora_jax.lora_plus(optax.adam, learning_rate=1e-3, ratio=None)
+
+
+def test_scope_pattern_selects_kernels_of_a_block():
+  params = {"block_0": {"ln": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                        "mlp": {"kernel": jnp.ones((8, 8)), "bias": jnp.ones(8)}},
+            "block_1": {"mlp": {"kernel": jnp.ones((8, 8))}}, "temp": 1.0}
+  shown = lora_jax.plan(lora_jax.LoraConfig(targets="block_0", rank=2), params)
+  assert [t.path for t in shown.targets] == ["block_0/mlp/kernel"]
+  with pytest.raises(ValueError, match=r"target pattern 'temp' matched 'temp' \(shape \(\)\), "
+                                       r"which is not a matmul kernel"):
+    lora_jax.plan(lora_jax.LoraConfig(targets="temp"), params)
+  assert lora_jax.count(params, {}).total == 3 * 8 + 2 * 64 + 1  # vectors, kernels, temp
+
+
+def test_adapters_with_bad_axes_are_rejected():
+  params = {"d": {"kernel": jnp.ones((4, 4))}}
+  bad = {"d": {"kernel": lora_jax.LoraWeights(a=jnp.ones((4, 2)), b=jnp.ones((2, 4)), scale=1.0,
+                                              axes=None)}}
+  with pytest.raises(ValueError, match=r"adapter at 'd/kernel' has axes None, which must be a "
+                                       r"string of one role per axis"):
+    lora_jax.merge(params, bad)

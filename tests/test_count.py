@@ -91,3 +91,19 @@ def test_trainable_count_matches_peft(targets, ours, rank_pattern):
                                              rank_pattern=rank_pattern), flax_tree).counts
   assert (counts.trainable, counts.total) == (trainable, total)
   assert math.isclose(counts.percent, 100 * trainable / total)
+
+
+def test_counts_leave_out_buffers_and_rng_state():
+  import flax.linen as nn
+  from flax import nnx
+
+  class WithStats(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.BatchNorm(use_running_average=True)(nn.Dense(16)(x))
+
+  variables = WithStats().init(jax.random.key(0), jnp.ones((2, 16)))
+  dense_and_bn = 16 * 16 + 16 + 2 * 16  # kernel, bias, BatchNorm scale and bias; not mean/var
+  assert lora_jax.count(variables, {}).total == dense_and_bn
+  _, state = nnx.split(nnx.Dropout(0.1, rngs=nnx.Rngs(0)))  # only RNG state: a key and a count
+  assert len(jax.tree_util.tree_leaves(state)) == 2 and lora_jax.count(state, {}).total == 0

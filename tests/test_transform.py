@@ -1,5 +1,6 @@
 """The transform equals the float64 dense reference x @ (W + s·A@B), in every model style."""
 
+import inspect
 import warnings
 
 import jax
@@ -188,3 +189,29 @@ def test_reshape_within_one_role_is_factored_and_across_roles_falls_back():
   adapted, params, adapters, want = _stacked("lio", merge_inputs, x)  # merges a layer axis in
   with pytest.warns(lora_jax.LoraFallbackWarning, match=r"ens/kernel \(reshape\)"):
     np.testing.assert_allclose(adapted(params, adapters, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reshape_splitting_heads_is_factored_and_analyzed():
+  params = {"q": {"kernel": jax.random.normal(jax.random.key(0), (8, 12))}}
+  fn = lambda p, x: jnp.einsum("bd,dhk->bhk", x, p["q"]["kernel"].reshape(8, 3, 4))  # noqa
+  x = jnp.ones((2, 8))
+  uses = lora_jax.analyze(fn, params, x)
+  assert (uses["q/kernel"].axes, uses["q/kernel"].route) == ("io", "factored")
+  config = lora_jax.LoraConfig(targets="q", rank=2)
+  adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(1), uses=uses),
+                         jax.random.key(2))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
+    got = lora_jax.lora(fn)(params, adapters, x)
+  np.testing.assert_allclose(got, fn(lora_jax.merge(params, adapters), x), rtol=1e-5, atol=1e-6)
+
+
+def test_adapted_signature_works_with_jit_argnames():
+  case, adapters = _setup(linen_case)
+  fn = lambda p, x, train: case.fn(p, x) * (2.0 if train else 1.0)  # noqa: E731
+  adapted = lora_jax.lora(fn)
+  assert list(inspect.signature(adapted).parameters)[:2] == ["base", "adapters"]
+  got = jax.jit(adapted, static_argnames="train")(case.params, adapters, case.x, train=True)
+  np.testing.assert_allclose(got, 2.0 * lora_jax.lora(case.fn)(case.params, adapters, case.x),
+                             rtol=1e-6)
+  assert adapted.__name__ == "<lambda>" and not hasattr(adapted, "__wrapped__")
