@@ -93,12 +93,20 @@ def factor_subscripts(roles: str, present=None) -> tuple[str, str]:
   return stack + ins + "r", stack + "r" + outs
 
 
-def delta(lw: LoraWeights, axes=None, *, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
-  """``scale * a @ b`` laid out as the kernel's axes ``axes`` (default: all, in order)."""
-  axes = tuple(range(len(lw.axes))) if axes is None else tuple(axes)
-  a_sub, b_sub = factor_subscripts(lw.axes, axes)
+def delta(a, b, *, scale: float, roles: str, axes=None,
+          precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+  """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
+  axes = tuple(range(len(roles))) if axes is None else tuple(axes)
+  a_sub, b_sub = factor_subscripts(roles, axes)
   w_sub = "".join(_LETTERS[j] for j in axes)
-  return lw.scale * jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", lw.a, lw.b, precision=precision)
+  return scale * jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", a, b, precision=precision)
+
+
+def add_delta(w, a, b, *, scale: float, roles: str, axes=None, sign: float = 1.0):
+  """``w + sign * scale * a @ b``, summed in the wider dtype and cast back to ``w``'s."""
+  dtype = jnp.promote_types(w.dtype, a.dtype)
+  d = delta(a, b, scale=scale, roles=roles, axes=axes).astype(dtype)
+  return (w.astype(dtype) + sign * d).astype(w.dtype)
 
 
 def factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -177,8 +185,7 @@ def _apply(base, adapters, sign: float):
     lw = flat.get("/".join(path_keys(key_path)))
     if lw is None:
       return w
-    dtype = jnp.promote_types(w.dtype, lw.a.dtype)
-    out = (w.astype(dtype) + sign * delta(lw).astype(dtype)).astype(w.dtype)
+    out = add_delta(w, lw.a, lw.b, scale=lw.scale, roles=lw.axes, sign=sign)
     return _keep_sharding(out, w)
 
   return jax.tree_util.tree_map_with_path(update, base)

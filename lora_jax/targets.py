@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lora_jax.config import ALL_LINEAR, HEAD_PATTERN, LoraConfig, check_roles
 
@@ -214,11 +215,11 @@ def num_params(tree) -> int:
   if isinstance(tree, Mapping) and "params" in tree:
     tree = tree["params"]
   leaves = jax.tree_util.tree_leaves(tree)
-  return sum(size(x) for x in leaves if jax.numpy.issubdtype(_dtype(x), jax.numpy.inexact))
+  return sum(size(x) for x in leaves if jnp.issubdtype(_dtype(x), jnp.inexact))
 
 
 def _dtype(leaf):
-  return getattr(leaf, "dtype", None) or jax.numpy.result_type(leaf)
+  return getattr(leaf, "dtype", None) or jnp.result_type(leaf)
 
 
 def count(base, adapters) -> ParamCount:

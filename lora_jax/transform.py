@@ -22,7 +22,7 @@ import numpy as np
 
 from lora_jax import _interpret
 from lora_jax._interpret import Kernel
-from lora_jax.adapters import factor_subscripts, match
+from lora_jax.adapters import add_delta, factor_subscripts, match
 from lora_jax.targets import path_keys
 
 _FREE = [c for c in string.ascii_lowercase if c != "r"]  # subscripts of the activation's axes
@@ -102,10 +102,7 @@ class _Context:
     self.note(x, consumer, merged=True)
     if x.a is None:
       return x.w
-    a_sub, b_sub = factor_subscripts(x.roles, x.axes)
-    w_sub = "".join(_AXIS[j] for j in x.axes)
-    d = jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", x.a, x.b, precision=jax.lax.Precision.HIGHEST)
-    return x.w + (x.scale * d).astype(x.w.dtype)
+    return add_delta(x.w, x.a, x.b, scale=x.scale, roles=x.roles, axes=x.axes)
 
   def unstack(self, k: Kernel, consumer: str):
     """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
@@ -212,8 +209,11 @@ def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:
 
 def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
   """Roles of ``new_shape`` when the reshape only splits or merges axes of one role."""
+  blocks = _blocks(old_shape, new_shape)
+  if blocks is None:
+    return None
   roles = [""] * len(new_shape)
-  for olds, news in _blocks(old_shape, new_shape) or [(range(0), range(0))]:
+  for olds, news in blocks:
     role = {old_roles[d] for d in olds}
     if len(role) != 1:
       return None
@@ -294,7 +294,7 @@ def _is_dynamic(x) -> bool:
 
 
 def _abstract(x):
-  return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x))
+  return jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
 
 
 def _trace(fn, base, args, kwargs):
