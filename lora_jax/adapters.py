@@ -70,10 +70,10 @@ def flatten(adapters) -> dict[str, LoraWeights]:
   return out
 
 
-def _nest(flat: Mapping[str, LoraWeights]) -> dict:
+def _nest(flat: Mapping[tuple[str, ...], LoraWeights]) -> dict:
   tree: dict = {}
-  for path, value in flat.items():
-    *parents, last = path.split("/")
+  for keys, value in flat.items():
+    *parents, last = keys
     node = tree
     for key in parents:
       node = node.setdefault(key, {})
@@ -142,12 +142,13 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
     ValueError: as ``lora_jax.plan`` does for patterns, ranks and axis roles.
   """
   targets = resolve(config, params, uses=uses)
-  keys = jax.random.split(key, len(targets))
+  key_paths = [path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  keys_of = {"/".join(k): k for k in key_paths}  # keep keys whole, even ones holding a '/'
   flat = {}
-  for t, k in zip(targets, keys):
+  for t, k in zip(targets, jax.random.split(key, len(targets))):
     b = jnp.zeros(factor_shapes(t)[1], config.dtype)
-    flat[t.path] = LoraWeights(a=_init_a(config, t, k), b=b, scale=t.scale, axes=t.axes,
-                               dropout=config.dropout)
+    flat[keys_of[t.path]] = LoraWeights(a=_init_a(config, t, k), b=b, scale=t.scale,
+                                        axes=t.axes, dropout=config.dropout)
   return _nest(flat)
 
 

@@ -1,0 +1,157 @@
+"""A BERT / RoBERTa encoder (Devlin et al. 2019; Liu et al. 2019), read top to bottom.
+
+Absolute position and token-type embeddings, post-LayerNorm blocks, a GELU MLP, a tanh
+pooler over the first token, and a sequence-classification head. Module names follow the
+Hugging Face checkpoints (``encoder.layer.N.attention.self.query``), so loading weights is a
+readable table: ``encoder/layer/attention/self/query/kernel`` is
+``encoder.layer.{N}.attention.self.query.weight`` transposed and stacked over N.
+
+RoBERTa is the same encoder with positions counted from ``padding_idx + 1`` (= 2) and one
+token type. Dropout inside the encoder is not modelled (the classifier head has its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lora_jax.models._layers import attention, gelu_exact, layer_stack, padding_mask, positions
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  position_offset: int = 0  # RoBERTa: padding_idx + 1 = 2
+  num_labels: int = 2
+  classifier_dropout: float = 0.1
+  scan_layers: bool = True
+  remat: bool = False
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+
+def _dense(c: BertConfig, features: int, name: str = "dense"):
+  return nn.Dense(features, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+
+
+def _norm(c: BertConfig, name: str = "LayerNorm"):
+  return nn.LayerNorm(c.layer_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+
+
+class BertEmbeddings(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, token_type_ids):
+    c = self.config
+    embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=c.dtype,  # noqa: E731
+                                     param_dtype=c.param_dtype, name=name)
+    pos = positions(*input_ids.shape, offset=c.position_offset)
+    x = (embed(c.vocab_size, "word_embeddings")(input_ids)
+         + embed(c.max_position_embeddings, "position_embeddings")(pos)
+         + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
+    return _norm(c)(x)
+
+
+class BertSelfAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask):
+    c = self.config
+    b, t, d = x.shape
+    split = lambda y: y.reshape(b, t, c.num_attention_heads, d // c.num_attention_heads)  # noqa
+    q, k, v = (split(_dense(c, d, name)(x)) for name in ("query", "key", "value"))
+    return attention(q, k, v, mask=mask).reshape(b, t, d)
+
+
+class BertResidual(nn.Module):
+  """``LayerNorm(residual + dense(h))``: BERT's ``attention.output`` and ``output``."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, h, residual):
+    return _norm(self.config)(residual + _dense(self.config, self.config.hidden_size)(h))
+
+
+class BertAttention(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask):
+    h = BertSelfAttention(self.config, name="self")(x, mask)
+    return BertResidual(self.config, name="output")(h, x)
+
+
+class BertIntermediate(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    return gelu_exact(_dense(self.config, self.config.intermediate_size)(x))
+
+
+class BertLayer(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = BertAttention(self.config, name="attention")(x, mask)
+    return BertResidual(self.config, name="output")(
+        BertIntermediate(self.config, name="intermediate")(x), x)
+
+
+class BertEncoder(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x, mask):
+    return layer_stack(BertLayer, self.config, self.config.num_hidden_layers, "layer", x, mask)
+
+
+class BertPooler(nn.Module):
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(_dense(self.config, self.config.hidden_size)(x[:, 0]))
+
+
+class BertModel(nn.Module):
+  """``input_ids, attention_mask, token_type_ids (batch, seq) -> (hidden (batch, seq, d),
+  pooled (batch, d) or None)``."""
+
+  config: BertConfig
+  add_pooling_layer: bool = True
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+    c = self.config
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+    x = BertEmbeddings(c, name="embeddings")(input_ids, token_type_ids)
+    x = BertEncoder(c, name="encoder")(x, padding_mask(attention_mask))
+    return x, (BertPooler(c, name="pooler")(x) if self.add_pooling_layer else None)
+
+
+class BertForSequenceClassification(nn.Module):
+  """BERT's head: dropout and a linear ``classifier`` on the pooled first token."""
+
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
+               deterministic: bool = True):
+    _, pooled = BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids)
+    pooled = nn.Dropout(self.config.classifier_dropout)(pooled, deterministic=deterministic)
+    return _dense(self.config, self.config.num_labels, "classifier")(pooled)

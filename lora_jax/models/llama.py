@@ -1,0 +1,118 @@
+"""A Llama-style decoder (Touvron et al. 2023; Llama 3, Dubey et al. 2024), read top to bottom.
+
+RMSNorm, rotary position embeddings, grouped-query attention, a SwiGLU MLP, and a tied or
+untied head. Module names follow the Hugging Face checkpoints (``model.layers.N.self_attn.
+q_proj``), so loading weights is a readable table: ``model/layers/self_attn/q_proj/kernel``
+is ``model.layers.{N}.self_attn.q_proj.weight`` transposed and stacked over N.
+
+Not implemented: Llama 3.1/3.2's frequency-dependent RoPE rescaling (``rope_scaling``); it
+changes outputs for those checkpoints, not the parameter tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from lora_jax.models._layers import attention, layer_stack, positions
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  tie_word_embeddings: bool = False
+  scan_layers: bool = True
+  remat: bool = False
+  dtype: object = jnp.float32
+  param_dtype: object = jnp.float32
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+def rope(x, theta: float):
+  """Rotary embeddings on (batch, seq, heads, head_dim), rotating the two halves (as HF)."""
+  half = x.shape[-1] // 2
+  freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions(1, x.shape[1])[0, :, None].astype(jnp.float32) * freq[None, :]  # (seq, half)
+  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def _dense(c: LlamaConfig, features: int, name: str):
+  return nn.Dense(features, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype, name=name)
+
+
+class LlamaAttention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    b, t, _ = x.shape
+    kv = c.num_key_value_heads * c.head_dim
+    q = _dense(c, c.hidden_size, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+    k = _dense(c, kv, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+    v = _dense(c, kv, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+    out = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v, is_causal=True)
+    return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, c.hidden_size))
+
+
+class LlamaMLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    gate = nn.silu(_dense(c, c.intermediate_size, "gate_proj")(x))
+    up = _dense(c, c.intermediate_size, "up_proj")(x)
+    return _dense(c, c.hidden_size, "down_proj")(gate * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    norm = lambda name: nn.RMSNorm(c.rms_norm_eps, dtype=c.dtype,  # noqa: E731
+                                   param_dtype=c.param_dtype, name=name)
+    x = x + LlamaAttention(c, name="self_attn")(norm("input_layernorm")(x))
+    return x + LlamaMLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+
+
+class LlamaModel(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids):
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     name="embed_tokens")
+    x = layer_stack(LlamaDecoderLayer, c, c.num_hidden_layers, "layers", embed(input_ids))
+    x = nn.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
+    return x, embed
+
+
+class LlamaForCausalLM(nn.Module):
+  """``input_ids (batch, seq) -> logits (batch, seq, vocab)``."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, input_ids):
+    x, embed = LlamaModel(self.config, name="model")(input_ids)
+    if self.config.tie_word_embeddings:
+      return embed.attend(x)
+    return _dense(self.config, self.config.vocab_size, "lm_head")(x)
