@@ -1,0 +1,42 @@
+"""The lora-jax command: the count plan, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from lora_jax import cli
+
+
+def test_count_prints_plan_and_peft_line(capsys):
+  assert cli.main(["count", "--model", "llama-2-7b", "--rank", "8", "--targets", "q,v"]) == 0
+  out = capsys.readouterr().out
+  assert "params/model/layers/self_attn/q_proj/kernel  32x4096x4096  lio   8" in out
+  # 2 kernels x 32 layers x r (4096 + 4096); total = 6,738,415,616 + trainable
+  trainable = 2 * 32 * 8 * (4096 + 4096)
+  assert f"trainable params: {trainable:,d} || all params: {6_738_415_616 + trainable:,d}" in out
+
+
+def test_count_summary_and_aliases(capsys):
+  assert cli.main(["count", "--model", "gpt2", "--targets", "qkv", "--rank", "8",
+                   "--summary"]) == 0
+  assert capsys.readouterr().out.startswith(f"trainable params: {12 * 8 * (768 + 2304):,d} ||")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["count", "--model", "llama-9b"], "lora-jax count: unknown model config 'llama-9b'; "
+                                       "choose one of llama-2-7b"),
+    (["count", "--model", "gpt2", "--targets", "qkv,zzz"], "target pattern 'zzz' matched no "
+                                                           "parameter"),
+    (["count", "--model", "gpt2", "--rank", "0"], "rank must be an integer >= 1"),
+    (["count", "--model", "gpt2", "--rank", "x"], "argument --rank: invalid int value"),
+    (["count"], "the following arguments are required: --model"),
+    (["train"], "argument command: invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message):
+  done = subprocess.run([sys.executable, "-m", "lora_jax.cli", *argv], capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 2
+  assert done.stdout == ""
+  assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+  assert "Traceback" not in done.stderr
