@@ -2,10 +2,11 @@
 
 For every (model, LoRA configuration) row: trainable and total counts with PEFT's convention
 (total = base + adapters), the published figure where there is one, and whether they match.
-A published figure given to one decimal in millions ("0.3M") matches when our count rounds or
-truncates to it at that precision (the LoRA paper does both: 294,912 is "0.3M", 18,874,368 is
-"18.8M"); the match column says which. Figures no configuration reproduces are listed with the
-closest one and why.
+A published figure given to one decimal in millions ("0.3M") matches when our count rounds to
+it at that precision; rows from the tables where the LoRA paper truncates instead (Tables 5 and
+15: 18,874,368 is "18.8M", 301,989,888 is "301.9M") are marked so and match when our count
+truncates to it. The match column says which rule held. Figures no configuration reproduces
+are listed with the closest one and why.
 
 Usage: python benchmarks/param_counts.py [--out benchmarks/results] [--no-chart] [--rows N]
 Writes param_counts.md, param_counts.csv and lora_share_vs_rank.png under --out.
@@ -37,8 +38,10 @@ class Row:
   source: str = ""
   note: str = ""
   overrides: tuple = ()  # model config overrides, e.g. (("fused_qkv", False),)
+  rule: str = "round"  # how the source rounds a figure in millions: "round" or "truncate"
 
 
+TRUNC = "truncate"
 UNFUSED = (("fused_qkv", False),)  # GPT-2 with separate Wq, Wk, Wv: the same base count
 QV, QKVO = "q,v", "q,k,v,o"
 ROWS = [
@@ -46,7 +49,7 @@ ROWS = [
     Row("roberta-base", QV, 8, "0.3M", f"{HU}, Table 2, RoB-base (LoRA)"),
     Row("roberta-large", QV, 8, "0.8M", f"{HU}, Table 2, RoB-large (LoRA)"),
     Row("roberta-large", QV, 8, "0.8M", f"{HU}, Table 2, RoB-large (LoRA)†"),
-    # Table 3 (E2E): r_q = r_v = 4 (Table 8).
+    # Table 3 (E2E): r_q = r_v = 4 (Table 11, GPT-2 hyperparameters).
     Row("gpt2-medium", QV, 4, "0.35M", f"{HU}, Table 3, GPT-2 M (LoRA)",
         "the paper's r=4 on Wq, Wv of 24 layers of width 1024 is 0.39M; no rank gives 0.35M",
         UNFUSED),
@@ -58,16 +61,17 @@ ROWS = [
     Row("gpt-3-175b", QV, 1, "4.7M", f"{HU}, Table 15, r_q = r_v = 1"),
     Row("gpt-3-175b", QV, 2, "9.4M", f"{HU}, Table 15, r_q = r_v = 2"),
     Row("gpt-3-175b", QKVO, 1, "9.4M", f"{HU}, Table 15, r_q = r_k = r_v = r_o = 1"),
-    Row("gpt-3-175b", QV, 4, "18.8M", f"{HU}, Table 15, r_q = r_v = 4"),
-    Row("gpt-3-175b", QKVO, 2, "18.8M", f"{HU}, Table 15, r_q = r_k = r_v = r_o = 2"),
+    Row("gpt-3-175b", QV, 4, "18.8M", f"{HU}, Table 15, r_q = r_v = 4", rule=TRUNC),
+    Row("gpt-3-175b", QKVO, 2, "18.8M", f"{HU}, Table 15, r_q = r_k = r_v = r_o = 2",
+        rule=TRUNC),
     Row("gpt-3-175b", QV, 8, "37.7M", f"{HU}, Table 15, r_q = r_v = 8 (= Table 4, LoRA 37.7M)"),
     Row("gpt-3-175b", QKVO, 4, "37.7M", f"{HU}, Table 15, r_q = r_k = r_v = r_o = 4"),
-    Row("gpt-3-175b", QV, 64, "301.9M", f"{HU}, Table 15, r_q = r_v = 64"),
+    Row("gpt-3-175b", QV, 64, "301.9M", f"{HU}, Table 15, r_q = r_v = 64", rule=TRUNC),
     Row("gpt-3-175b", QKVO, 64, "603.8M", f"{HU}, Table 15, r_q = r_k = r_v = r_o = 64",
         "603,979,776 is 604.0M (603.9M truncated); 603.8M is twice the truncated 301.9M of "
-        "r_q = r_v = 64"),
+        "r_q = r_v = 64", rule=TRUNC),
     # Table 5: the 18M budget (section 7.1).
-    *[Row("gpt-3-175b", t, r, "18M", f"{HU}, Table 5 (18M budget), {t} r={r}")
+    *[Row("gpt-3-175b", t, r, "18M", f"{HU}, Table 5 (18M budget), {t} r={r}", rule=TRUNC)
       for t, r in (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("q,k", 4), (QV, 4), (QKVO, 2))],
     # Common PEFT setups.
     Row("llama-2-7b", QV, 8, "4,194,304", "PEFT print_trainable_parameters, Llama-2-7b, "
@@ -98,33 +102,35 @@ NOT_REPRODUCIBLE = [
 ]
 
 
-def _precision(published: str) -> tuple[decimal.Decimal, int] | None:
+UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
+
+
+def _precision(published: str) -> tuple[decimal.Decimal, int]:
   """(value in units, unit) of a published figure: "0.35M" -> (0.35, 10**6)."""
-  text = published.replace(",", "")
-  unit = {"M": 10**6, "B": 10**9}.get(text[-1:], 1)
-  return decimal.Decimal(text.rstrip("MB")), unit
+  text = published.replace(",", "").strip().upper()
+  suffix = text[-1:] if text[-1:] in UNITS else ""
+  return decimal.Decimal(text[:len(text) - len(suffix)]), UNITS[suffix]
 
 
-def match(count: int, published: str) -> str:
-  """"exact", "rounded", "truncated", "no", or "" when nothing was published."""
+def match(count: int, published: str, rule: str = "round") -> str:
+  """"exact", "rounded", "truncated" or "no" ("" when nothing was published). A figure with a
+  unit is compared at its printed precision with the source's ``rule``; one without, exactly."""
   if not published:
     return ""
   value, unit = _precision(published)
   if unit == 1:
-    return "exact" if count == int(value) else "no"
+    return "exact" if decimal.Decimal(count) == value else "no"
   quantum = decimal.Decimal(1).scaleb(value.as_tuple().exponent)
-  ours = decimal.Decimal(count) / unit
-  if ours.quantize(quantum, decimal.ROUND_HALF_UP) == value:
-    return "rounded"
-  if ours.quantize(quantum, decimal.ROUND_DOWN) == value:
-    return "truncated"
+  mode = decimal.ROUND_DOWN if rule == "truncate" else decimal.ROUND_HALF_UP
+  if (decimal.Decimal(count) / unit).quantize(quantum, mode) == value:
+    return "truncated" if rule == "truncate" else "rounded"
   return "no"
 
 
 @functools.lru_cache(maxsize=None)
 def _plan(model: str, targets: str, rank: int, overrides: tuple):
-  config = lora_jax.LoraConfig(targets=models.targets_for(model, targets), rank=rank,
-                               alpha=2 * rank)
+  config = lora_jax.LoraConfig(targets=models.targets_for(model, targets, **dict(overrides)),
+                               rank=rank, alpha=2 * rank)
   return models.plan_model(model, config, **dict(overrides))
 
 
@@ -139,9 +145,11 @@ def closest(row: Row) -> str:
 
 def evaluate(row: Row) -> dict:
   counts = _plan(row.model, row.targets, row.rank, row.overrides).counts
-  matched = match(counts.trainable, row.published)
+  matched = match(counts.trainable, row.published, row.rule)
   note = "; ".join(filter(None, [row.note, closest(row) if matched == "no" else ""]))
-  return {"model": row.model, "targets": row.targets, "rank": row.rank,
+  targets = row.targets + (" (separate qkv)" if dict(row.overrides).get("fused_qkv") is False
+                            else "")
+  return {"model": row.model, "targets": targets, "rank": row.rank,
           "trainable": counts.trainable, "total": counts.total,
           "percent": f"{counts.percent:.4f}", "published": row.published,
           "match": matched, "source": row.source, "note": note}
@@ -172,18 +180,16 @@ def chart(path: str) -> None:
 
 
 def markdown(results: list[dict]) -> str:
-  head = "| model | targets | rank | trainable | total | % | published | match |"
-  lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+  head = "| model | targets | rank | trainable | total | % | published | match | figure from |"
+  lines = [head, "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
   for r in results:
     lines.append(f"| {r['model']} | {r['targets']} | {r['rank']} | {r['trainable']:,d} | "
                  f"{r['total']:,d} | {r['percent']} | {r['published'] or '—'} | "
-                 f"{r['match'] or '—'} |")
+                 f"{r['match'] or '—'} | {r['source'] or '—'} |")
   notes = [f"- {r['model']} {r['targets']} r={r['rank']} ({r['source']}): {r['note']}"
            for r in results if r["note"]]
   notes += [f"- {source}: {why}" for source, why in NOT_REPRODUCIBLE]
-  sources = sorted({r["source"] for r in results if r["source"]})
-  return "\n".join(lines + ["", "Not reproduced:", *notes, "", "Sources:",
-                            *[f"- {s}" for s in sources]]) + "\n"
+  return "\n".join(lines + ["", "Not reproduced:", *notes]) + "\n"
 
 
 def main():

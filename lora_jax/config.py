@@ -151,8 +151,9 @@ def _check_regex(pattern: str) -> None:
     return
   try:
     re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {e}.") from None
+  except (re.error, OverflowError, RecursionError) as e:
+    raise ValueError(f"pattern {pattern[:80]!r} is not a valid regular expression: "
+                     f"{e}.") from None
 
 
 def _check_dtype(dtype) -> None:

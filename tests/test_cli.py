@@ -23,6 +23,14 @@ def test_count_summary_and_aliases(capsys):
   assert capsys.readouterr().out.startswith(f"trainable params: {12 * 8 * (768 + 2304):,d} ||")
 
 
+def test_default_targets_follow_the_layout(capsys):
+  assert cli.main(["count", "--model", "gpt2", "--summary"]) == 0  # fused: c_attn
+  assert capsys.readouterr().out.startswith(f"trainable params: {12 * 8 * (768 + 2304):,d} ||")
+  assert cli.main(["count", "--model", "gpt2-medium", "--separate-qkv", "--rank", "4",
+                   "--summary"]) == 0  # the LoRA paper's Wq, Wv: 2 x 24 x 4 x (1024 + 1024)
+  assert capsys.readouterr().out.startswith(f"trainable params: {2 * 24 * 4 * 2048:,d} ||")
+
+
 @pytest.mark.parametrize("argv,message", [
     (["count", "--model", "llama-9b"], "lora-jax count: unknown model config 'llama-9b'; "
                                        "choose one of llama-2-7b"),
@@ -31,6 +39,11 @@ def test_count_summary_and_aliases(capsys):
     (["count", "--model", "gpt2", "--rank", "0"], "rank must be an integer >= 1"),
     (["count", "--model", "gpt2", "--rank", "x"], "argument --rank: invalid int value"),
     (["count"], "the following arguments are required: --model"),
+    (["count", "--model", "gpt2", "--targets", "q,v"], "gpt2 has a fused c_attn projection"),
+    (["count", "--model", "gpt-3-175b", "--targets", "qkv"], "use q,k,v instead of 'qkv'"),
+    (["count", "--model", "llama-2-7b", "--separate-qkv"], "applies to the GPT-2 family only"),
+    (["count", "--model", "gpt2", "--targets", "x{4294967296}"], "is not a valid regular "
+                                                                 "expression"),
     (["train"], "argument command: invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message):

@@ -160,3 +160,15 @@ def test_unknown_model_name():
   with pytest.raises(ValueError, match=r"unknown model config 'llama-9b'; choose one of "
                                        r"llama-2-7b, llama-2-13b"):
     models.get("llama-9b")
+
+
+def test_roberta_positions_skip_left_padding():
+  c = models.BertConfig(**{**TINY["bert"], "max_position_embeddings": 20}, type_vocab_size=1,
+                        position_offset=2, pad_token_id=1)
+  model = models.BertModel(c)
+  ids = jnp.array([[5, 6, 7, 8]])
+  padded = jnp.array([[1, 1, 5, 6, 7, 8]])  # left padding with the pad id
+  params = model.init(jax.random.key(0), padded)
+  plain, _ = model.apply(params, ids)
+  left, _ = model.apply(params, padded, jnp.array([[0, 0, 1, 1, 1, 1]]))
+  np.testing.assert_allclose(left[:, 2:], plain, rtol=1e-5, atol=1e-5)

@@ -41,10 +41,14 @@ def test_rows_match_the_paper_formula(bench, index, layers, d, matrices, expecte
 
 def test_match_rules(bench):
   assert bench.match(294_912, "0.3M") == "rounded"
-  assert bench.match(18_874_368, "18.8M") == "truncated"
+  assert bench.match(393_216, "0.3M") == "no"  # 0.39M: truncation only where the source does
+  assert bench.match(18_874_368, "18.8M") == "no"
+  assert bench.match(18_874_368, "18.8M", "truncate") == "truncated"
   assert bench.match(393_216, "0.35M") == "no"
   assert bench.match(4_194_304, "4,194,304") == "exact"
   assert bench.match(4_194_305, "4,194,304") == "no"
+  assert bench.match(0, "0.5") == "no"
+  assert bench.match(1_000, "1k") == "rounded"
   assert bench.match(10, "") == ""
 
 
@@ -53,7 +57,8 @@ def test_markdown_and_csv_are_written(bench, tmp_path, monkeypatch):
                                    "--rows", "3"])
   bench.main()
   table = (tmp_path / "param_counts.md").read_text()
-  assert "| roberta-base | q,v | 8 | 294,912 | 124,940,544 | 0.2360 | 0.3M | rounded |" in table
+  assert ("| roberta-base | q,v | 8 | 294,912 | 124,940,544 | 0.2360 | 0.3M | rounded | "
+          "Hu et al. 2021 (LoRA), Table 2, RoB-base (LoRA) |") in table
   assert len((tmp_path / "param_counts.csv").read_text().splitlines()) == 4
 
 

@@ -88,8 +88,7 @@ def get(name: str, **overrides):
   Raises:
     ValueError: unknown name (the message lists the known ones).
   """
-  spec = spec_of(name)
-  return spec.model(dataclasses.replace(spec.config, **overrides))
+  return spec_of(name).model(_config(name, **overrides))
 
 
 def spec_of(name: str) -> Spec:
@@ -108,16 +107,33 @@ def abstract_params(name: str, **overrides):
   return jax.eval_shape(model.init, jax.random.key(0), example_input())
 
 
-def targets_for(name: str, spec: str) -> tuple[str, ...]:
+def _config(name: str, **overrides):
+  return dataclasses.replace(spec_of(name).config, **overrides)
+
+
+def targets_for(name: str, spec: str, **overrides) -> tuple[str, ...]:
   """Comma-separated target names for a named config: family aliases (``q,v``), module names
   (``q_proj``), ``all-linear``, or regular expressions, e.g. ``"q,v"`` -> ``("q_proj",
   "v_proj")`` for Llama."""
   aliases = TARGET_ALIASES[spec_of(name).family]
   items = [t.strip() for t in spec.split(",") if t.strip()]
   if not items:
-    raise ValueError(f"targets {spec!r} name nothing; use e.g. q,v or all-linear "
+    example = default_targets(name, **overrides)
+    raise ValueError(f"targets {spec!r} name nothing; use e.g. {example} or all-linear "
                      f"(aliases for this model: {', '.join(aliases)}).")
+  fused = getattr(_config(name, **overrides), "fused_qkv", None)
+  for t in items:
+    if (fused is True and t in ("q", "k", "v")) or (fused is False and t == "qkv"):
+      layout = ("a fused c_attn projection (separate ones: --separate-qkv)" if fused
+                else "separate q, k, v projections")
+      raise ValueError(f"{name} has {layout}: use {'qkv' if fused else 'q,k,v'} instead of "
+                       f"{t!r}.")
   return tuple(ALL_LINEAR if t == ALL_LINEAR else aliases.get(t, t) for t in items)
+
+
+def default_targets(name: str, **overrides) -> str:
+  """PEFT's usual default: the query and value projections (GPT-2's fused c_attn)."""
+  return "qkv" if getattr(_config(name, **overrides), "fused_qkv", False) else "q,v"
 
 
 def plan_model(name: str, config: LoraConfig, **overrides) -> Plan:
@@ -130,4 +146,5 @@ def plan_model(name: str, config: LoraConfig, **overrides) -> Plan:
 
 __all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "CONFIGS", "GPT2Config",
            "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "Spec", "TARGET_ALIASES",
-           "abstract_params", "example_input", "get", "plan_model", "spec_of", "targets_for"]
+           "abstract_params", "default_targets", "example_input", "get", "plan_model", "spec_of",
+           "targets_for"]

@@ -6,8 +6,9 @@ Hugging Face checkpoints (``encoder.layer.N.attention.self.query``), so loading 
 readable table: ``encoder/layer/attention/self/query/kernel`` is
 ``encoder.layer.{N}.attention.self.query.weight`` transposed and stacked over N.
 
-RoBERTa is the same encoder with positions counted from ``padding_idx + 1`` (= 2) and one
-token type. Dropout inside the encoder is not modelled (the classifier head has its own).
+RoBERTa is the same encoder with one token type and positions counted as Hugging Face does:
+``cumsum(ids != pad) * (ids != pad) + pad`` (real tokens from 2, padding at 1). Dropout inside
+the encoder is not modelled (the classifier head has its own).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class BertConfig:
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   position_offset: int = 0  # RoBERTa: padding_idx + 1 = 2
+  pad_token_id: int = 1  # RoBERTa: positions skip padding (Hugging Face's rule)
   num_labels: int = 2
   classifier_dropout: float = 0.1
   scan_layers: bool = True
@@ -55,7 +57,11 @@ class BertEmbeddings(nn.Module):
     c = self.config
     embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=c.dtype,  # noqa: E731
                                      param_dtype=c.param_dtype, name=name)
-    pos = positions(*input_ids.shape, offset=c.position_offset)
+    if c.position_offset:  # RoBERTa: real tokens count from pad + 1, pads sit at pad
+      real = (input_ids != c.pad_token_id).astype(jnp.int32)
+      pos = jnp.cumsum(real, axis=1) * real + c.pad_token_id
+    else:
+      pos = positions(*input_ids.shape)
     x = (embed(c.vocab_size, "word_embeddings")(input_ids)
          + embed(c.max_position_embeddings, "position_embeddings")(pos)
          + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids))
