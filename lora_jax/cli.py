@@ -7,6 +7,7 @@ import sys
 
 from lora_jax import models
 from lora_jax.config import LoraConfig
+from lora_jax.finetune import Options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +38,39 @@ def _parser() -> argparse.ArgumentParser:
                           "(same base count; the LoRA paper's Wq, Wv)")
   count.add_argument("--use-rslora", action="store_true")
   count.add_argument("--summary", action="store_true", help="print only the totals")
+  _train_parser(sub)
+  ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file")
+  ev.add_argument("run", help="the run folder written by lora-jax train")
+  ev.add_argument("--data", required=True, help="a .tsv, .csv or .jsonl file")
+  ev.add_argument("--text-column", default="sentence")
+  ev.add_argument("--label-column", default="label")
+  merge = sub.add_parser("merge", help="write merged weights as safetensors (original names)")
+  merge.add_argument("run")
+  merge.add_argument("--out", required=True, help="folder for model.safetensors and configs")
   return parser
+
+
+def _train_parser(sub) -> None:
+  d = Options()
+  train = sub.add_parser(
+      "train", help="fine-tune all-MiniLM-L6-v2 with LoRA (default) or fully",
+      description="Fine-tunes the bundled all-MiniLM-L6-v2 for text classification. Without "
+                  "--data it trains on the embedded VADER polarity task.")
+  train.add_argument("--data", help="training file (.tsv, .csv, .jsonl); default: VADER task")
+  train.add_argument("--val", help="validation file; default: the task's, or 10%% of --data")
+  train.add_argument("--text-column", default=d.text_column)
+  train.add_argument("--label-column", default=d.label_column)
+  for name, kind in (("rank", int), ("alpha", float), ("dropout", float), ("lr", float),
+                     ("batch-size", int), ("epochs", float), ("steps", int),
+                     ("max-length", int), ("max-train", int), ("eval-every", int),
+                     ("seed", int)):
+    train.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
+  train.add_argument("--targets", default=d.targets,
+                     help="q,v (default), all-linear, aliases or patterns")
+  train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
+  train.add_argument("--out", default="runs/minilm-lora", help="run folder")
+  train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+  train.add_argument("--resume", action="store_true", help="continue the run in --out")
 
 
 def _count(args) -> int:
@@ -59,10 +92,39 @@ def _overrides(args) -> dict:
   return {"fused_qkv": False}
 
 
+def _train(args) -> int:
+  from lora_jax import run
+
+  fields = {f: getattr(args, f) for f in Options.__dataclass_fields__}
+  try:
+    run.train(Options(**fields), args.out, overwrite=args.overwrite, resume=args.resume)
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+def _eval(args) -> int:
+  from lora_jax import run
+
+  acc = run.evaluate(args.run, args.data, text_column=args.text_column,
+                     label_column=args.label_column)
+  print(f"accuracy {acc:.4f} on {args.data}")
+  return 0
+
+
+def _merge(args) -> int:
+  from lora_jax import run
+
+  print(f"wrote {run.merge(args.run, args.out) / 'model.safetensors'}")
+  return 0
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
-    return {"count": _count}[args.command](args)
+    return {"count": _count, "train": _train, "eval": _eval, "merge": _merge}[args.command](args)
+  except (FileNotFoundError, ValueError) as e:
+    return _fail(f"lora-jax {args.command}: {e}")
   except ValueError as e:
     return _fail(f"lora-jax {args.command}: {e}")
   except Exception as e:  # noqa: BLE001  never a traceback on the command line

