@@ -4,8 +4,8 @@ The default task needs no download at run time: the VADER lexicon (Hutto & Gilbe
 shipped in the PyPI package ``vadersentiment``, lists English words, phrases and emoticons with
 the mean valence ten people gave them on a -4..4 scale. Entries with ``|mean| >= 1.0`` become a
 binary polarity task (1 = positive, 0 = negative; 5,817 distinct tokens of 7,520 entries, 44%
-positive); the near-neutral ones in between are dropped. A fixed seeded shuffle gives an 80/20 train /
-validation split.
+positive); the near-neutral ones in between are dropped. A fixed seeded shuffle gives an 80/20
+train / validation split.
 """
 
 from __future__ import annotations

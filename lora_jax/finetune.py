@@ -101,8 +101,9 @@ class Model:
     self.lora_config = lora_jax.LoraConfig(
         targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank, alpha=o.alpha,
         exclude="classifier")
-    uses = lora_jax.analyze(self.module.apply, params, example)
-    adapters = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1), uses=uses)
+    self.uses = lora_jax.analyze(self.module.apply, params, example)  # axis roles, routes
+    adapters = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1),
+                             uses=self.uses)
     self.trained = {"adapters": adapters, "head": params["params"]["classifier"]}
 
   def params(self, trained):

@@ -44,7 +44,7 @@ def test_default_targets_follow_the_layout(capsys):
     (["count", "--model", "llama-2-7b", "--separate-qkv"], "applies to the GPT-2 family only"),
     (["count", "--model", "gpt2", "--targets", "x{4294967296}"], "is not a valid regular "
                                                                  "expression"),
-    (["train"], "argument command: invalid choice"),
+    (["fit"], "argument command: invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message):
   done = subprocess.run([sys.executable, "-m", "lora_jax.cli", *argv], capture_output=True,
