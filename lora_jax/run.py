@@ -92,7 +92,8 @@ class _Trainer:
 
 
 def train(o: Options, run, *, overwrite: bool = False, resume: bool = False) -> dict:
-  """Trains into the run folder; returns the metrics. Ctrl-C saves a checkpoint first."""
+  """Trains into the run folder; returns the metrics. A checkpoint is written at every
+  evaluation, so after Ctrl-C the last one is readable and ``resume=True`` continues from it."""
   run = pathlib.Path(run)
   _prepare(run, overwrite=overwrite, resume=resume)
   if resume:
@@ -120,28 +121,30 @@ def train(o: Options, run, *, overwrite: bool = False, resume: bool = False) -> 
 
 def _loop(t: _Trainer, state, start: int, metrics: dict, manager, run: pathlib.Path):
   key = jax.random.key(t.o.seed + 1)
-  seen, began = 0, time.perf_counter()
+  before = metrics["history"][-1]["elapsed_s"] if metrics["history"] else 0.0  # resumed runs
+  seen, evaluating, began = 0, 0.0, time.perf_counter()
   trained, opt_state = state["trained"], state["opt_state"]
   for step in range(start, t.total):
     batch = t.batch(step)
     trained, opt_state, loss = t.train_step(trained, opt_state, batch,
                                             jax.random.fold_in(key, step))
     seen += len(batch["labels"])
-    rate = seen / (time.perf_counter() - began)
     done = step + 1
+    rate = seen / (time.perf_counter() - began - evaluating)  # training examples/s only
     if done % t.o.eval_every == 0 or done == t.total:
+      paused = time.perf_counter()
       acc = t.evaluate(trained)
+      _save(manager, done, {"trained": trained, "opt_state": opt_state})
+      evaluating += time.perf_counter() - paused
       metrics["history"].append({"step": done, "loss": float(loss), "val_accuracy": acc,
                                  "examples_per_s": rate,
-                                 "elapsed_s": metrics.get("elapsed_s", 0.0)
-                                 + time.perf_counter() - began})
-      _save(manager, done, {"trained": trained, "opt_state": opt_state})
+                                 "elapsed_s": before + time.perf_counter() - began})
       _write_json(run / "metrics.json", metrics)
       finetune.progress(done, t.total, float(loss), rate, f" val acc {acc:.4f}")
     elif done % 10 == 0:
       finetune.progress(done, t.total, float(loss), rate)
   sys.stderr.write("\n")
-  metrics["elapsed_s"] = metrics.get("elapsed_s", 0.0) + time.perf_counter() - began
+  metrics["elapsed_s"] = before + time.perf_counter() - began
   return {"trained": trained, "opt_state": opt_state}
 
 
@@ -175,16 +178,26 @@ def plot(metrics: dict, path) -> None:
   plt.close(fig)
 
 
-def load(run) -> tuple[_Trainer, dict]:
-  """The trainer and restored state of a finished (or interrupted) run."""
+class _Saved:
+  """A saved run's model, predict function and restored state; its data is not read."""
+
+  def __init__(self, run: pathlib.Path):
+    config = json.loads((run / "config.json").read_text())
+    self.o, self.num_labels = Options(**config["options"]), config["num_labels"]
+    self.model = finetune.Model(self.o, self.num_labels, key=jax.random.key(self.o.seed))
+    optimizer = finetune.optimizer_for(self.o, config["total_steps"])
+    _, self.predict = finetune.make_steps(self.model, optimizer)
+    empty = {"trained": self.model.trained, "opt_state": optimizer.init(self.model.trained)}
+    self.state, _ = _restore(run, empty)
+
+
+def load(run) -> tuple[_Saved, dict]:
+  """The model and restored state of a finished (or interrupted) run."""
   run = pathlib.Path(run)
   if not (run / "config.json").is_file():
     raise RunError(f"{run} is not a run folder (no config.json); train one with lora-jax train.")
-  o = Options(**json.loads((run / "config.json").read_text())["options"])
-  t = _Trainer(o)
-  state = {"trained": t.model.trained, "opt_state": t.optimizer.init(t.model.trained)}
-  state, _ = _restore(run, state)
-  return t, state
+  saved = _Saved(run)
+  return saved, saved.state
 
 
 def evaluate(run, data: str, *, text_column: str, label_column: str) -> float:
