@@ -20,6 +20,9 @@ from lora_jax.train import train_step as train_step
 from lora_jax.train import value_and_grad as value_and_grad
 from lora_jax.transform import lora as lora
 
+from lora_jax import checkpoint as checkpoint  # noqa: E402  save / restore (orbax)
+from lora_jax import peft as peft  # noqa: E402  export_peft / import_peft (Hugging Face PEFT)
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -34,3 +34,8 @@ def test_public_api_is_pinned():
   exported = {n for n in dir(lora_jax)
               if not n.startswith("_") and not inspect.ismodule(getattr(lora_jax, n))}
   assert exported == set(PUBLIC)
+
+
+def test_submodules_for_checkpoints_and_peft():
+  assert callable(lora_jax.checkpoint.save) and callable(lora_jax.checkpoint.restore)
+  assert callable(lora_jax.peft.export_peft) and callable(lora_jax.peft.import_peft)

@@ -1,0 +1,606 @@
+"""Hugging Face PEFT interoperability: lora_jax adapters to and from PEFT's saved LoRA format.
+
+``export_peft`` writes ``adapter_config.json`` and ``adapter_model.safetensors`` as PEFT 0.21's
+``save_pretrained`` does, so ``peft.PeftModel.from_pretrained`` loads a lora_jax adapter onto the
+matching transformers model; ``import_peft`` reads such a folder back onto the Flax params of
+the project's model (``lora_jax.models``), concrete or ``jax.eval_shape``-abstract.
+
+Names, one rule (``torch_name``): drop a leading ``params`` collection and the trailing
+``kernel``, join with '.', and write the layer index after the layer-stack module of the
+model family (``FAMILIES``): ``encoder/layer_3/attention/self/query/kernel`` (an unrolled
+stack) or ``encoder/layer/attention/self/query/kernel`` at index 3 of its stacked axis (a
+scanned stack) is ``encoder.layer.3.attention.self.query``. Other models: ``name_map=``.
+
+Tensors: ``base_model.model.<module>.lora_A.weight`` is ``a.T`` (r, in) and ``lora_B.weight``
+is ``b.T`` (out, r), as ``torch.nn.Linear`` stores (out, in); kernels with several input or
+output axes are flattened. GPT-2's ``Conv1D`` layers (``fan_in_fan_out``) use the same A and B.
+The scale is not stored: it is ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``) after
+PEFT's ``rank_pattern`` and ``alpha_pattern``, which match a regular expression against the
+end of the dotted module name (``peft.utils.other.get_pattern_key``); the first key wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.adapters import LoraWeights, _nest, factor_shapes, flatten
+from lora_jax.config import LoraConfig, is_real
+from lora_jax.targets import listing, path_keys, resolve
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_VERSION = "0.21.2"  # the PEFT release whose format this module writes and reads
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A reference model family: its layer stack's Flax module path, and whether transformers
+  stores the layers as GPT-2 ``Conv1D`` (weight (in, out), ``fan_in_fan_out=True``)."""
+
+  stack: str
+  conv1d: bool = False
+
+
+FAMILIES = {
+    "bert": Family("encoder/layer"),  # also under BertForSequenceClassification's bert/
+    "gpt2": Family("transformer/h", conv1d=True),
+    "llama": Family("model/layers"),
+}
+_STACK = re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(f.stack for f in FAMILIES.values())
+                    + r")(?:_(?P<index>\d+))?(?=/)")
+
+# Every field PEFT 0.21's LoraConfig writes, with its default (``inference_mode`` as saved).
+PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none", "corda_config": None,
+    "ensure_weight_tying": False, "eva_config": None, "exclude_modules": None,
+    "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+    "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False,
+    "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None,
+    "megatron_core": "megatron.core", "modules_to_save": None, "monteclora_config": None,
+    "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16, "r": 8,
+    "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+# Fields that, when set, make the adapter more than W + s·A@B on kernels.
+UNSUPPORTED = {
+    "use_dora": "DoRA (a magnitude vector rescales the adapted weight)",
+    "lora_bias": "a trained bias on lora_B",
+    "modules_to_save": "fully trained copies of whole modules",
+    "trainable_token_indices": "trained embedding rows",
+    "target_parameters": "LoRA on bare nn.Parameters",
+    "layer_replication": "replicated layers",
+    "use_qalora": "QA-LoRA (pooled adapter inputs)",
+    "alora_invocation_tokens": "activated LoRA (token-dependent adapters)",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA (an SVD-truncated base weight)",
+    "monteclora_config": "MonteCLoRA (sampled adapters)",
+    "use_bdlora": "block-diagonal LoRA factors",
+}
+# init_lora_weights values that leave the base weights alone (pissa, olora, corda, loftq and
+# lora_ga rewrite them when PEFT loads the adapter; mica is a LoRA variant).
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+_FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+
+
+class PeftConfigWarning(UserWarning):
+  """adapter_config.json holds keys PEFT 0.21 does not know (a newer PEFT wrote it)."""
+
+
+def torch_name(path: str, layer: int | None = None) -> str:
+  """The PyTorch module name of the Flax kernel at ``path`` ('/'-joined).
+
+  Args:
+    path: e.g. ``params/model/layers_5/self_attn/q_proj/kernel`` (unrolled) or
+      ``params/encoder/layer/attention/self/query/kernel`` (scanned).
+    layer: the index along the kernel's stacked layer axis (scanned stacks only).
+
+  Returns:
+    e.g. ``model.layers.5.self_attn.q_proj``, or ``encoder.layer.3.attention.self.query`` for
+    the scanned path with ``layer=3``.
+
+  Raises:
+    ValueError: a layer index for a kernel outside a scanned stack, or none for one inside.
+  """
+  keys = path.split("/")
+  module = "/".join(keys[1 if keys[0] == "params" else 0:-1])
+  m = _STACK.search(module)
+  scanned = m is not None and m["index"] is None
+  if scanned != (layer is not None):
+    stacks = ", ".join(f.stack for f in FAMILIES.values())
+    raise ValueError(f"kernel {path!r} " + (
+        "sits in a scanned layer stack and needs the layer index along its stacked axis."
+        if scanned else f"has a stacked layer axis but no scanned layer stack ({stacks}) in "
+        f"its path; pass name_map=callable(path, layer) for other models."))
+  if m is not None:
+    index = layer if scanned else m["index"]
+    module = f"{module[:m.start()]}{m['stack']}/{index}{module[m.end():]}"
+  return module.replace("/", ".")
+
+
+def model_fan_in_fan_out(paths: Iterable[str]) -> bool:
+  """Whether transformers stores the layers of the model with these Flax paths as Conv1D."""
+  stacks = {m["stack"] for p in paths if (m := _STACK.search(p))}
+  return any(f.conv1d for f in FAMILIES.values() if f.stack in stacks)
+
+
+def patterns(names: Iterable[str]) -> list[str]:
+  """Regular expressions that together match exactly ``names`` (as whole strings), one per
+  group of names differing only in their first number: ``a.0.b``, ``a.1.b`` -> ``a\\.(0|1)\\.b``.
+  """
+  groups: dict[tuple, list[str]] = {}
+  for name in names:
+    m = re.search(r"\d+", name)
+    key = (name[:m.start()], name[m.end():]) if m else (name, None)
+    groups.setdefault(key, []).append(m.group() if m else "")
+  out = []
+  for (head, tail), numbers in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+    numbers = sorted(set(numbers), key=lambda n: (len(n), n))
+    if tail is None or len(numbers) == 1:
+      out.append(re.escape(head + numbers[0] + (tail or "")))
+    else:
+      out.append(f"{re.escape(head)}({'|'.join(numbers)}){re.escape(tail)}")
+  return out
+
+
+def grouped_patterns(values: Mapping[str, Any]) -> dict[str, Any]:
+  """``{pattern: value}`` matching exactly the names of ``values`` that share each value."""
+  by_value: dict[Any, list[str]] = {}
+  for name, value in values.items():
+    by_value.setdefault(value, []).append(name)
+  return {p: v for v, names in by_value.items() for p in patterns(names)}
+
+
+def pattern_value(pattern_map: Mapping[str, Any], name: str, default):
+  """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the value of the first key that
+  matches a dotted suffix of the module ``name`` (``re.match(rf"(.*\\.)?({key})$", name)``)."""
+  return next((v for k, v in pattern_map.items() if re.match(rf"(.*\.)?({k})$", name)), default)
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def _number(x: float) -> int | float:
+  return int(x) if float(x).is_integer() else float(x)
+
+
+def _check_agrees(path: str, lw: LoraWeights, config: LoraConfig) -> None:
+  """Raises ValueError unless the leaf's rank and scale are the config's for ``path``."""
+  rank, alpha = config.rank_for(path), config.alpha_for(path)
+  leaf_alpha = lw.scale * (math.sqrt(lw.rank) if config.use_rslora else lw.rank)
+  if lw.rank != rank or not math.isclose(leaf_alpha, alpha, rel_tol=1e-6):
+    raise ValueError(
+        f"adapter at {path!r} has rank {lw.rank} and scale {lw.scale:g} (alpha {leaf_alpha:g}), "
+        f"but the config gives rank {rank}, alpha {alpha:g}, scale {config.scale_for(path):g}"
+        f"{' (rsLoRA)' if config.use_rslora else ''}; export with the LoraConfig the adapters "
+        f"were made with.")
+
+
+def _layers(path: str, lw: LoraWeights) -> list[int | None]:
+  stacked = lw.axes.count("l")
+  if stacked > 1:
+    raise ValueError(f"adapter at {path!r} has axes {lw.axes!r}: more than one stacked layer "
+                     f"axis has no PyTorch module name.")
+  return list(range(lw.a.shape[0])) if stacked else [None]
+
+
+def _torch_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(lora_A.weight (r, in), lora_B.weight (out, r))`` from one layer's ``a (*in, r)`` and
+  ``b (r, *out)``."""
+  r = a.shape[-1]
+  return np.ascontiguousarray(a.reshape(-1, r).T), np.ascontiguousarray(b.reshape(r, -1).T)
+
+
+def _check_pattern_lookup(pattern_map: dict, wanted: dict[str, Any], default) -> None:
+  for name, value in wanted.items():
+    if pattern_value(pattern_map, name, default) != value:
+      raise ValueError(f"module {name!r} is a dotted suffix of another adapted module's name, so "
+                       f"PEFT's rank_pattern / alpha_pattern cannot tell them apart.")
+
+
+def peft_config(config: LoraConfig, modules: Mapping[str, tuple[int, float]], *,
+                fan_in_fan_out: bool, base_model_name_or_path: str | None = None,
+                task_type: str | None = None) -> dict:
+  """The adapter_config.json contents for ``{torch module name: (rank, alpha)}``."""
+  ranks = {m: r for m, (r, _) in modules.items()}
+  alphas = {m: _number(a) for m, (_, a) in modules.items()}
+  rank_pattern = grouped_patterns({m: r for m, r in ranks.items() if r != config.rank})
+  alpha_pattern = grouped_patterns({m: a for m, a in alphas.items() if a != config.alpha})
+  _check_pattern_lookup(dict(sorted(rank_pattern.items())), ranks, config.rank)
+  _check_pattern_lookup(dict(sorted(alpha_pattern.items())), alphas, _number(config.alpha))
+  return {**PEFT_DEFAULTS, "r": config.rank, "lora_alpha": _number(config.alpha),
+          "use_rslora": config.use_rslora, "lora_dropout": float(config.dropout),
+          "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+          "target_modules": "|".join(patterns(modules)), "rank_pattern": rank_pattern,
+          "alpha_pattern": alpha_pattern, "fan_in_fan_out": fan_in_fan_out,
+          "base_model_name_or_path": base_model_name_or_path, "task_type": task_type}
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def export_peft(directory, adapters, *, config: LoraConfig,
+                base_model_name_or_path: str | None = None, task_type: str | None = None,
+                name_map: Callable[[str, int | None], str] = torch_name,
+                fan_in_fan_out: bool | None = None) -> None:
+  """Writes ``adapters`` as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
+
+  Args:
+    directory: the folder (created if needed); its two files are replaced atomically.
+    adapters: the adapter tree (``lora_jax.init`` / training), on the params of a project model.
+    config: the LoraConfig the adapters were made with; every leaf's rank and alpha (recovered
+      from its scale) must agree with it.
+    base_model_name_or_path: written to adapter_config.json (e.g. the Hub id of the base).
+    task_type: PEFT's task type (``"CAUSAL_LM"``, ...), or None for a bare ``PeftModel``.
+    name_map: ``(flax kernel path, layer index or None) -> PyTorch module name``.
+    fan_in_fan_out: whether the torch layers are GPT-2 Conv1D; None: from the model family.
+
+  Raises:
+    ValueError: empty adapters, a leaf that disagrees with ``config``, or module names that
+      PEFT could not tell apart.
+  """
+  flat = flatten(adapters)
+  if not flat:
+    raise ValueError("adapters hold no LoraWeights; nothing to export.")
+  tensors: dict[str, np.ndarray] = {}
+  modules: dict[str, tuple[int, float]] = {}
+  for path, lw in flat.items():
+    _check_agrees(path, lw, config)
+    a_all, b_all = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
+    for layer in _layers(path, lw):
+      name = name_map(path, layer)
+      if name in modules:
+        raise ValueError(f"name_map gives the module name {name!r} twice (again for {path!r}).")
+      at = () if layer is None else layer
+      a, b = _torch_factors(a_all[at], b_all[at])
+      tensors[f"base_model.model.{name}.lora_A.weight"] = a
+      tensors[f"base_model.model.{name}.lora_B.weight"] = b
+      modules[name] = (lw.rank, config.alpha_for(path))
+  conv1d = model_fan_in_fan_out(flat) if fan_in_fan_out is None else fan_in_fan_out
+  contents = peft_config(config, modules, fan_in_fan_out=conv1d, task_type=task_type,
+                         base_model_name_or_path=base_model_name_or_path)
+  from safetensors.numpy import save
+
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _write_atomic(directory / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+  _write_atomic(directory / CONFIG_FILE, json.dumps(contents, indent=2, sort_keys=True).encode())
+
+
+# ---- import ------------------------------------------------------------------------------------
+
+def _is_rank(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _is_alpha(x) -> bool:
+  return is_real(x) and 0 < x < math.inf
+
+
+def _check_value(file, key: str, value, ok: Callable[[Any], bool], what: str) -> None:
+  if not ok(value):
+    raise ValueError(f"{file}: {key} must be {what}, got {value!r}.")
+
+
+def _check_patterns(file, key: str, pattern_map, ok, what: str) -> None:
+  _check_value(file, key, pattern_map, lambda m: isinstance(m, dict), "a dict")
+  for k, v in pattern_map.items():
+    _check_value(file, f"{key}[{k!r}]", v, ok, what)
+    try:
+      re.compile(k)
+    except re.error as e:
+      raise ValueError(f"{file}: {key} key {k!r} is not a valid regular expression: {e}.") from None
+
+
+def _check_supported(data: dict, file) -> None:
+  """Raises ValueError for anything in adapter_config.json lora_jax cannot reproduce exactly."""
+  if data.get("peft_type") != "LORA":
+    raise ValueError(f"{file}: peft_type is {data.get('peft_type')!r}; only LoRA adapters "
+                     f"(peft_type \"LORA\") can be imported.")
+  for key, what in UNSUPPORTED.items():
+    if data.get(key):
+      raise ValueError(f"{file}: {key}={data[key]!r} is not supported: {what} is not plain LoRA "
+                       f"(W + s·A@B on kernels), which is all lora_jax adapters hold.")
+  if data.get("bias", "none") != "none":
+    raise ValueError(f"{file}: bias={data['bias']!r} is not supported: trained base biases are "
+                     f"not LoRA factors (only bias \"none\" is).")
+  init = data.get("init_lora_weights", True)
+  if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
+    raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: PEFT rewrites the "
+                     f"base weights (or adds a variant) for it when it loads the adapter; "
+                     f"supported: {', '.join(map(repr, PLAIN_INITS))}.")
+
+
+def _check_types(data: dict, file) -> None:
+  _check_value(file, "r", data.get("r", 8), _is_rank, "an integer >= 1")
+  _check_value(file, "lora_alpha", data.get("lora_alpha", 8), _is_alpha, "a number > 0")
+  _check_patterns(file, "rank_pattern", data.get("rank_pattern") or {}, _is_rank,
+                  "an integer >= 1")
+  _check_patterns(file, "alpha_pattern", data.get("alpha_pattern") or {}, _is_alpha,
+                  "a number > 0")
+  for key in ("use_rslora", "fan_in_fan_out"):
+    _check_value(file, key, data.get(key, False), lambda x: isinstance(x, bool), "true or false")
+  _check_value(file, "lora_dropout", data.get("lora_dropout", 0.0),
+               lambda x: is_real(x) and 0 <= x < 1, "a number in [0, 1)")
+
+
+def read_config(file) -> dict:
+  """adapter_config.json, checked: a LoRA adapter lora_jax reproduces exactly.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not JSON, a field of the wrong type, or an unsupported feature.
+  Warns:
+    PeftConfigWarning: keys PEFT 0.21 does not know (ignored).
+  """
+  file = pathlib.Path(file)
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} not found; a PEFT adapter folder holds {CONFIG_FILE} and "
+                            f"{WEIGHTS_FILE} (as written by save_pretrained).")
+  try:
+    data = json.loads(file.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file} is not valid JSON: {e}.") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
+  unknown = sorted(set(data) - set(PEFT_DEFAULTS) - {"runtime_config"})
+  if unknown:
+    warnings.warn(PeftConfigWarning(
+        f"{file}: keys {unknown} are unknown to PEFT {PEFT_VERSION}'s LoraConfig (a newer PEFT "
+        f"wrote them?) and are ignored."), stacklevel=3)
+  _check_supported(data, file)
+  _check_types(data, file)
+  return data
+
+
+def read_tensors(file) -> dict[str, np.ndarray]:
+  """The tensors of adapter_model.safetensors as float32 NumPy arrays.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a readable safetensors file (truncated, corrupted header, ...).
+  """
+  from safetensors import safe_open
+
+  file = pathlib.Path(file)
+  if not file.is_file():
+    raise FileNotFoundError(f"{file} not found; a PEFT adapter folder holds {CONFIG_FILE} and "
+                            f"{WEIGHTS_FILE} (as written by save_pretrained).")
+  try:
+    with safe_open(str(file), framework="flax") as f:  # flax: bfloat16 tensors too
+      return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+  except Exception as e:  # safetensors raises its own error type, or TypeError for a dtype
+    raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                     f"it may be truncated or corrupted.") from e
+
+
+def _not_lora(key: str, file) -> str:
+  what = ("LoRA on an embedding layer" if "lora_embedding_" in key else
+          "DoRA's magnitude vector" if "lora_magnitude_vector" in key else
+          "a trained bias on lora_B" if key.endswith("lora_B.bias") else
+          "a modules_to_save copy, a trained bias or another non-LoRA weight")
+  return (f"{file}: tensor {key!r} is not a LoRA factor (base_model.model.<module>.lora_A.weight "
+          f"or .lora_B.weight) but {what}, which lora_jax adapters cannot hold.")
+
+
+def _factor_pairs(tensors: Mapping[str, np.ndarray], file) -> dict[str, dict[str, tuple]]:
+  """``{module name: {"A": (key, array), "B": (key, array)}}``; every key a paired factor."""
+  pairs: dict[str, dict[str, tuple]] = {}
+  for key, value in tensors.items():
+    m = _FACTOR.fullmatch(key)
+    if m is None:
+      raise ValueError(_not_lora(key, file))
+    if value.ndim != 2:
+      raise ValueError(f"{file}: tensor {key!r} has shape {value.shape}; LoRA factors are 2-D.")
+    pairs.setdefault(m["module"], {})[m["factor"]] = (key, value)
+  for module, pair in pairs.items():
+    if len(pair) == 1:
+      (factor, (key, _)), = pair.items()
+      raise ValueError(f"{file}: tensor {key!r} has no lora_{'B' if factor == 'A' else 'A'} "
+                       f"partner for module {module!r}.")
+  return pairs
+
+
+class _Kernel(NamedTuple):
+  keys: tuple[str, ...]  # the pytree keys of the kernel leaf
+  shape: tuple[int, ...]
+  axes: str  # roles: l stacked layer, i input, o output
+
+  def size(self, role: str) -> int:
+    return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
+
+
+def _kernel_axes(path: str, shape, uses) -> str | None:
+  if uses is not None and path in uses:
+    return getattr(uses[path], "axes", uses[path])
+  return {2: "io", 3: "lio"}.get(len(shape))
+
+
+def _kernels(params, uses) -> dict[str, _Kernel]:
+  """The matmul kernels of ``params`` with their axis roles (from ``uses``, else ``io`` for
+  2-D and ``lio`` for 3-D, a scanned Dense stack); kernels with unknown roles are left out."""
+  out = {}
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys, shape = path_keys(key_path), tuple(getattr(leaf, "shape", ()))
+    path = "/".join(keys)
+    axes = _kernel_axes(path, shape, uses) if keys and keys[-1] == "kernel" else None
+    if axes and len(axes) == len(shape) and axes.count("l") <= 1:
+      out[path] = _Kernel(keys, shape, axes)
+  return out
+
+
+def _module_index(kernels: Mapping[str, _Kernel], name_map) -> dict[str, tuple[str, int | None]]:
+  """``{PyTorch module name: (Flax kernel path, layer index or None)}``, one per layer."""
+  index: dict[str, tuple[str, int | None]] = {}
+  for path, k in kernels.items():
+    for layer in range(k.shape[k.axes.index("l")]) if "l" in k.axes else [None]:
+      try:
+        name = name_map(path, layer)
+      except (KeyError, ValueError):  # a kernel the map cannot name; no tensor can refer to it
+        break
+      if name in index:
+        raise ValueError(f"name_map gives the module name {name!r} for both {index[name][0]!r} "
+                         f"and {path!r}.")
+      index[name] = (path, layer)
+  return index
+
+
+class _Entry(NamedTuple):
+  path: str
+  layer: int | None
+  a: np.ndarray  # lora_A.weight (r, in)
+  b: np.ndarray  # lora_B.weight (out, r)
+  rank: int
+  alpha: float
+
+
+def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
+  """One module's factors, checked against its base kernel and the config's rank."""
+  (a_key, a), (b_key, b) = pair["A"], pair["B"]
+  if module not in index:
+    raise ValueError(f"{file}: tensor {a_key!r} names the module {module!r}, which is not a "
+                     f"kernel of the base params; modules include {listing(index)}.")
+  path, layer = index[module]
+  k = kernels[path]
+  ins, outs = k.size("i"), k.size("o")
+  if a.shape[1] != ins or b.shape[0] != outs:
+    raise ValueError(f"{file}: {a_key!r} has shape {a.shape} and {b_key!r} {b.shape}, which do "
+                     f"not fit the base kernel {path!r} of shape {k.shape} (lora_A needs "
+                     f"(r, {ins}), lora_B ({outs}, r)).")
+  rank = pattern_value(data.get("rank_pattern") or {}, module, data.get("r", 8))
+  if a.shape[0] != rank or b.shape[1] != rank:
+    raise ValueError(f"{file}: {a_key!r} has rank {a.shape[0]} and {b_key!r} rank {b.shape[1]}, "
+                     f"but {CONFIG_FILE} gives rank {rank} for {module!r} (r, rank_pattern).")
+  alpha = pattern_value(data.get("alpha_pattern") or {}, module, data.get("lora_alpha", 8))
+  return _Entry(path, layer, a, b, rank, float(alpha))
+
+
+def _by_kernel(entries: Iterable[_Entry], file) -> dict[str, list[_Entry]]:
+  """Entries grouped by Flax kernel; one rank and alpha across the layers of a stacked one."""
+  out: dict[str, list[_Entry]] = {}
+  for e in entries:
+    out.setdefault(e.path, []).append(e)
+  for path, group in out.items():
+    settings = sorted({(e.rank, e.alpha) for e in group})
+    if len(settings) > 1:
+      shown = ", ".join(f"rank {r} alpha {a:g}" for r, a in settings)
+      raise ValueError(f"{file}: the layers of the stacked kernel {path!r} have different ranks "
+                       f"or scales ({shown}), which one stacked adapter cannot hold; load onto "
+                       f"the params of the model built with scan_layers=False.")
+  return out
+
+
+def _check_fan_in_fan_out(data: dict, kernels, expected: bool | None, file) -> None:
+  expected = model_fan_in_fan_out(kernels) if expected is None else expected
+  if data.get("fan_in_fan_out", False) != expected:
+    layers = "GPT-2 Conv1D (fan_in_fan_out true)" if expected else "Linear (fan_in_fan_out false)"
+    raise ValueError(f"{file}: fan_in_fan_out is {str(data.get('fan_in_fan_out')).lower()}, but "
+                     f"the base model's layers are {layers}: the adapter was saved for a "
+                     f"different model (pass fan_in_fan_out= if the base is right).")
+
+
+def _anchored(values: Mapping[str, Any]) -> dict[str, Any]:
+  return {f"^(?:{p})$": v for p, v in grouped_patterns(values).items()}
+
+
+def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels) -> LoraConfig:
+  """The LoraConfig that makes these kernels' adapters with lora_jax.init / plan."""
+  rank, alpha = data.get("r", 8), float(data.get("lora_alpha", 8))
+  first = {path: group[0] for path, group in groups.items()}
+  return LoraConfig(
+      targets=[f"^(?:{p})$" for p in patterns(groups)], rank=rank, alpha=alpha,
+      rank_pattern=_anchored({p: e.rank for p, e in first.items() if e.rank != rank}),
+      alpha_pattern=_anchored({p: e.alpha for p, e in first.items() if e.alpha != alpha}),
+      axes_pattern=_anchored({p: kernels[p].axes for p in groups if kernels[p].axes != "io"}),
+      dropout=float(data.get("lora_dropout", 0.0)), use_rslora=data.get("use_rslora", False),
+      init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming_uniform")
+
+
+def _adapter(target, group: list[_Entry], config: LoraConfig) -> LoraWeights:
+  """The LoraWeights of one kernel; layers of a stacked kernel without tensors stay zero."""
+  a_shape, b_shape = factor_shapes(target)
+  a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
+  for e in group:
+    at = () if e.layer is None else (e.layer,)
+    a[at] = e.a.T.reshape(a_shape[len(at):])
+    b[at] = e.b.T.reshape(b_shape[len(at):])
+  return LoraWeights(a=jnp.asarray(a, config.dtype), b=jnp.asarray(b, config.dtype),
+                     scale=target.scale, axes=target.axes, dropout=config.dropout)
+
+
+def import_peft(directory, params, *, uses: Mapping | None = None,
+                name_map: Callable[[str, int | None], str] = torch_name,
+                fan_in_fan_out: bool | None = None) -> tuple[LoraConfig, dict]:
+  """Reads a PEFT LoRA adapter folder onto the Flax params of the matching project model.
+
+  Args:
+    directory: the folder with adapter_config.json and adapter_model.safetensors.
+    params: the base params (concrete or ``jax.eval_shape``-abstract), e.g. of
+      ``lora_jax.models.BertModel``; scanned or unrolled layer stacks.
+    uses: optional ``lora_jax.analyze`` result (or ``{path: roles}``) for kernels other than
+      2-D Dense kernels and 3-D scanned Dense stacks.
+    name_map: ``(flax kernel path, layer index or None) -> PyTorch module name``; it raises
+      KeyError or ValueError for kernels it cannot name (no tensor may refer to those).
+    fan_in_fan_out: whether the torch model's layers are GPT-2 Conv1D; None: from the family.
+
+  Returns:
+    ``(config, adapters)``: a LoraConfig (exact path patterns; ``lora_jax.init(config,
+    params)`` makes adapters of the same layout) and the adapter tree, float32. Layers of a
+    stacked kernel that the adapter leaves out (``layers_to_transform``) get zero factors.
+
+  Raises:
+    FileNotFoundError: a missing file (named).
+    ValueError: an unreadable file, anything lora_jax cannot reproduce exactly (other PEFT
+      types, DoRA, biases, embeddings, modules_to_save, a fan_in_fan_out that does not fit the
+      model, different ranks or scales across one stacked kernel's layers), or a tensor that
+      does not fit the base (the message names the file and the key). Nothing is returned
+      until everything is checked.
+  Warns:
+    PeftConfigWarning: adapter_config.json keys PEFT 0.21 does not know.
+  """
+  directory = pathlib.Path(directory)
+  config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+  data = read_config(config_file)
+  tensors = read_tensors(weights_file)
+  kernels = _kernels(params, uses)
+  _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
+  pairs = _factor_pairs(tensors, weights_file)
+  if not pairs:
+    raise ValueError(f"{weights_file} holds no LoRA factors.")
+  index = _module_index(kernels, name_map)
+  groups = _by_kernel([_entry(m, p, index, kernels, data, weights_file)
+                       for m, p in pairs.items()], weights_file)
+  config = _lora_config(data, groups, kernels)
+  try:
+    targets = resolve(config, params)
+  except ValueError as e:
+    raise ValueError(f"{directory}: {e}") from None
+  flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config) for t in targets}
+  return config, _nest(flat)
