@@ -68,6 +68,8 @@ def _train_parser(sub) -> None:
   train.add_argument("--targets", default=d.targets,
                      help="q,v (default), all-linear, aliases or patterns")
   train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
+  train.add_argument("--remat", action="store_true",
+                     help="gradient checkpointing: recompute each layer in the backward pass")
   train.add_argument("--out", default="runs/minilm-lora", help="run folder")
   train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
   train.add_argument("--resume", action="store_true", help="continue the run in --out")

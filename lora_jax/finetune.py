@@ -45,6 +45,7 @@ class Options:
   eval_every: int = 100
   seed: int = 0
   full: bool = False
+  remat: bool = False  # recompute each layer's activations in the backward pass
 
   @property
   def learning_rate(self) -> float:
@@ -88,7 +89,8 @@ class Model:
 
   def __init__(self, o: Options, num_labels: int, *, key):
     self.options = o
-    config, encoder = weights.load_bert(num_labels=num_labels, classifier_dropout=o.dropout)
+    config, encoder = weights.load_bert(num_labels=num_labels, classifier_dropout=o.dropout,
+                                       remat=o.remat)
     self.module = bert.BertForSequenceClassification(config)
     example = jnp.ones((1, 8), jnp.int32)
     params = self.module.init(key, example)
