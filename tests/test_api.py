@@ -39,3 +39,4 @@ def test_public_api_is_pinned():
 def test_submodules_for_checkpoints_and_peft():
   assert callable(lora_jax.checkpoint.save) and callable(lora_jax.checkpoint.restore)
   assert callable(lora_jax.peft.export_peft) and callable(lora_jax.peft.import_peft)
+  assert callable(lora_jax.sharding.adapter_shardings) and callable(lora_jax.sharding.mesh)

@@ -19,6 +19,17 @@ import jax.numpy as jnp
 from lora_jax.models._layers import attention, layer_stack, positions
 
 
+# Megatron-style tensor parallelism (lora_jax.sharding.tensor_parallel_specs), scanned or
+# unrolled: "column" splits a kernel's last axis (its output; the head's and the
+# projections' that widen), "row" its second-to-last (the input of o/down, and the vocabulary
+# rows of the embedding table). Parameters no rule matches (the RMSNorm scales) are replicated.
+PARTITION_RULES: tuple[tuple[str, str], ...] = (
+    (r"(q|k|v|gate|up)_proj/kernel$", "column"),
+    (r"(o|down)_proj/kernel$", "row"),
+    (r"embed_tokens/embedding$", "row"),
+    (r"lm_head/kernel$", "column"),
+)
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   vocab_size: int = 32000
@@ -96,23 +107,26 @@ class LlamaModel(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, *, inputs_embeds=None):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                      name="embed_tokens")
-    x = layer_stack(LlamaDecoderLayer, c, c.num_hidden_layers, "layers", embed(input_ids))
+    x = embed(input_ids) if inputs_embeds is None else inputs_embeds
+    x = layer_stack(LlamaDecoderLayer, c, c.num_hidden_layers, "layers", x)
     x = nn.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
     return x, embed
 
 
 class LlamaForCausalLM(nn.Module):
-  """``input_ids (batch, seq) -> logits (batch, seq, vocab)``."""
+  """``input_ids (batch, seq) -> logits (batch, seq, vocab)``. As in transformers,
+  ``inputs_embeds (batch, seq, hidden)`` may replace the token lookup (``input_ids`` is then
+  ignored and may be None)."""
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, input_ids):
-    x, embed = LlamaModel(self.config, name="model")(input_ids)
+  def __call__(self, input_ids, *, inputs_embeds=None):
+    x, embed = LlamaModel(self.config, name="model")(input_ids, inputs_embeds=inputs_embeds)
     if self.config.tie_word_embeddings:
       return embed.attend(x)
     return _dense(self.config, self.config.vocab_size, "lm_head")(x)
