@@ -70,6 +70,9 @@ def _train_parser(sub) -> None:
   train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
   train.add_argument("--remat", action="store_true",
                      help="gradient checkpointing: recompute each layer in the backward pass")
+  train.add_argument("--mesh", default=None,
+                     help='device mesh "DxM": batch split over D devices, the encoder '
+                          'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
   train.add_argument("--out", default="runs/minilm-lora", help="run folder")
   train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
   train.add_argument("--resume", action="store_true", help="continue the run in --out")

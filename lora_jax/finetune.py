@@ -18,9 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
 from lora_jax import data as data_lib
+from lora_jax import sharding
 from lora_jax.models import bert, targets_for, weights
 
 BUCKETS = (16, 32, 64, 128, 256, 512)  # padded lengths, so jit compiles a handful of shapes
@@ -46,6 +48,7 @@ class Options:
   seed: int = 0
   full: bool = False
   remat: bool = False  # recompute each layer's activations in the backward pass
+  mesh: str | None = None  # "DxM": batch over D devices, BERT tensor-parallel over M
 
   @property
   def learning_rate(self) -> float:
@@ -97,8 +100,13 @@ class Model:
     params["params"]["bert"] = encoder["params"]
     self.base = params
     self.lora_config = None
+    self.mesh = sharding.mesh(o.mesh) if o.mesh else None
+    if self.mesh is not None and o.batch_size % self.mesh.shape["data"]:
+      raise ValueError(f"--batch-size {o.batch_size} does not split over the mesh's data axis "
+                       f"of {self.mesh.shape['data']} devices; use a multiple of it.")
     if o.full:
-      self.trained = {"params": params}
+      self.trained = self._place_tree({"params": params})
+      self.base = self.trained["params"]
       return
     self.lora_config = lora_jax.LoraConfig(
         targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank, alpha=o.alpha,
@@ -107,14 +115,39 @@ class Model:
     adapters = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1),
                              uses=self.uses)
     self.trained = {"adapters": adapters, "head": params["params"]["classifier"]}
+    if self.mesh is not None:
+      self.base = self._place_tree(params)
+      specs = sharding.named_shardings(self._specs(params), self.mesh)
+      self.trained = {"adapters": jax.device_put(adapters,
+                                                 sharding.adapter_shardings(adapters, specs)),
+                      "head": jax.device_put(self.trained["head"],
+                                             NamedSharding(self.mesh, P()))}  # replicated
 
-  def params(self, trained):
+  def _specs(self, tree):
+    return sharding.tensor_parallel_specs(tree, bert.PARTITION_RULES, mesh=self.mesh)
+
+  def _place_tree(self, tree):
+    """``tree`` on the mesh by BERT's tensor-parallel rules (no mesh: as it is)."""
+    if self.mesh is None:
+      return tree
+    return jax.device_put(tree, sharding.named_shardings(self._specs(tree), self.mesh))
+
+  def place(self, batch):
+    """A batch split over the mesh's "data" axis (replicated if it does not divide)."""
+    if self.mesh is None:
+      return batch
+    rows = len(batch["input_ids"])
+    spec = P("data") if rows % self.mesh.shape["data"] == 0 else P()
+    return jax.device_put(batch, NamedSharding(self.mesh, spec))
+
+  def params(self, trained, base=None):
     """The full parameter tree with the trained head (LoRA) or all trained parameters."""
     if self.options.full:
       return trained["params"]
-    return {"params": {**self.base["params"], "classifier": trained["head"]}}
+    base = self.base if base is None else base
+    return {"params": {**base["params"], "classifier": trained["head"]}}
 
-  def logits(self, trained, batch, *, key=None):
+  def logits(self, trained, batch, *, key=None, base=None):
     deterministic = key is None
     rngs = None if deterministic else {"dropout": key}
     if self.options.full:
@@ -122,8 +155,9 @@ class Model:
                                deterministic=deterministic, rngs=rngs)
     apply = lambda p, ids, mask: self.module.apply(  # noqa: E731
         p, ids, mask, deterministic=deterministic, rngs=rngs)
-    return lora_jax.lora(apply)(self.params(trained), trained["adapters"], batch["input_ids"],
-                                batch["attention_mask"], lora_dropout_key=key)
+    return lora_jax.lora(apply)(self.params(trained, base), trained["adapters"],
+                                batch["input_ids"], batch["attention_mask"],
+                                lora_dropout_key=key)
 
   def counts(self) -> lora_jax.ParamCount:
     total = lora_jax.targets.num_params(self.base)
@@ -134,23 +168,36 @@ class Model:
     return lora_jax.ParamCount(trainable=trainable, total=total + trainable)
 
 
-def _loss(model: Model, trained, batch, key):
-  logits = model.logits(trained, batch, key=key)
+def _loss(model: Model, base, trained, batch, key):
+  logits = model.logits(trained, batch, key=key, base=base)
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
 
 def make_steps(model: Model, optimizer):
+  """``train(trained, opt_state, batch, key)`` and ``predict(trained, batch)``, jitted. The
+  frozen base is an argument (not a constant), so a sharded base stays sharded."""
   @jax.jit
-  def train(trained, opt_state, batch, key):
-    loss, grads = jax.value_and_grad(lambda t: _loss(model, t, batch, key))(trained)
+  def train_(base, trained, opt_state, batch, key):
+    loss, grads = jax.value_and_grad(lambda t: _loss(model, base, t, batch, key))(trained)
     updates, opt_state = optimizer.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, loss
 
   @jax.jit
+  def predict_(base, trained, batch):
+    return jnp.argmax(model.logits(trained, batch, base=base), -1)
+
+  def train(trained, opt_state, batch, key):
+    return train_(model.base, trained, opt_state, model.place(batch), key)
+
   def predict(trained, batch):
-    return jnp.argmax(model.logits(trained, batch), -1)
+    return predict_(model.base, trained, model.place(batch))
 
   return train, predict
+
+
+def init_opt_state(optimizer, trained):
+  """The optimizer state, laid out like ``trained`` (sharded with it on a mesh)."""
+  return jax.jit(optimizer.init)(trained)
 
 
 def accuracy(predict, trained, ids, labels, *, batch_size: int, max_length: int) -> float:

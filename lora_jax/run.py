@@ -30,7 +30,8 @@ def _manager(run: pathlib.Path) -> ocp.CheckpointManager:
 
 
 def _abstract(tree):
-  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return jax.tree_util.tree_map(  # restored arrays land where the fresh ones are (a mesh)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _restore(run: pathlib.Path, state):
@@ -99,7 +100,8 @@ def train(o: Options, run, *, overwrite: bool = False, resume: bool = False) -> 
   if resume:
     o = Options(**json.loads((run / "config.json").read_text())["options"])
   t = _Trainer(o)
-  state = {"trained": t.model.trained, "opt_state": t.optimizer.init(t.model.trained)}
+  state = {"trained": t.model.trained,
+           "opt_state": finetune.init_opt_state(t.optimizer, t.model.trained)}
   metrics = {"history": [], "counts": dataclasses.asdict(t.model.counts())}
   start = 0
   if resume:
@@ -187,7 +189,8 @@ class _Saved:
     self.model = finetune.Model(self.o, self.num_labels, key=jax.random.key(self.o.seed))
     optimizer = finetune.optimizer_for(self.o, config["total_steps"])
     _, self.predict = finetune.make_steps(self.model, optimizer)
-    empty = {"trained": self.model.trained, "opt_state": optimizer.init(self.model.trained)}
+    empty = {"trained": self.model.trained,
+             "opt_state": finetune.init_opt_state(optimizer, self.model.trained)}
     self.state, _ = _restore(run, empty)
 
 

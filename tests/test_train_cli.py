@@ -105,7 +105,23 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   assert steps[-1] == interrupted + 4 and steps == sorted(steps)
 
 
+def test_training_on_a_device_mesh_matches_one_device(run, tmp_path):
+  """``--mesh 2x4``: batches split over 2, the encoder tensor-parallel over 4 (of the 8
+  simulated CPU devices); the same losses and accuracy as the single-device run."""
+  out, _ = run
+  done = _cli("train", "--steps", "8", "--eval-every", "4", "--mesh", "2x4", "--out",
+              str(tmp_path / "m"))
+  assert done.returncode == 0, done.stderr
+  one = json.loads((out / "metrics.json").read_text())["history"]
+  mesh = json.loads((tmp_path / "m" / "metrics.json").read_text())["history"]
+  assert [h["step"] for h in mesh] == [4, 8]
+  np.testing.assert_allclose([h["loss"] for h in mesh], [h["loss"] for h in one], rtol=1e-3)
+  assert abs(mesh[-1]["val_accuracy"] - one[-1]["val_accuracy"]) < 0.01
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--mesh", "3x3"], "mesh shape '3x3' needs 9 devices but there are 8"),
+    (["--mesh", "8x1", "--batch-size", "12"], "--batch-size 12 does not split over the mesh"),
     (["--data", "missing.tsv"], "data file 'missing.tsv' does not exist"),
     (["--rank", "1000"], "rank 1000 for kernel"),
     (["--resume"], "holds no run to resume"),

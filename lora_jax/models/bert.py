@@ -21,6 +21,17 @@ import jax.numpy as jnp
 from lora_jax.models._layers import attention, gelu_exact, layer_stack, padding_mask, positions
 
 
+# Megatron-style tensor parallelism (lora_jax.sharding.tensor_parallel_specs), scanned or
+# unrolled: the attention projections and the MLP's widening kernel split their output axis
+# over "model" ("column"), the two output projections their input axis ("row"). Embeddings,
+# biases, LayerNorms, the pooler and the classifier are replicated (small, or a vocabulary that
+# need not divide the mesh).
+PARTITION_RULES: tuple[tuple[str, str], ...] = (
+    (r"(query|key|value)/kernel$", "column"),
+    (r"intermediate/dense/kernel$", "column"),
+    (r"output/dense/kernel$", "row"),
+)
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   vocab_size: int = 30522
