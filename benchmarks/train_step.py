@@ -440,6 +440,37 @@ def print_table(results: dict):
           f"{r.get('trainable', 0):>13,d}")
 
 
+DESCRIPTIONS = {
+    "frozen_bound": "frozen bound: backprop through every frozen layer, no weight gradient",
+    "lora": "**LoRA with lora_jax** (`LoraConfig` → `analyze` → `init` → `train_step`)",
+    "merged": "W + s·A@B formed each step, autodiff (what LoRA avoids)",
+    "full": "full fine-tuning",
+    "qwix": "LoRA with qwix (`qwix.apply_lora_to_model`, same Flax model)",
+    "peft_eager": "PyTorch: transformers Llama + PEFT LoRA, eager",
+    "peft_compiled": "PyTorch: transformers Llama + PEFT LoRA, `torch.compile`",
+}
+
+
+def markdown(report: dict) -> str:
+  """The README's table for a report: one line per training row, then inference."""
+  lines = ["| layers | row | ms/step | tokens/s | ÷ frozen bound | peak GiB (XLA est.) |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+  for key, r in report["rows"].items():
+    layers, name = key.split("/")
+    if name == "infer" or "ms_per_step" not in r:
+      continue
+    ratio = f"{r['ratio_to_bound']:.3f}" if r.get("ratio_to_bound") else "-"
+    peak = r.get("peak_bytes") or r.get("xla_peak_bytes")
+    lines.append(f"| {layers} | {DESCRIPTIONS[name]} | {r['ms_per_step']:.0f} | "
+                 f"{r['tokens_per_s']:,.0f} | {ratio} | {gib(peak)} |")
+  for key, r in report["rows"].items():
+    if key.endswith("/infer") and "error" not in r:
+      cells = ", ".join(f"{route} {v['ratio_to_base']:.3f}" for route, v in r.items()
+                        if isinstance(v, dict) and "ratio_to_base" in v)
+      lines.append(f"\nInference ({key.split('/')[0]}), time ÷ base model: {cells}.")
+  return "\n".join(lines)
+
+
 def versions() -> dict:
   out = {}
   for name in ("jax", "flax", "optax", "qwix", "torch", "peft", "transformers"):
@@ -471,6 +502,8 @@ def parse(argv=None):
                            '"model", batch over "data" (the lora_jax rows only)')
   parser.add_argument("--fsdp", action="store_true",
                       help="with --mesh: also shard each kernel's other axis over data (FSDP)")
+  parser.add_argument("--markdown", metavar="JSON", default=None,
+                      help="print the README table of a written report and exit")
   parser.add_argument("--one", help=argparse.SUPPRESS)
   parser.add_argument("--one-out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -482,6 +515,10 @@ def parse(argv=None):
 
 def main(argv=None):
   args = parse(argv)
+  if args.markdown:
+    with open(args.markdown) as f:
+      print(markdown(json.load(f)))
+    return
   if args.one:
     with open(args.one_out, "w") as f:
       json.dump(run_one(args), f)
