@@ -70,6 +70,13 @@ def _train_parser(sub) -> None:
   train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
   train.add_argument("--remat", action="store_true",
                      help="gradient checkpointing: recompute each layer in the backward pass")
+  train.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (every host runs "
+                          "the same command; coordinator and process ids from the cluster, or "
+                          "from the three options below)")
+  train.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+  train.add_argument("--num-processes", type=int, default=None, help="multi-host: processes")
+  train.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
   train.add_argument("--mesh", default=None,
                      help='device mesh "DxM": batch split over D devices, the encoder '
                           'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
@@ -101,6 +108,10 @@ def _train(args) -> int:
   from lora_jax import run
 
   fields = {f: getattr(args, f) for f in Options.__dataclass_fields__}
+  if args.distributed or args.coordinator:
+    from lora_jax import sharding
+    sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                        process_id=args.process_id)
   try:
     run.train(Options(**fields), args.out, overwrite=args.overwrite, resume=args.resume)
   except KeyboardInterrupt:

@@ -118,10 +118,10 @@ class Model:
     if self.mesh is not None:
       self.base = self._place_tree(params)
       specs = sharding.named_shardings(self._specs(params), self.mesh)
-      self.trained = {"adapters": jax.device_put(adapters,
-                                                 sharding.adapter_shardings(adapters, specs)),
-                      "head": jax.device_put(self.trained["head"],
-                                             NamedSharding(self.mesh, P()))}  # replicated
+      self.trained = {"adapters": sharding.put(adapters,
+                                               sharding.adapter_shardings(adapters, specs)),
+                      "head": sharding.put(self.trained["head"],
+                                           NamedSharding(self.mesh, P()))}  # replicated
 
   def _specs(self, tree):
     return sharding.tensor_parallel_specs(tree, bert.PARTITION_RULES, mesh=self.mesh)
@@ -130,7 +130,7 @@ class Model:
     """``tree`` on the mesh by BERT's tensor-parallel rules (no mesh: as it is)."""
     if self.mesh is None:
       return tree
-    return jax.device_put(tree, sharding.named_shardings(self._specs(tree), self.mesh))
+    return sharding.put(tree, sharding.named_shardings(self._specs(tree), self.mesh))
 
   def place(self, batch):
     """A batch split over the mesh's "data" axis (replicated if it does not divide)."""
@@ -138,7 +138,7 @@ class Model:
       return batch
     rows = len(batch["input_ids"])
     spec = P("data") if rows % self.mesh.shape["data"] == 0 else P()
-    return jax.device_put(batch, NamedSharding(self.mesh, spec))
+    return sharding.put(batch, NamedSharding(self.mesh, spec))
 
   def params(self, trained, base=None):
     """The full parameter tree with the trained head (LoRA) or all trained parameters."""
@@ -182,9 +182,13 @@ def make_steps(model: Model, optimizer):
     updates, opt_state = optimizer.update(grads, opt_state, trained)
     return optax.apply_updates(trained, updates), opt_state, loss
 
-  @jax.jit
   def predict_(base, trained, batch):
     return jnp.argmax(model.logits(trained, batch, base=base), -1)
+
+  if model.mesh is not None:  # predictions replicated: readable on every process
+    predict_ = jax.jit(predict_, out_shardings=NamedSharding(model.mesh, P()))
+  else:
+    predict_ = jax.jit(predict_)
 
   def train(trained, opt_state, batch, key):
     return train_(model.base, trained, opt_state, model.place(batch), key)

@@ -48,20 +48,38 @@ def _save(manager, step: int, state) -> None:
   manager.wait_until_finished()
 
 
+def _primary() -> bool:
+  """Whether this process writes the run's files and prints (process 0 of a multi-host run)."""
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """Waits for every process of a multi-host run (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def _prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
   if resume:
     if not (run / "config.json").is_file():
       raise RunError(f"{run} holds no run to resume (no config.json).")
     return
-  if run.exists() and any(run.iterdir()):
-    if not overwrite:
-      raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
-                     f"them or --resume to continue that run.")
-    shutil.rmtree(run)
-  run.mkdir(parents=True, exist_ok=True)
+  occupied = run.exists() and any(run.iterdir())
+  if occupied and not overwrite:
+    raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
+                   f"them or --resume to continue that run.")
+  _sync("lora_jax: run folder checked")  # every process has looked before one changes it
+  if _primary():
+    if occupied:
+      shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+  _sync("lora_jax: run folder ready")
 
 
 def _write_json(path: pathlib.Path, value) -> None:
+  if not _primary():
+    return
   path.write_text(json.dumps(value, indent=2, default=str) + "\n")
 
 
@@ -142,10 +160,12 @@ def _loop(t: _Trainer, state, start: int, metrics: dict, manager, run: pathlib.P
                                  "examples_per_s": rate,
                                  "elapsed_s": before + time.perf_counter() - began})
       _write_json(run / "metrics.json", metrics)
-      finetune.progress(done, t.total, float(loss), rate, f" val acc {acc:.4f}")
-    elif done % 10 == 0:
+      if _primary():
+        finetune.progress(done, t.total, float(loss), rate, f" val acc {acc:.4f}")
+    elif done % 10 == 0 and _primary():
       finetune.progress(done, t.total, float(loss), rate)
-  sys.stderr.write("\n")
+  if _primary():
+    sys.stderr.write("\n")
   metrics["elapsed_s"] = before + time.perf_counter() - began
   return {"trained": trained, "opt_state": opt_state}
 
@@ -155,6 +175,8 @@ def _finish(t: _Trainer, state, metrics: dict, run: pathlib.Path) -> None:
   metrics.update(val_accuracy=last["val_accuracy"], steps=t.total,
                  train_examples=len(t.train_ids), val_examples=len(t.val_ids))
   _write_json(run / "metrics.json", metrics)
+  if not _primary():
+    return
   plot(metrics, run / "curves.png")
   c = metrics["counts"]
   print(f"{'full fine-tuning' if t.o.full else 'LoRA'}: val accuracy {last['val_accuracy']:.4f} "

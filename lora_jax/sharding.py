@@ -252,6 +252,33 @@ def mesh(shape: str | Sequence[int], axis_names: Sequence[str] = ("data", "model
                        devices=devices)
 
 
+def initialize(*, coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+  """``jax.distributed.initialize`` for a multi-host (multi-process) run: every process calls it
+  first, then builds the same mesh over all processes' devices. Arguments left None are
+  detected from the cluster (TPU pods, SLURM, ...). CPU processes exchange data through gloo
+  (how the tests run two processes on one machine)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def put(tree, shardings):
+  """``jax.device_put(tree, shardings)`` that also works across processes: every process
+  holds the same host values and supplies its own devices' shards (``shardings``: one
+  Sharding, or a tree matching ``tree``)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def one(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+  if isinstance(shardings, Sharding):
+    return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
+  return jax.tree_util.tree_map(one, tree, shardings)
+
+
 def _layout(rules, path: str) -> str | None:
   return next((layout for pattern, layout in rules if re.search(pattern, path)), None)
 

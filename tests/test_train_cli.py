@@ -119,6 +119,36 @@ def test_training_on_a_device_mesh_matches_one_device(run, tmp_path):
   assert abs(mesh[-1]["val_accuracy"] - one[-1]["val_accuracy"]) < 0.01
 
 
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(run, tmp_path):
+  """Multi-host, simulated: two processes with 4 CPU devices each join one 4x2 mesh through
+  jax.distributed (the same command on every host); they write one run folder whose losses
+  and accuracy equal the single-process run's."""
+  import os
+  out, _ = run
+  argv = [sys.executable, "-m", "lora_jax.cli", "train", "--steps", "8", "--eval-every", "4",
+          "--mesh", "4x2", "--out", str(tmp_path / "mh"), "--coordinator",
+          f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id"]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  procs = [subprocess.Popen(argv + [str(i)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  reports = ["LoRA: val accuracy" in stdout for stdout, _ in outputs]
+  assert reports == [True, False]  # process 0 reports and writes
+  one = json.loads((out / "metrics.json").read_text())["history"]
+  two = json.loads((tmp_path / "mh" / "metrics.json").read_text())["history"]
+  np.testing.assert_allclose([h["loss"] for h in two], [h["loss"] for h in one], rtol=1e-3)
+  assert abs(two[-1]["val_accuracy"] - one[-1]["val_accuracy"]) < 0.01
+  assert sorted(p.name for p in (tmp_path / "mh" / "checkpoints").iterdir()) == ["4", "8"]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--mesh", "3x3"], "mesh shape '3x3' needs 9 devices but there are 8"),
     (["--mesh", "8x1", "--batch-size", "12"], "--batch-size 12 does not split over the mesh"),
