@@ -73,14 +73,16 @@ def test_restore_without_optimizer_state_and_merge_matches(tmp_path):
 
 
 def test_base_is_never_written(tmp_path):
-  base = _base(d_in=1024, d_mid=512)  # 2 MiB of base kernels, ~13 KiB of adapters
-  adapters = lora_jax.init(CONFIG, base, key=jax.random.key(1))
+  base = _base(d_in=1024, d_mid=512)  # 2 MiB of base kernels, ~20 KiB of adapters
+  # trained, so B != 0: orbax writes no data at all for an array equal to its fill value (0),
+  # and a fresh adapter's B would make the lower bound below meaningless
+  adapters, _, _ = _trained(base)
   checkpoint.save(tmp_path, 0, adapters, config=CONFIG, base=base)
   written = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
   base_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(base))
   adapter_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(adapters))
   assert written < base_bytes / 10
-  assert written > adapter_bytes
+  assert written > adapter_bytes / 2  # random floats barely compress: the adapters are there
 
 
 def test_keeps_the_newest_n(tmp_path):
