@@ -141,8 +141,6 @@ def main(argv=None) -> int:
     return {"count": _count, "train": _train, "eval": _eval, "merge": _merge}[args.command](args)
   except (FileNotFoundError, ValueError) as e:
     return _fail(f"lora-jax {args.command}: {e}")
-  except ValueError as e:
-    return _fail(f"lora-jax {args.command}: {e}")
   except Exception as e:  # noqa: BLE001  never a traceback on the command line
     return _fail(f"lora-jax {args.command}: unexpected {type(e).__name__}: {e}")
 
