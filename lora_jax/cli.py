@@ -68,6 +68,8 @@ def _train_parser(sub) -> None:
   train.add_argument("--targets", default=d.targets,
                      help="q,v (default), all-linear, aliases or patterns")
   train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
+  train.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio,
+                     help="LoRA+: B's learning rate is this times --lr (A's and the head's)")
   train.add_argument("--remat", action="store_true",
                      help="gradient checkpointing: recompute each layer in the backward pass")
   train.add_argument("--distributed", action="store_true",

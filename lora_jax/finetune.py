@@ -47,6 +47,7 @@ class Options:
   eval_every: int = 100
   seed: int = 0
   full: bool = False
+  lora_plus_ratio: float | None = None  # LoRA+: B's learning rate is this times A's (and --lr)
   remat: bool = False  # recompute each layer's activations in the backward pass
   mesh: str | None = None  # "DxM": batch over D devices, BERT tensor-parallel over M
 
@@ -214,9 +215,20 @@ def accuracy(predict, trained, ids, labels, *, batch_size: int, max_length: int)
 
 
 def optimizer_for(o: Options, total_steps: int):
+  """AdamW with 10% linear warm-up and cosine decay. With ``lora_plus_ratio`` (LoRA+, as
+  PEFT's ``create_loraplus_optimizer``): A and the head at ``learning_rate``, B at ratio times it."""
   warmup = max(1, total_steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
-  return optax.adamw(schedule, weight_decay=0.01)
+  if o.lora_plus_ratio is not None and (o.full or not o.lora_plus_ratio > 0):
+    raise ValueError(f"--lora-plus-ratio (lora_plus_ratio) must be a number > 0 for a LoRA run "
+                     f"(not with --full), got {o.lora_plus_ratio!r}{' with --full' * o.full}.")
+  if o.lora_plus_ratio is None:
+    return optax.adamw(schedule, weight_decay=0.01)
+  adapters = lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
+                                weight_decay=0.01)
+  return optax.multi_transform({"adapters": adapters, "head": optax.adamw(schedule,
+                                                                          weight_decay=0.01)},
+                               {"adapters": "adapters", "head": "head"})
 
 
 def progress(step, total, loss, rate, accuracy_text="") -> None:

@@ -155,3 +155,35 @@ def test_lora_plus_scales_b_learning_rate():
 def test_lora_plus_rejects_bad_ratio():
   with pytest.raises(ValueError, match=r"ratio must be > 0 \(lr_B / lr_A\), got 0"):
     lora_jax.lora_plus(optax.adam, learning_rate=1e-3, ratio=0)
+
+
+def test_finetune_lora_plus_option_gives_b_ratio_times_the_learning_rate():
+  """``lora-jax train --lora-plus-ratio``: B at ratio x lr, A and the classifier head at lr."""
+  from lora_jax import finetune
+  lw = lora_jax.adapters.LoraWeights(a=jnp.zeros((3, 2)), b=jnp.zeros((2, 5)), scale=2.0,
+                                     axes="io", dropout=0.0)
+  trained = {"adapters": {"dense": {"kernel": lw}}, "head": {"kernel": jnp.zeros((5, 2))}}
+  grads = jax.tree_util.tree_map(jnp.ones_like, trained)  # AdamW's step is then -lr exactly
+  options = finetune.Options(lr=1e-2, lora_plus_ratio=8.0)
+
+  def second_update(options):  # the warm-up starts at lr 0, so take the second step's
+    optimizer = finetune.optimizer_for(options, total_steps=10)
+    state = optimizer.init(trained)
+    for _ in range(2):
+      updates, state = optimizer.update(grads, state, trained)
+    kernel = updates["adapters"]["dense"]["kernel"]
+    return float(kernel.a[0, 0]), float(kernel.b[0, 0]), float(updates["head"]["kernel"][0, 0])
+
+  a, b, head = second_update(finetune.Options(lr=1e-2, lora_plus_ratio=8.0))
+  assert a == pytest.approx(-1e-2, rel=1e-4)  # one warm-up step, then the peak lr
+  assert b == pytest.approx(8.0 * a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
+  a, b, head = second_update(finetune.Options(lr=1e-2))
+  assert b == pytest.approx(a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
+
+
+def test_finetune_lora_plus_option_rejects_full_and_bad_ratios():
+  from lora_jax import finetune
+  with pytest.raises(ValueError, match=r"must be a number > 0 for a LoRA run .*got 4.0 with --full"):
+    finetune.optimizer_for(finetune.Options(full=True, lora_plus_ratio=4.0), total_steps=10)
+  with pytest.raises(ValueError, match=r"--lora-plus-ratio \(lora_plus_ratio\) .* got -1.0\.$"):
+    finetune.optimizer_for(finetune.Options(lora_plus_ratio=-1.0), total_steps=10)

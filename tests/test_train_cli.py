@@ -155,6 +155,7 @@ def test_two_processes_train_like_one(run, tmp_path):
     (["--data", "missing.tsv"], "data file 'missing.tsv' does not exist"),
     (["--rank", "1000"], "rank 1000 for kernel"),
     (["--resume"], "holds no run to resume"),
+    (["--lora-plus-ratio", "0"], "--lora-plus-ratio (lora_plus_ratio) must be a number > 0"),
 ])
 def test_bad_train_input_is_one_line(tmp_path, argv, message):
   done = _cli("train", "--out", str(tmp_path / "x"), *argv)
