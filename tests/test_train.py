@@ -164,7 +164,6 @@ def test_finetune_lora_plus_option_gives_b_ratio_times_the_learning_rate():
                                      axes="io", dropout=0.0)
   trained = {"adapters": {"dense": {"kernel": lw}}, "head": {"kernel": jnp.zeros((5, 2))}}
   grads = jax.tree_util.tree_map(jnp.ones_like, trained)  # AdamW's step is then -lr exactly
-  options = finetune.Options(lr=1e-2, lora_plus_ratio=8.0)
 
   def second_update(options):  # the warm-up starts at lr 0, so take the second step's
     optimizer = finetune.optimizer_for(options, total_steps=10)
