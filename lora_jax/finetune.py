@@ -219,15 +219,16 @@ def optimizer_for(o: Options, total_steps: int):
   PEFT's ``create_loraplus_optimizer``): A and the head at ``learning_rate``, B at ratio times it."""
   warmup = max(1, total_steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
-  if o.lora_plus_ratio is not None and (o.full or not o.lora_plus_ratio > 0):
-    raise ValueError(f"--lora-plus-ratio (lora_plus_ratio) must be a number > 0 for a LoRA run "
-                     f"(not with --full), got {o.lora_plus_ratio!r}{' with --full' * o.full}.")
-  if o.lora_plus_ratio is None:
+  ratio = o.lora_plus_ratio
+  if ratio is None:
     return optax.adamw(schedule, weight_decay=0.01)
-  adapters = lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
+  if o.full or not ratio > 0:  # lora_plus checks the ratio too, but cannot name the flag
+    raise ValueError(f"--lora-plus-ratio (lora_plus_ratio) must be a number > 0 for a LoRA run "
+                     f"(not with --full), got {ratio!r}{' with --full' * o.full}.")
+  adapters = lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=ratio,
                                 weight_decay=0.01)
-  return optax.multi_transform({"adapters": adapters, "head": optax.adamw(schedule,
-                                                                          weight_decay=0.01)},
+  head = optax.adamw(schedule, weight_decay=0.01)
+  return optax.multi_transform({"adapters": adapters, "head": head},
                                {"adapters": "adapters", "head": "head"})
 
 
