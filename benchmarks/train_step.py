@@ -26,6 +26,8 @@ Memory: ``peak_bytes`` is the device's own peak (``memory_stats``, GPU/TPU; torc
 
 Usage:
   python benchmarks/train_step.py --size cpu --json out.json
+  python benchmarks/train_step.py --size cpu --rows frozen_bound,lora,qwix --rounds 3 --paired \
+      --json out.json                                                  # a noisy, shared machine
   python benchmarks/train_step.py --size 1b --layers unroll,scan --json results/1b.json   # GPU
   python benchmarks/train_step.py --size 1b --compile-only --remat --rows frozen_bound,lora
 """
@@ -390,6 +392,51 @@ def spawn(key: str, args) -> dict:
       return json.load(f)
 
 
+def paired(args, keys: list[str]) -> dict:
+  """Each JAX training row against its frozen bound in one process, their steps alternating
+  (bound, row, bound, row, ...): a slow spell of a shared machine then slows both sides of
+  every ratio. Returns, per row, the median of the adjacent ratios and all of them."""
+  import jax
+  s = Shape(**SIZES[args.size])
+  built = {}
+  for key in keys:
+    layers, name = key.split("/")
+    if name in TRAIN_ROWS and f"{layers}/frozen_bound" in keys:
+      step, row_args, _ = jax_row(name, s, scan=layers == "scan", remat=args.remat,
+                                  abstract=False)
+      built[key] = [step.lower(*row_args).compile(), row_args]
+
+  def timed(key) -> float:
+    compiled, (frozen, state, batch) = built[key]
+    t0 = time.perf_counter()
+    state, value = compiled(frozen, state, batch)  # the state is donated: carry it on
+    jax.block_until_ready((state, value))
+    built[key][1] = (frozen, state, batch)
+    return time.perf_counter() - t0
+
+  rows = [k for k in built if not k.endswith("/frozen_bound")]
+  for _ in range(args.warmup):
+    for key in built:
+      timed(key)
+  ratios = {key: [] for key in rows}
+  for _ in range(args.iters):
+    for key in rows:
+      bound = timed(key.split("/")[0] + "/frozen_bound")
+      ratios[key].append(timed(key) / bound)
+  return {key: {"ratio_to_bound": statistics.median(r), "ratios": r}
+          for key, r in ratios.items()}
+
+
+def median_round(runs: list[dict]) -> dict:
+  """The round with the median step time (the lower one of an even count), with every
+  round's time beside it; a row without a step time (inference, an error) keeps its last."""
+  timed = sorted((r for r in runs if "ms_per_step" in r), key=lambda r: r["ms_per_step"])
+  if not timed:
+    return runs[-1]
+  return {**timed[(len(timed) - 1) // 2],
+          "ms_per_step_rounds": [r["ms_per_step"] for r in runs if "ms_per_step" in r]}
+
+
 def gib(n) -> str:
   return f"{n / 2**30:.2f}" if n else "-"
 
@@ -493,6 +540,12 @@ def parse(argv=None):
                       help="comma-separated rows (default all; missing packages are skipped)")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--paired", action="store_true",
+                      help="also time each JAX training row against the frozen bound in one "
+                           "process, steps alternating (ratios robust to a noisy machine)")
+  parser.add_argument("--rounds", type=int, default=1,
+                      help="run the rows this many times, interleaved, and keep each row's "
+                           "median round (for noisy, shared machines)")
   parser.add_argument("--remat", action="store_true",
                       help="rematerialize each layer in the backward pass (gradient checkpointing)")
   parser.add_argument("--compile-only", action="store_true",
@@ -507,6 +560,8 @@ def parse(argv=None):
   parser.add_argument("--one", help=argparse.SUPPRESS)
   parser.add_argument("--one-out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.rounds < 1:
+    parser.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
   for layers in args.layers.split(","):
     if layers not in ("scan", "unroll"):
       parser.error(f"--layers: expected scan and/or unroll, got {layers!r}")
@@ -529,16 +584,25 @@ def main(argv=None):
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2) from None
   import jax
-  results = {}
-  for key in keys:
-    if not available(key.split("/")[1]):
-      print(f"{key}: skipped (package not installed)", flush=True)
-      continue
-    print(f"{key} ...", flush=True)
-    results[key] = spawn(key, args)
+  for key in [k for k in keys if not available(k.split("/")[1])]:
+    print(f"{key}: skipped (package not installed)", flush=True)
+  keys = [k for k in keys if available(k.split("/")[1])]
+  runs = {key: [] for key in keys}
+  for round_ in range(args.rounds):  # interleaved: a slow spell of the machine hits every row
+    for key in keys:
+      print(f"{key} ..." + (f" (round {round_ + 1} of {args.rounds})" * (args.rounds > 1)),
+            flush=True)
+      runs[key].append(spawn(key, args))
+  results = {key: median_round(r) for key, r in runs.items()}
   layer_modes = args.layers.split(",")
   summary = summarize(results, layer_modes)
   print_table(results)
+  alternating = {}
+  if args.paired and not (args.mesh or args.compile_only):
+    alternating = paired(args, keys)
+    for key, v in alternating.items():
+      print(f"{key}: {v['ratio_to_bound']:.3f} x the frozen bound, steps alternating "
+            f"(median of {len(v['ratios'])})")
   for layers, v in summary.items():
     print(f"{layers}: " + ", ".join(f"{k} {x:.3f}" if isinstance(x, float) else f"{k} {x}"
                                     for k, x in v.items()))
@@ -548,7 +612,8 @@ def main(argv=None):
             "rank": RANK, "alpha": ALPHA, "targets": list(PROJECTIONS), "dtype": "bfloat16",
             "device": str(jax.devices()[0]), "backend": jax.default_backend(),
             "versions": versions(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "iters": args.iters, "warmup": args.warmup, "summary": summary, "rows": results}
+            "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
+            "summary": summary, "rows": results, "paired": alternating}
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=2)
