@@ -67,6 +67,11 @@ def _train_parser(sub) -> None:
     train.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
   train.add_argument("--targets", default=d.targets,
                      help="q,v (default), all-linear, aliases or patterns")
+  train.add_argument("--pooling", choices=("pooler", "mean"), default=d.pooling,
+                     help="the classifier's input: BERT's pooler on the first token "
+                          "(default; transformers' BertForSequenceClassification) or the mean "
+                          "of the token states (sentence-transformers' pooling, which "
+                          "all-MiniLM-L6-v2 was trained with)")
   train.add_argument("--full", action="store_true", help="full fine-tuning (the baseline)")
   train.add_argument("--lora-plus-ratio", type=float, default=d.lora_plus_ratio,
                      help="LoRA+: B's learning rate is this times --lr (A's and the head's)")

@@ -38,6 +38,7 @@ class Options:
   alpha: float = 16.0
   targets: str = "q,v"
   dropout: float = 0.1
+  pooling: str = "pooler"  # "pooler" (first token, as transformers) or "mean" (over tokens)
   lr: float | None = None  # default: 1e-3 with LoRA, 5e-5 full
   batch_size: int = 32
   epochs: float = 3.0
@@ -93,12 +94,16 @@ class Model:
 
   def __init__(self, o: Options, num_labels: int, *, key):
     self.options = o
+    if o.pooling not in bert.POOLINGS:
+      raise ValueError(f"--pooling (pooling) must be one of {', '.join(bert.POOLINGS)}, got "
+                       f"{o.pooling!r}.")
     config, encoder = weights.load_bert(num_labels=num_labels, classifier_dropout=o.dropout,
-                                       remat=o.remat)
+                                       remat=o.remat, pooling=o.pooling)
     self.module = bert.BertForSequenceClassification(config)
     example = jnp.ones((1, 8), jnp.int32)
     params = self.module.init(key, example)
-    params["params"]["bert"] = encoder["params"]
+    params["params"]["bert"] = {k: v for k, v in encoder["params"].items()
+                                if k in params["params"]["bert"]}  # "mean": no pooler
     self.base = params
     self.lora_config = None
     self.mesh = sharding.mesh(o.mesh) if o.mesh else None

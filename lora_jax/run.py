@@ -244,7 +244,10 @@ def merge(run, out) -> pathlib.Path:
     params = lora_jax.merge(params, state["trained"]["adapters"])
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  tensors = weights.bert_tensors({"params": params["params"]["bert"]}, t.model.module.config)
+  encoder = params["params"]["bert"]
+  if "pooler" not in encoder:  # a mean-pooled run: the checkpoint's pooler, untouched
+    encoder = {**encoder, "pooler": weights.load_bert()[1]["params"]["pooler"]}
+  tensors = weights.bert_tensors({"params": encoder}, t.model.module.config)
   head = params["params"]["classifier"]
   tensors["classifier.weight"] = np.asarray(head["kernel"]).T.copy()
   tensors["classifier.bias"] = np.asarray(head["bias"])
@@ -255,7 +258,11 @@ def merge(run, out) -> pathlib.Path:
       shutil.copy(weights.minilm_dir() / name, out / name)
   config = json.loads((weights.minilm_dir() / "config.json").read_text())
   labels = {str(i): f"LABEL_{i}" for i in range(t.num_labels)}
-  config.update(architectures=["BertForSequenceClassification"], id2label=labels,
-                label2id={v: int(k) for k, v in labels.items()})
+  # Hugging Face's BertForSequenceClassification classifies the pooler's output; a mean-pooled
+  # head is the encoder (BertModel) plus classifier.* applied to the masked mean.
+  mean = t.o.pooling == "mean"
+  config.update(architectures=["BertModel" if mean else "BertForSequenceClassification"],
+                id2label=labels, label2id={v: int(k) for k, v in labels.items()},
+                classifier_pooling=t.o.pooling)
   _write_json(out / "config.json", config)
   return out

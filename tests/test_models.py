@@ -156,6 +156,32 @@ def test_sequence_classifier_head_and_tied_llama():
       tied.init(jax.random.key(0), ids), ids).shape == (2, 8, 64)
 
 
+def test_mean_pooled_classifier_is_the_masked_mean_of_the_hidden_states():
+  c = models.BertConfig(**TINY["bert"], num_labels=3, pooling="mean")
+  clf = models.BertForSequenceClassification(c)
+  ids = jnp.array([[5, 6, 7, 8, 0, 0], [9, 3, 4, 2, 11, 12]], jnp.int32)
+  mask = (ids != 0).astype(jnp.int32)
+  params = clf.init(jax.random.key(0), ids)
+  assert "pooler" not in params["params"]["bert"]  # the classifier does not use one
+  hidden, _ = models.BertModel(c, add_pooling_layer=False).apply(
+      {"params": params["params"]["bert"]}, ids, mask)
+  hidden, m = np.asarray(hidden, np.float64), np.asarray(mask, np.float64)[..., None]
+  head = params["params"]["classifier"]
+  expected = ((hidden * m).sum(1) / m.sum(1)) @ np.asarray(head["kernel"], np.float64) + \
+      np.asarray(head["bias"], np.float64)
+  np.testing.assert_allclose(clf.apply(params, ids, mask), expected, rtol=1e-5, atol=1e-6)
+  other = ids.at[0, 4:].set(13)  # padding content does not reach the mean
+  np.testing.assert_allclose(clf.apply(params, other, mask), clf.apply(params, ids, mask),
+                             atol=1e-6)
+
+
+def test_unknown_pooling_is_refused():
+  clf = models.BertForSequenceClassification(models.BertConfig(**TINY["bert"], pooling="max"))
+  with pytest.raises(ValueError, match=r"BertConfig.pooling must be one of pooler, mean, "
+                                       r"got 'max'"):
+    clf.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
+
+
 def test_unknown_model_name():
   with pytest.raises(ValueError, match=r"unknown model config 'llama-9b'; choose one of "
                                        r"llama-2-7b, llama-2-13b"):

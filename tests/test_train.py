@@ -186,3 +186,10 @@ def test_finetune_lora_plus_option_rejects_full_and_bad_ratios():
     finetune.optimizer_for(finetune.Options(full=True, lora_plus_ratio=4.0), total_steps=10)
   with pytest.raises(ValueError, match=r"--lora-plus-ratio \(lora_plus_ratio\) .* got -1.0\.$"):
     finetune.optimizer_for(finetune.Options(lora_plus_ratio=-1.0), total_steps=10)
+
+
+def test_finetune_rejects_an_unknown_pooling_before_loading_weights():
+  from lora_jax import finetune
+  with pytest.raises(ValueError, match=r"--pooling \(pooling\) must be one of pooler, mean, "
+                                       r"got 'cls'\.$"):
+    finetune.Model(finetune.Options(pooling="cls"), num_labels=2, key=jax.random.key(0))

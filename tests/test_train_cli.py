@@ -63,21 +63,59 @@ def test_eval_and_merge(run, tmp_path):
   assert tensors["classifier.weight"].shape == (2, 384)
 
 
+def _ours_and_inputs(out):
+  from lora_jax import run as run_lib
+  from lora_jax.models import weights
+  t, state = run_lib.load(out)
+  ids, mask, _ = weights.encode(weights.tokenizer(), ["a great film", "dull and slow", "ok"])
+  ours = np.asarray(t.model.logits(state["trained"], {"input_ids": ids, "attention_mask": mask}))
+  return ours, ids, mask
+
+
 @pytest.mark.interop
 def test_merged_weights_load_in_transformers_with_equal_logits(run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from lora_jax import run as run_lib
-  from lora_jax.models import weights
-  out, _ = run
+  out, _ = run  # the default: BERT's pooler, as transformers' BertForSequenceClassification
   merged = run_lib.merge(out, tmp_path / "m")
-  t, state = run_lib.load(out)
-  ids, mask, _ = weights.encode(weights.tokenizer(), ["a great film", "dull and slow"])
-  ours = np.asarray(t.model.logits(state["trained"], {"input_ids": ids, "attention_mask": mask}))
+  ours, ids, mask = _ours_and_inputs(out)
   hf = transformers.BertForSequenceClassification.from_pretrained(str(merged)).eval()
   with torch.no_grad():
     theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long),
                 attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.interop
+def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from safetensors.numpy import load_file
+  from lora_jax import run as run_lib
+  out = tmp_path / "mean"
+  done = _cli("train", "--pooling", "mean", "--steps", "2", "--eval-every", "2",
+              "--out", str(out))
+  assert done.returncode == 0, done.stderr
+  counts = json.loads((out / "metrics.json").read_text())["counts"]
+  from lora_jax.models import weights
+  checkpoint = load_file(weights.minilm_dir() / "model.safetensors")  # counted from the file
+  without_pooler = sum(v.size for k, v in checkpoint.items()
+                       if not k.startswith("pooler.") and k not in weights.BUFFERS)
+  assert counts["trainable"] == LORA_QV + HEAD
+  # no pooler in the model; the head twice, as PEFT counts a modules_to_save copy
+  assert counts["total"] == without_pooler + HEAD + LORA_QV + HEAD
+  merged = run_lib.merge(out, tmp_path / "m")
+  config = json.loads((merged / "config.json").read_text())
+  assert config["architectures"] == ["BertModel"] and config["classifier_pooling"] == "mean"
+  ours, ids, mask = _ours_and_inputs(out)
+  hf = transformers.BertModel.from_pretrained(str(merged)).eval()
+  with torch.no_grad():
+    hidden = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long)).last_hidden_state.numpy()
+  head = load_file(merged / "model.safetensors")
+  m = mask[..., None].astype(np.float32)
+  theirs = ((hidden * m).sum(1) / m.sum(1)) @ head["classifier.weight"].T + head["classifier.bias"]
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
@@ -156,6 +194,7 @@ def test_two_processes_train_like_one(run, tmp_path):
     (["--rank", "1000"], "rank 1000 for kernel"),
     (["--resume"], "holds no run to resume"),
     (["--lora-plus-ratio", "0"], "--lora-plus-ratio (lora_plus_ratio) must be a number > 0"),
+    (["--pooling", "cls"], "argument --pooling: invalid choice: 'cls' (choose from"),
 ])
 def test_bad_train_input_is_one_line(tmp_path, argv, message):
   done = _cli("train", "--out", str(tmp_path / "x"), *argv)

@@ -1,9 +1,11 @@
 """A BERT / RoBERTa encoder (Devlin et al. 2019; Liu et al. 2019), read top to bottom.
 
 Absolute position and token-type embeddings, post-LayerNorm blocks, a GELU MLP, a tanh
-pooler over the first token, and a sequence-classification head. Module names follow the
-Hugging Face checkpoints (``encoder.layer.N.attention.self.query``), so loading weights is a
-readable table: ``encoder/layer/attention/self/query/kernel`` is
+pooler over the first token, and a sequence-classification head on either that pooler
+(``pooling="pooler"``, as Hugging Face's BertForSequenceClassification) or the mean of the
+last hidden states over the attention mask (``pooling="mean"``, as sentence-transformers).
+Module names follow the Hugging Face checkpoints (``encoder.layer.N.attention.self.query``),
+so loading weights is a readable table: ``encoder/layer/attention/self/query/kernel`` is
 ``encoder.layer.{N}.attention.self.query.weight`` transposed and stacked over N.
 
 RoBERTa is the same encoder with one token type and positions counted as Hugging Face does:
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 
 from lora_jax.models._layers import attention, gelu_exact, layer_stack, padding_mask, positions
 
+POOLINGS = ("pooler", "mean")  # BertConfig.pooling: the classifier's sentence vector
 
 # Megatron-style tensor parallelism (lora_jax.sharding.tensor_parallel_specs), scanned or
 # unrolled: the attention projections and the MLP's widening kernel split their output axis
@@ -46,6 +49,7 @@ class BertConfig:
   pad_token_id: int = 1  # RoBERTa: positions skip padding (Hugging Face's rule)
   num_labels: int = 2
   classifier_dropout: float = 0.1
+  pooling: str = "pooler"  # the classifier's input: "pooler" (first token) or "mean" (tokens)
   scan_layers: bool = True
   remat: bool = False
   dtype: object = jnp.float32
@@ -162,13 +166,30 @@ class BertModel(nn.Module):
 
 
 class BertForSequenceClassification(nn.Module):
-  """BERT's head: dropout and a linear ``classifier`` on the pooled first token."""
+  """Dropout and a linear ``classifier`` on a pooled sentence vector: BERT's pooler over the
+  first token (``config.pooling == "pooler"``; Hugging Face's model, and its tree holds
+  ``bert/pooler``) or the mean of the last hidden states over the attention mask (``"mean"``;
+  sentence-transformers' pooling, no pooler in the tree)."""
 
   config: BertConfig
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *,
                deterministic: bool = True):
-    _, pooled = BertModel(self.config, name="bert")(input_ids, attention_mask, token_type_ids)
-    pooled = nn.Dropout(self.config.classifier_dropout)(pooled, deterministic=deterministic)
-    return _dense(self.config, self.config.num_labels, "classifier")(pooled)
+    c = self.config
+    if c.pooling not in POOLINGS:
+      raise ValueError(f"BertConfig.pooling must be one of {', '.join(POOLINGS)}, got "
+                       f"{c.pooling!r}.")
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
+    hidden, pooled = BertModel(c, add_pooling_layer=c.pooling == "pooler", name="bert")(
+        input_ids, attention_mask, token_type_ids)
+    if c.pooling == "mean":
+      pooled = mean_pool(hidden, attention_mask)
+    pooled = nn.Dropout(c.classifier_dropout)(pooled, deterministic=deterministic)
+    return _dense(c, c.num_labels, "classifier")(pooled)
+
+
+def mean_pool(hidden, attention_mask):
+  """The mean of ``hidden`` (batch, seq, d) over the positions where ``attention_mask`` is 1."""
+  mask = attention_mask[..., None].astype(hidden.dtype)
+  return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
