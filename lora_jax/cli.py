@@ -67,7 +67,7 @@ def _train_parser(sub) -> None:
     train.add_argument(f"--{name}", type=kind, default=getattr(d, name.replace("-", "_")))
   train.add_argument("--targets", default=d.targets,
                      help="q,v (default), all-linear, aliases or patterns")
-  train.add_argument("--pooling", choices=("pooler", "mean"), default=d.pooling,
+  train.add_argument("--pooling", choices=models.bert.POOLINGS, default=d.pooling,
                      help="the classifier's input: BERT's pooler on the first token "
                           "(default; transformers' BertForSequenceClassification) or the mean "
                           "of the token states (sentence-transformers' pooling, which "
