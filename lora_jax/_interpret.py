@@ -4,8 +4,9 @@ Only equations that a ``Kernel`` flows into get special handling; every other eq
 re-bound unchanged with ``primitive.bind``. Higher-order primitives that a kernel enters
 (``jit``, ``scan``, ``checkpoint``, ``cond``) are rebuilt through their public APIs with a
 Python body that runs this interpreter on the inner jaxpr. The per-primitive rules for a
-kernel itself (``dot_general``, casts, transposes) live in ``lora_jax.transform`` and come in
-through ``ctx.rules``; a primitive with no rule gets the merged kernel (``ctx.materialize``).
+kernel itself (``dot_general``, casts, transposes) live in ``lora_jax._rules``, one table for
+applying adapters and one for ``analyze``, and come in through ``ctx.rules``; a primitive
+with no rule gets the merged kernel (``ctx.materialize``).
 """
 
 from __future__ import annotations
@@ -14,38 +15,44 @@ import jax
 from jax import lax
 from jax.extend import core
 
+from lora_jax import kernels
+
 @jax.tree_util.register_pytree_node_class
 class Kernel:
   """A targeted kernel inside the interpreter.
 
-  ``w`` is the base kernel as ``fn`` currently sees it (after casts and transposes) and
-  ``axes[k]`` is the original kernel axis that axis k of ``w`` is. ``a`` and ``b`` are the
-  factors with the stacked axes that a ``lax.scan`` sliced off removed; they are None while
-  ``analyze`` only watches how kernels are used.
+  ``w`` is the base kernel as ``fn`` currently sees it (after casts and transposes): a dense
+  array, or a kernel-kind instance (``lora_jax.kernels``) until a rule needs its dense
+  operand. ``axes[k]`` is the original kernel axis that axis k of ``w`` is. ``adapter`` is the
+  adapter kind (``LoraWeights``) with the stacked axes that a ``lax.scan`` sliced off removed;
+  it is None while ``analyze`` only watches how kernels are used.
   """
 
-  def __init__(self, w, a, b, *, path, axes, roles, scale, dropout):
-    self.w, self.a, self.b = w, a, b
-    self.path, self.axes, self.roles = path, tuple(axes), roles
-    self.scale, self.dropout = scale, dropout
+  def __init__(self, w, adapter, *, path: str, axes):
+    self.w, self.adapter, self.path, self.axes = w, adapter, path, tuple(axes)
+
+  @property
+  def roles(self) -> str | None:
+    return None if self.adapter is None else self.adapter.axes
+
+  def dense(self):
+    """The base kernel as a dense array."""
+    return kernels.dense(self.w)
 
   def replace(self, **changes) -> "Kernel":
-    fields = dict(path=self.path, axes=self.axes, roles=self.roles, scale=self.scale,
-                  dropout=self.dropout)
-    w, a, b = changes.pop("w", self.w), changes.pop("a", self.a), changes.pop("b", self.b)
-    return Kernel(w, a, b, **{**fields, **changes})
+    fields = dict(w=self.w, adapter=self.adapter, path=self.path, axes=self.axes) | changes
+    return Kernel(fields.pop("w"), fields.pop("adapter"), **fields)
 
   def role(self, dim: int) -> str | None:
     return self.roles[self.axes[dim]] if self.roles else None
 
   def tree_flatten(self):
-    aux = (self.path, self.axes, self.roles, self.scale, self.dropout)
-    return (self.w, self.a, self.b), aux
+    return (self.w, self.adapter), (self.path, self.axes)
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    path, axes, roles, scale, dropout = aux
-    return cls(*children, path=path, axes=axes, roles=roles, scale=scale, dropout=dropout)
+    path, axes = aux
+    return cls(*children, path=path, axes=axes)
 
 
 def bind(eqn, invals) -> list:

@@ -1,4 +1,4 @@
-"""The adapter tree: init, merge and unmerge (Hu et al. 2021, arXiv:2106.09685).
+"""Adapter kinds and the adapter tree: init, merge and unmerge (Hu et al. 2021, arXiv:2106.09685).
 
 Layout, for a kernel W with axis roles such as ``"io"`` (Dense), ``"ioo"`` (DenseGeneral
 query, (d, heads, head_dim)) or ``"lio"`` (a scanned stack, (layers, d, k)):
@@ -6,8 +6,14 @@ query, (d, heads, head_dim)) or ``"lio"`` (a scanned stack, (layers, d, k)):
     a: (*stack, *in, rank)      b: (*stack, rank, *out)
     W' = W + scale * a @ b      (contracting the rank axis, stack axes batched)
 
-The adapter tree mirrors the base tree's nesting, holding a ``LoraWeights`` at every
-targeted kernel and nothing else, so optax, orbax and ``jax.tree_util`` see only A and B.
+An adapter kind (``LoraWeights`` here; DoRA will sit beside it) owns its factor shapes, its
+init, its delta ``W' - W`` (for merge and the merged fallback), its factored product with an
+activation (for the transform) and its reshape; everything else handles it as an opaque
+pytree and rebuilds it with ``dataclasses.replace``.
+
+The trainable tree mirrors the base tree's nesting: a ``LoraWeights`` at every adapted kernel
+and, for ``LoraConfig.modules_to_save``, a trained copy of the base leaf at its own path, so
+optax, orbax and ``jax.tree_util`` see one tree of exactly what is trained.
 """
 
 from __future__ import annotations
@@ -20,15 +26,35 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from lora_jax import _tree, kernels
+from lora_jax._tree import listing
 from lora_jax.config import LoraConfig
-from lora_jax.targets import Target, leaves_by_path, listing, path_keys, resolve
+from lora_jax.targets import Target, base_leaves, resolve, resolve_extras
 
 _LETTERS = string.ascii_uppercase  # one subscript per kernel axis; "r" is the rank axis
 
 
+def factor_subscripts(roles: str, present=None) -> tuple[str, str]:
+  """einsum subscripts of ``a`` and ``b`` for a kernel with axis ``roles``.
+
+  ``present`` lists the original axes still there (a ``lax.scan`` slices stacked axes off).
+  """
+  present = range(len(roles)) if present is None else present
+  stack = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "l" and j in present)
+  ins = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "i")
+  outs = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "o")
+  return stack + ins + "r", stack + "r" + outs
+
+
+def factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Shapes of ``a`` and ``b`` for ``target``."""
+  dims = {r: [n for n, role in zip(target.shape, target.axes) if role == r] for r in "lio"}
+  return ((*dims["l"], *dims["i"], target.rank), (*dims["l"], target.rank, *dims["o"]))
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraWeights:
-  """The low-rank factors of one kernel.
+  """The low-rank factors of one kernel: the LoRA adapter kind.
 
   Attributes:
     a: (*stack, *in, rank), trained.
@@ -48,148 +74,178 @@ class LoraWeights:
   def rank(self) -> int:
     return self.a.shape[-1]
 
+  @classmethod
+  def create(cls, config: LoraConfig, target: Target, key) -> "LoraWeights":
+    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged."""
+    a_shape, b_shape = factor_shapes(target)
+    if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
+      a = jax.random.normal(key, a_shape, config.dtype) / target.rank
+    else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
+      bound = 1.0 / math.sqrt(target.in_features)
+      a = jax.random.uniform(key, a_shape, config.dtype, -bound, bound)
+    return cls(a=a, b=jnp.zeros(b_shape, config.dtype), scale=target.scale, axes=target.axes,
+               dropout=config.dropout)
+
+  def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
+    axes = tuple(range(len(self.axes))) if axes is None else tuple(axes)
+    a_sub, b_sub = factor_subscripts(self.axes, axes)
+    w_sub = "".join(_LETTERS[j] for j in axes)
+    return self.scale * jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", self.a, self.b,
+                                   precision=precision)
+
+  def merged(self, w, *, axes=None, sign: float = 1.0):
+    """``w + sign * delta``, summed in the wider dtype and cast back to ``w``'s."""
+    dtype = jnp.promote_types(w.dtype, self.a.dtype)
+    return (w.astype(dtype) + sign * self.delta(axes=axes).astype(dtype)).astype(w.dtype)
+
+  def product(self, x, *, x_sub: str, out_sub: str, present, contracted, batched, dtype,
+              **opts):
+    """The adapter's share of ``dot_general(x, W)``: ``s·((x@A)@B)``, or ``s·((x@Bᵀ)@Aᵀ)``
+    for ``x @ W.T``, in the product's own subscripts; None if the contraction mixes roles.
+
+    Args:
+      x: the activation; ``x_sub`` its einsum subscripts, where an upper-case letter is
+        original kernel axis ``j`` (``string.ascii_uppercase[j]``) and lower-case ones are
+        the activation's own axes.
+      out_sub: the product's subscripts.
+      present: the original kernel axes the operand still has (``lax.scan`` slices some off).
+      contracted, batched: the original kernel axes contracted with, or batched against, x.
+      dtype: the dtype the factors are cast to (the kernel's).
+      **opts: ``precision`` and ``preferred_element_type`` of the product.
+    """
+    roles = self.axes
+    free = [j for j in present if j not in contracted and j not in batched]
+    if not {roles[j] for j in batched} <= {"l"}:
+      return None
+    order = self._order({roles[j] for j in contracted}, {roles[j] for j in free} - {"l"},
+                        len(contracted), present)
+    if order is None:
+      return None
+    (first, first_sub), (second, second_sub) = order
+    kept = [c for c in x_sub if c.islower() or _LETTERS.index(c) in batched]
+    t_sub = "".join(kept) + "".join(_LETTERS[j] for j in free if roles[j] == "l") + "r"
+    t = jnp.einsum(f"{x_sub},{first_sub}->{t_sub}", x, first.astype(dtype), **opts)
+    t = t * jnp.asarray(self.scale, t.dtype)
+    return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
+
+  def _order(self, contracted: set, free: set, n_contracted: int, present):
+    a_sub, b_sub = factor_subscripts(self.axes, present)
+    if contracted == {"i"} and free == {"o"} and n_contracted == self.axes.count("i"):
+      return (self.a, a_sub), (self.b, b_sub)
+    if contracted == {"o"} and free == {"i"} and n_contracted == self.axes.count("o"):
+      return (self.b, b_sub), (self.a, a_sub)
+    return None
+
+  def reshaped(self, roles: str, shape) -> "LoraWeights":
+    """The adapter of the kernel reshaped to ``shape`` with axis ``roles`` (a reshape that
+    only splits or merges axes of one role; A and B are reshaped alike)."""
+    dims = {r: tuple(n for n, q in zip(shape, roles) if q == r) for r in "lio"}
+    return dataclasses.replace(self, a=self.a.reshape(*dims["l"], *dims["i"], self.rank),
+                               b=self.b.reshape(*dims["l"], self.rank, *dims["o"]), axes=roles)
+
+  def check_fits(self, path: str, w) -> None:
+    """Raises ValueError unless the factors fit the kernel ``w`` (anything with a shape)."""
+    if not isinstance(self.axes, str) or len(self.axes) != len(w.shape):
+      raise ValueError(f"adapter at {path!r} has axes {self.axes!r}, which must be a string of "
+                       f"one role per axis of the base kernel of shape {tuple(w.shape)}; rebuild "
+                       f"the adapters with lora_jax.init on this base.")
+    t = Target(path=path, shape=tuple(w.shape), dtype=w.dtype, axes=self.axes, rank=self.rank,
+               alpha=0.0, scale=self.scale)
+    if factor_shapes(t) != (tuple(self.a.shape), tuple(self.b.shape)):
+      raise ValueError(f"adapter at {path!r} (a {tuple(self.a.shape)}, b {tuple(self.b.shape)}, "
+                       f"axes {self.axes!r}) does not fit the base kernel of shape "
+                       f"{tuple(w.shape)}; rebuild the adapters with lora_jax.init on this base.")
+
 
 jax.tree_util.register_dataclass(
     LoraWeights, data_fields=["a", "b"], meta_fields=["scale", "axes", "dropout"])
 
-
-def _is_lora(x) -> bool:
-  return isinstance(x, LoraWeights)
+ADAPTER_KINDS: tuple[type, ...] = (LoraWeights,)
 
 
-def flatten(adapters) -> dict[str, LoraWeights]:
-  """``{'/'-joined path: LoraWeights}`` for an adapter tree."""
-  flat = jax.tree_util.tree_flatten_with_path(adapters, is_leaf=_is_lora)[0]
-  out = {}
-  for key_path, leaf in flat:
-    path = "/".join(path_keys(key_path))
-    if not isinstance(leaf, LoraWeights):
-      raise TypeError(f"adapters must hold only LoraWeights leaves (as made by lora_jax.init); "
-                      f"found {type(leaf).__name__} at {path!r}.")
-    out[path] = leaf
-  return out
+def is_adapter(x) -> bool:
+  """Whether ``x`` is an adapter (an instance of an adapter kind), a leaf of the trainable tree."""
+  return isinstance(x, ADAPTER_KINDS)
 
 
-def _nest(flat: Mapping[tuple[str, ...], LoraWeights]) -> dict:
-  tree: dict = {}
-  for keys, value in flat.items():
-    *parents, last = keys
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[last] = value
-  return tree
-
-
-def factor_subscripts(roles: str, present=None) -> tuple[str, str]:
-  """einsum subscripts of ``a`` and ``b`` for a kernel with axis ``roles``.
-
-  ``present`` lists the original axes still there (a ``lax.scan`` slices stacked axes off).
-  """
-  present = range(len(roles)) if present is None else present
-  stack = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "l" and j in present)
-  ins = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "i")
-  outs = "".join(_LETTERS[j] for j, r in enumerate(roles) if r == "o")
-  return stack + ins + "r", stack + "r" + outs
-
-
-def delta(a, b, *, scale: float, roles: str, axes=None,
-          precision=jax.lax.Precision.HIGHEST) -> jax.Array:
-  """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
-  axes = tuple(range(len(roles))) if axes is None else tuple(axes)
-  a_sub, b_sub = factor_subscripts(roles, axes)
-  w_sub = "".join(_LETTERS[j] for j in axes)
-  return scale * jnp.einsum(f"{a_sub},{b_sub}->{w_sub}", a, b, precision=precision)
-
-
-def add_delta(w, a, b, *, scale: float, roles: str, axes=None, sign: float = 1.0):
-  """``w + sign * scale * a @ b``, summed in the wider dtype and cast back to ``w``'s."""
-  dtype = jnp.promote_types(w.dtype, a.dtype)
-  d = delta(a, b, scale=scale, roles=roles, axes=axes).astype(dtype)
-  return (w.astype(dtype) + sign * d).astype(w.dtype)
-
-
-def factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """Shapes of ``a`` and ``b`` for ``target``."""
-  dims = {r: [n for n, role in zip(target.shape, target.axes) if role == r] for r in "lio"}
-  return ((*dims["l"], *dims["i"], target.rank), (*dims["l"], target.rank, *dims["o"]))
-
-
-def _init_a(config: LoraConfig, target: Target, key) -> jax.Array:
-  shape = factor_shapes(target)[0]
-  if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
-    return jax.random.normal(key, shape, config.dtype) / target.rank
-  # PEFT default: kaiming_uniform_(a=sqrt(5)) on lora_A (r, in), i.e. U(-1/sqrt(in), 1/sqrt(in)).
-  bound = 1.0 / math.sqrt(target.in_features)
-  return jax.random.uniform(key, shape, config.dtype, -bound, bound)
+def split(trainable) -> tuple[dict[_tree.Path, LoraWeights], dict[_tree.Path, jax.Array]]:
+  """``({path: adapter}, {path: trained extra})`` of a trainable tree, paths as key tuples."""
+  adapters, extras = {}, {}
+  for path, leaf in _tree.flatten(trainable, is_leaf=is_adapter).items():
+    (adapters if is_adapter(leaf) else extras)[path] = leaf
+  return adapters, extras
 
 
 def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = None) -> dict:
-  """Builds the adapter tree for ``params``: A random, B zeros, so the model starts unchanged.
+  """Builds the trainable tree for ``params``: A random, B zeros, so the model starts unchanged,
+  and a copy of every ``modules_to_save`` leaf.
 
   Args:
     config: the LoraConfig.
-    params: the base parameter pytree, concrete or abstract (only shapes are read).
+    params: the base parameter pytree, concrete or abstract (only shapes are read, except for
+      ``modules_to_save``, whose values are copied).
     key: a PRNG key for A.
     uses: optional ``lora_jax.analyze(fn, params, ...)`` result, giving the axis roles of
       kernels with more than two axes.
 
   Returns:
     A nested dict mirroring ``params``' paths with a ``LoraWeights`` at each targeted kernel,
-    e.g. ``{"params": {"Dense_0": {"kernel": LoraWeights(a=(4, 8), b=(8, 3), ...)}}}``.
+    e.g. ``{"params": {"Dense_0": {"kernel": LoraWeights(a=(4, 8), b=(8, 3), ...)}}}``, plus
+    the trained copies of ``modules_to_save`` leaves at their paths.
 
   Raises:
     ValueError: as ``lora_jax.plan`` does for patterns, ranks and axis roles.
   """
   targets = resolve(config, params, uses=uses)
-  key_paths = [path_keys(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  keys_of = {"/".join(k): k for k in key_paths}  # keep keys whole, even ones holding a '/'
-  flat = {}
-  for t, k in zip(targets, jax.random.split(key, len(targets))):
-    b = jnp.zeros(factor_shapes(t)[1], config.dtype)
-    flat[keys_of[t.path]] = LoraWeights(a=_init_a(config, t, k), b=b, scale=t.scale,
-                                        axes=t.axes, dropout=config.dropout)
-  return _nest(flat)
+  flat = {t.keys: LoraWeights.create(config, t, k)
+          for t, k in zip(targets, jax.random.split(key, max(len(targets), 1)))}
+  leaves = base_leaves(params)
+  for extra in resolve_extras(config, params):
+    flat[extra.keys] = _copy(leaves[extra.keys], extra.path)
+  return _tree.nest(flat)
 
 
-def check_pair(path: str, w, lw: LoraWeights) -> None:
-  """Raises ValueError unless ``lw``'s factors fit the kernel ``w``."""
-  if not isinstance(lw.axes, str) or len(lw.axes) != len(w.shape):
-    raise ValueError(f"adapter at {path!r} has axes {lw.axes!r}, which must be a string of one "
-                     f"role per axis of the base kernel of shape {tuple(w.shape)}; rebuild the "
-                     f"adapters with lora_jax.init on this base.")
-  t = Target(path=path, shape=tuple(w.shape), dtype=w.dtype, axes=lw.axes, rank=lw.rank,
-             alpha=0.0, scale=lw.scale)
-  if factor_shapes(t) != (tuple(lw.a.shape), tuple(lw.b.shape)):
-    raise ValueError(f"adapter at {path!r} (a {tuple(lw.a.shape)}, b {tuple(lw.b.shape)}, axes "
-                     f"{lw.axes!r}) does not fit the base kernel of shape {tuple(w.shape)}; "
-                     f"rebuild the adapters with lora_jax.init on this base.")
+def _copy(leaf, path: str):
+  if kernels.is_kind(leaf):
+    raise ValueError(f"modules_to_save selects {path!r}, a {type(leaf).__name__} kernel kind; "
+                     f"only dense parameters can be trained in full.")
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    return jnp.zeros(leaf.shape, leaf.dtype)  # under jax.eval_shape: shapes only
+  return jnp.array(leaf, copy=True)
 
 
-def match(base, adapters) -> dict[str, LoraWeights]:
-  """The flat adapters, checked against ``base``: every path exists and every shape fits."""
-  flat = flatten(adapters)
-  leaves = leaves_by_path(base)
-  missing = [p for p in flat if p not in leaves]
+def match(base, trainable) -> tuple[dict, dict]:
+  """The flat adapters and extras of ``trainable`` (key-tuple paths), checked against
+  ``base``: every path exists and every shape fits."""
+  adapters, extras = split(trainable)
+  leaves = base_leaves(base)
+  missing = [p for p in (*adapters, *extras) if p not in leaves]
   if missing:
     raise ValueError(f"adapters hold paths that are not in the base tree: {listing(missing)}; "
                      f"base paths include {listing(leaves)}.")
-  for path, lw in flat.items():
-    check_pair(path, leaves[path], lw)
-  return flat
+  for path, lw in adapters.items():
+    lw.check_fits(_tree.join(path), leaves[path])
+  for path, x in extras.items():
+    if tuple(x.shape) != tuple(leaves[path].shape):
+      raise ValueError(f"trained extra at {_tree.join(path)!r} has shape {tuple(x.shape)} but "
+                       f"the base leaf has {tuple(leaves[path].shape)}; rebuild it with "
+                       f"lora_jax.init on this base.")
+  return adapters, extras
 
 
-def _apply(base, adapters, sign: float):
-  flat = match(base, adapters)
+def _apply(base, trainable, sign: float):
+  adapters, extras = match(base, trainable)
 
-  def update(key_path, w):
-    lw = flat.get("/".join(path_keys(key_path)))
+  def update(path, w):
+    if path in extras:
+      return extras[path] if sign > 0 else w
+    lw = adapters.get(path)
     if lw is None:
-      return w
-    out = add_delta(w, lw.a, lw.b, scale=lw.scale, roles=lw.axes, sign=sign)
-    return _keep_sharding(out, w)
+      return kernels.dense(w)
+    return _keep_sharding(lw.merged(kernels.dense(w), sign=sign), w)
 
-  return jax.tree_util.tree_map_with_path(update, base)
+  return _tree.map_with_path(update, base, is_leaf=kernels.is_kind)
 
 
 def _keep_sharding(out, w):
@@ -199,14 +255,18 @@ def _keep_sharding(out, w):
 
 
 def merge(base, adapters):
-  """``W + scale * A @ B`` for every adapted kernel; other leaves are returned as they are.
+  """``W + scale * A @ B`` for every adapted kernel, and the trained copy for every
+  ``modules_to_save`` leaf; other leaves are returned as they are.
 
   Pure: neither input is modified. Jit-able; a concrete sharded kernel keeps its sharding.
-  The sum is formed in the wider of the two dtypes and cast back to the kernel's dtype.
+  The sum is formed in the wider of the two dtypes and cast back to the kernel's dtype. Every
+  kernel-kind leaf (a quantized kernel) comes back dense, so the result is a plain tree.
   """
   return _apply(base, adapters, 1.0)
 
 
 def unmerge(merged, adapters):
-  """``W' - scale * A @ B``: undoes ``merge`` up to floating-point rounding."""
+  """``W' - scale * A @ B``: undoes ``merge`` on adapted kernels up to floating-point rounding.
+  Leaves trained in full (``modules_to_save``) keep their merged (trained) values: the
+  originals are not in a merged tree."""
   return _apply(merged, adapters, -1.0)

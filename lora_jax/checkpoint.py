@@ -1,42 +1,46 @@
-"""Adapter checkpoints with orbax: the adapter tree, its description, optimizer state, step and
-data position. The frozen base is never written.
+"""Adapter checkpoints with orbax: the trainable tree, its description, optimizer state, step
+and data position. The frozen base is never written.
 
 A checkpoint folder holds one sub-folder per saved step (orbax's ``CheckpointManager``: a save is
 written to a temporary folder and renamed into place when complete, so an interrupted save never
 replaces the last good one; the newest ``keep`` are kept). Each step holds:
 
-  adapters    ``{path: {"a": A, "b": B}}`` arrays (orbax ``StandardSave``)
-  opt_state   the optax state, if given
-  meta        JSON: the LoraConfig, each adapter's scale / axis roles / dropout, the base
-              model's identity (name, a hash of every leaf's path, shape and dtype, and the
-              adapted kernels' shapes), the step and the data position.
+  trainable   the arrays of the trainable tree, as a list in the order the description gives
+              (each adapter's factors, then each ``modules_to_save`` extra), so any tree key,
+              one holding a '/' included, round-trips (orbax ``StandardSave``)
+  opt_state   the optax state's leaves, if given (restored into the caller's template)
+  meta        JSON: the LoraConfig, each adapter's key path / scale / axis roles / dropout / shapes,
+              each extra's key path and shape, the base model's identity (name, a hash of every
+              leaf's path, shape and dtype, and the adapted kernels' shapes), the step and the
+              data position.
 
-``restore`` refuses a base whose adapted kernels differ (names or shapes) from the one the
-adapters were trained on, and can place the restored arrays on any sharding.
+``restore`` refuses a base whose adapted (or saved) leaves differ in name or shape from the one
+the adapters were trained on, and can place the restored arrays on any sharding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lora_jax.adapters import LoraWeights, _nest, flatten
+from lora_jax import _tree
+from lora_jax._tree import listing
+from lora_jax.adapters import LoraWeights, split
 from lora_jax.config import LoraConfig
-from lora_jax.targets import leaves_by_path, listing
+from lora_jax.targets import base_leaves
 
-FORMAT = "lora_jax.checkpoint/1"
+FORMAT = "lora_jax.checkpoint/2"
 
 
 class Restored(NamedTuple):
-  """What ``restore`` returns."""
+  """What ``restore`` returns: ``adapters`` is the trainable tree (LoraWeights and extras)."""
 
   adapters: dict
   opt_state: Any
@@ -49,65 +53,50 @@ class Restored(NamedTuple):
 # ----------------------------------------------------------------------- descriptions
 
 
-def config_to_json(config: LoraConfig) -> dict:
-  """A LoraConfig as JSON-able values (``config_from_json`` reads it back)."""
-  out = {}
-  for field in dataclasses.fields(config):
-    value = getattr(config, field.name)
-    if field.name == "dtype":
-      value = jnp.dtype(value).name
-    elif isinstance(value, Mapping):
-      value = dict(value)
-    elif isinstance(value, tuple):
-      value = list(value)
-    out[field.name] = value
-  return out
-
-
-def config_from_json(data: Mapping) -> LoraConfig:
-  known = {f.name for f in dataclasses.fields(LoraConfig)}
-  unknown = sorted(set(data) - known)
-  if unknown:
-    raise ValueError(f"config has unknown fields {unknown}; it was written by a newer "
-                     f"lora_jax (known fields: {sorted(known)}).")
-  values = dict(data)
-  if "dtype" in values:
-    values["dtype"] = jnp.dtype(values["dtype"])
-  for name in ("targets", "exclude", "kernel_names"):
-    if isinstance(values.get(name), list):
-      values[name] = tuple(values[name])
-  return LoraConfig(**values)
-
-
 def base_identity(base, *, name: str | None = None) -> dict:
   """``{"name", "sha256", "leaves"}``: a hash over every leaf's path, shape and dtype of the base
   tree (concrete or abstract); equal hashes mean the same architecture, not the same weights."""
   h = hashlib.sha256()
-  leaves = leaves_by_path(base)
+  leaves = base_leaves(base)
   for path in sorted(leaves):
     leaf = leaves[path]
-    h.update(f"{path}:{tuple(leaf.shape)}:{jnp.dtype(leaf.dtype).name};".encode())
+    h.update(f"{json.dumps(path)}:{tuple(leaf.shape)}:{jnp.dtype(leaf.dtype).name};".encode())
   return {"name": name, "sha256": h.hexdigest(), "leaves": len(leaves)}
 
 
+def _adapter_entry(path, lw: LoraWeights, kernel) -> dict:
+  return {"keys": list(path), "path": _tree.join(path), "kind": type(lw).__name__,
+          "scale": lw.scale, "axes": lw.axes, "dropout": lw.dropout, "rank": lw.rank,
+          "kernel_shape": list(kernel.shape), "a_shape": list(lw.a.shape),
+          "b_shape": list(lw.b.shape), "dtype": jnp.dtype(lw.a.dtype).name}
+
+
+def _extra_entry(path, x) -> dict:
+  return {"keys": list(path), "path": _tree.join(path), "shape": list(x.shape),
+          "dtype": jnp.dtype(x.dtype).name}
+
+
 def describe(adapters, *, config: LoraConfig, base, base_name: str | None = None) -> dict:
-  """The JSON description saved with the adapters."""
-  kernels = leaves_by_path(base)
-  flat = flatten(adapters)
-  missing = [p for p in flat if p not in kernels]
+  """The JSON description saved with the trainable tree."""
+  leaves = base_leaves(base)
+  lora, extras = split(adapters)
+  missing = [p for p in (*lora, *extras) if p not in leaves]
   if missing:
     raise ValueError(f"adapters: paths {listing(missing, 4)} are not in base; pass the base "
                      "tree the adapters were made for.")
   return {
       "format": FORMAT,
-      "config": config_to_json(config),
-      "adapters": {p: {"scale": lw.scale, "axes": lw.axes, "dropout": lw.dropout,
-                       "rank": lw.rank, "kernel_shape": list(kernels[p].shape),
-                       "a_shape": list(lw.a.shape), "b_shape": list(lw.b.shape),
-                       "dtype": jnp.dtype(lw.a.dtype).name}
-                   for p, lw in flat.items()},
+      "config": config.to_dict(),
+      "adapters": [_adapter_entry(p, lw, leaves[p]) for p, lw in lora.items()],
+      "extras": [_extra_entry(p, x) for p, x in extras.items()],
       "base": base_identity(base, name=base_name),
   }
+
+
+def _arrays(adapters) -> list:
+  """The arrays written, in the description's order: (a, b) per adapter, then the extras."""
+  lora, extras = split(adapters)
+  return [x for lw in lora.values() for x in (lw.a, lw.b)] + list(extras.values())
 
 
 # ----------------------------------------------------------------------- save / restore
@@ -119,23 +108,12 @@ def _manager(directory, keep: int | None) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(pathlib.Path(directory).resolve(), options=options)
 
 
-def _arrays(adapters) -> dict:
-  """The nested tree of plain ``{"a": A, "b": B}`` dicts that is written."""
-  return _nest({tuple(p.split("/")): {"a": lw.a, "b": lw.b}
-                for p, lw in flatten(adapters).items()})
-
-
-def _get(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
 def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=None,
          data_position=None, base_name: str | None = None, keep: int | None = 3) -> pathlib.Path:
-  """Saves the adapters (never the base), their description, ``opt_state``, ``step`` and
-  ``data_position`` (any JSON value: an example index, an epoch and offset, ...) as step
-  ``step`` under ``directory``, keeping the newest ``keep`` steps (None: all).
+  """Saves the trainable tree (adapters and ``modules_to_save`` extras; never the base), its
+  description, ``opt_state``, ``step`` and ``data_position`` (any JSON value: an example
+  index, an epoch and offset, ...) as step ``step`` under ``directory``, keeping the newest
+  ``keep`` steps (None: all).
 
   ``base`` (concrete or ``jax.eval_shape`` output) is only read for its paths and shapes, to
   record which model the adapters belong to. Returns the step's folder.
@@ -151,10 +129,10 @@ def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=
   except TypeError as e:
     raise ValueError(f"data_position must be JSON-serializable (ints, strings, lists, "
                      f"dicts), got {data_position!r}: {e}") from None
-  items = {"adapters": ocp.args.StandardSave(_arrays(adapters)),
+  items = {"trainable": ocp.args.StandardSave(_arrays(adapters)),
            "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
-    items["opt_state"] = ocp.args.StandardSave(opt_state)
+    items["opt_state"] = ocp.args.StandardSave(jax.tree_util.tree_leaves(opt_state))
   with _manager(directory, keep) as manager:
     manager.save(step, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
@@ -196,16 +174,19 @@ def _pick_step(directory, step: int | None) -> int:
 
 
 def check_base(meta: dict, base, *, where: str = "checkpoint") -> None:
-  """Raises ValueError (naming the paths) unless ``base`` has the adapted kernels, with the
-  shapes, that the adapters described by ``meta`` were trained on."""
-  kernels = leaves_by_path(base)
+  """Raises ValueError (naming the paths) unless ``base`` has the adapted kernels and the saved
+  extras' leaves, with the shapes, that the checkpoint described by ``meta`` was trained on."""
+  leaves = base_leaves(base)
   missing, wrong = [], []
-  for path, info in meta["adapters"].items():
-    if path not in kernels:
+  wanted = [(e["keys"], e["kernel_shape"]) for e in meta["adapters"]]
+  wanted += [(e["keys"], e["shape"]) for e in meta.get("extras", [])]
+  for keys, shape in wanted:
+    path = tuple(keys)
+    if path not in leaves:
       missing.append(path)
-    elif list(kernels[path].shape) != info["kernel_shape"]:
-      wrong.append(f"{path} {tuple(kernels[path].shape)} (adapters need "
-                   f"{tuple(info['kernel_shape'])})")
+    elif list(leaves[path].shape) != shape:
+      wrong.append(f"{_tree.join(path)} {tuple(leaves[path].shape)} (adapters need "
+                   f"{tuple(shape)})")
   problems = [f"{label}: {listing(items, 4)}" for label, items in
               (("missing kernels", missing), ("mis-shaped kernels", wrong)) if items]
   if problems:
@@ -219,9 +200,31 @@ def _placed(shape, dtype, sharding, path: str):
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=s)
 
 
+def _targets(meta: dict, sharding) -> list:
+  """Abstract arrays, placed, in the order ``_arrays`` wrote them."""
+  out = []
+  for e in meta["adapters"]:
+    out += [_placed(e["a_shape"], e["dtype"], sharding, e["path"] + "/a"),
+            _placed(e["b_shape"], e["dtype"], sharding, e["path"] + "/b")]
+  return out + [_placed(e["shape"], e["dtype"], sharding, e["path"])
+                for e in meta.get("extras", [])]
+
+
+def _rebuild(meta: dict, arrays: list) -> dict:
+  """The trainable tree from the description and the restored arrays."""
+  arrays = iter(arrays)
+  flat = {}
+  for e in meta["adapters"]:
+    flat[tuple(e["keys"])] = LoraWeights(a=next(arrays), b=next(arrays), scale=e["scale"],
+                                         axes=e["axes"], dropout=e["dropout"])
+  for e in meta.get("extras", []):
+    flat[tuple(e["keys"])] = next(arrays)
+  return _tree.nest(flat)
+
+
 def restore(directory, *, base, step: int | None = None, opt_state=None,
             sharding: jax.sharding.Sharding | Callable | None = None) -> Restored:
-  """Restores the adapters (latest step by default) for ``base``.
+  """Restores the trainable tree (latest step by default) for ``base``.
 
   Args:
     directory: the folder given to ``save``.
@@ -230,9 +233,10 @@ def restore(directory, *, base, step: int | None = None, opt_state=None,
     step: a saved step; default the latest complete one.
     opt_state: a template of the optimizer state (e.g. ``optimizer.init(adapters)`` or its
       ``jax.eval_shape``) to restore it; None skips it.
-    sharding: where to place the restored adapters: one ``jax.sharding.Sharding`` for every
-      array, or ``fn(path, shape) -> Sharding``; default: the default device. The optimizer
-      state follows its template's shardings.
+    sharding: where to place the restored arrays: one ``jax.sharding.Sharding`` for every
+      array, or ``fn(path, shape) -> Sharding`` (path '/'-joined, ``.../a`` and ``.../b`` for
+      factors); default: this process's first device. The optimizer state follows its template's
+      shardings.
 
   Returns:
     ``Restored(adapters, opt_state, step, data_position, config, meta)``.
@@ -241,20 +245,17 @@ def restore(directory, *, base, step: int | None = None, opt_state=None,
   step = _pick_step(directory, step)
   meta = read_meta(directory, step=step)
   if meta.get("format") != FORMAT:
-    raise ValueError(f"{directory / str(step)} is not a lora_jax adapter checkpoint "
-                     f"(format {meta.get('format')!r}, expected {FORMAT!r}).")
+    raise ValueError(f"{directory / str(step)} is not a lora_jax adapter checkpoint of this "
+                     f"version (format {meta.get('format')!r}, expected {FORMAT!r}).")
   check_base(meta, base, where=str(directory / str(step)))
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = _nest({tuple(p.split("/")): {
-      "a": _placed(i["a_shape"], i["dtype"], sharding, p + "/a"),
-      "b": _placed(i["b_shape"], i["dtype"], sharding, p + "/b")}
-      for p, i in meta["adapters"].items()})
-  items = {"adapters": ocp.args.StandardRestore(target)}
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  items = {"trainable": ocp.args.StandardRestore(_targets(meta, sharding))}
   if opt_state is not None:
     if not meta["has_opt_state"]:
       raise ValueError(f"{directory / str(step)} has no optimizer state; restore with "
                        "opt_state=None and initialise a fresh one.")
-    items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
+    template = _abstract(jax.tree_util.tree_leaves(opt_state))
+    items["opt_state"] = ocp.args.StandardRestore(template)
   try:
     with _manager(directory, None) as manager:
       out = manager.restore(step, args=ocp.args.Composite(**items))
@@ -262,11 +263,12 @@ def restore(directory, *, base, step: int | None = None, opt_state=None,
     raise ValueError(f"{directory / str(step)}: cannot read the saved arrays "
                      f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged, restore "
                      f"an earlier step (saved: {steps(directory)}).") from e
-  adapters = _nest({tuple(p.split("/")): LoraWeights(
-      a=_get(out["adapters"], p)["a"], b=_get(out["adapters"], p)["b"], scale=i["scale"],
-      axes=i["axes"], dropout=i["dropout"]) for p, i in meta["adapters"].items()})
-  return Restored(adapters, out["opt_state"] if opt_state is not None else None, meta["step"],
-                  meta["data_position"], config_from_json(meta["config"]), meta)
+  state = None
+  if opt_state is not None:
+    state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state),
+                                         out["opt_state"])
+  return Restored(_rebuild(meta, out["trainable"]), state, meta["step"],
+                  meta["data_position"], LoraConfig.from_dict(meta["config"]), meta)
 
 
 def _abstract(tree):

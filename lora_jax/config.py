@@ -11,6 +11,8 @@ import dataclasses
 import math
 import numbers
 import re
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,15 +28,68 @@ INITS = ("kaiming_uniform", "gaussian")
 AXIS_ROLES = "lio"  # l: stacked-layer axis, i: input (contracted) axis, o: output axis
 
 
+class Serializable:
+  """``to_dict`` / ``from_dict`` for a dataclass of options: the one serializer of
+  ``LoraConfig`` and the application's run options. Values become JSON (and YAML) types:
+  dtypes their names, tuples lists, mappings dicts; ``from_dict`` turns them back by the
+  field's annotation and refuses unknown fields by name."""
+
+  def to_dict(self) -> dict:
+    return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  @classmethod
+  def from_dict(cls, data: Mapping):
+    if not isinstance(data, Mapping):
+      raise ValueError(f"{cls.__name__} options must be a mapping of field names to values, got "
+                       f"{type(data).__name__}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+      raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}; known fields: "
+                       f"{', '.join(fields)}.")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _typed(hints.get(k), v) for k, v in data.items()})
+
+
+def _plain(value):
+  if isinstance(value, Mapping):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (tuple, list)):
+    return [_plain(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  try:
+    return jnp.dtype(value).name
+  except TypeError:
+    return str(value)
+
+
+def _typed(hint, value):
+  """JSON ``value`` back to the field's type: lists to tuples where the field holds tuples."""
+  if isinstance(value, list) and _allows(hint, (tuple, Sequence)):
+    return tuple(value)
+  return value
+
+
+def _allows(hint, kinds) -> bool:
+  if hint is None:
+    return False
+  origin = typing.get_origin(hint)
+  if origin in (typing.Union, types.UnionType):
+    return any(_allows(h, kinds) for h in typing.get_args(hint))
+  return origin in kinds or hint in kinds
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoraConfig:
+class LoraConfig(Serializable):
   """Which kernels get low-rank adapters, and with which rank, alpha and init.
 
   Args:
     targets: a regular expression, or a sequence of them, searched (``re.search``) in
       '/'-joined parameter paths such as ``layers_3/attn/query/kernel``; or ``"all-linear"``.
       A pattern selects the matmul kernels on matching paths; a pattern that matches
-      nothing, or only leaves that are not kernels, is an error.
+      nothing, or only leaves that are not kernels, is an error. May be empty (``()``) when
+      ``modules_to_save`` names what to train.
     rank: r, the inner dimension of A (in, r) and B (r, out).
     alpha: the numerator of the scale ``alpha / rank``.
     rank_pattern: ``{pattern: rank}`` overrides per path; the first matching pattern wins.
@@ -49,6 +104,10 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     dtype: dtype of A and B, float32 by default whatever the base dtype.
     kernel_names: leaf names that are matmul kernels (Flax calls them ``kernel``).
+    modules_to_save: patterns (searched like ``targets``) of parameters trained in full beside
+      the adapters, as PEFT's ``modules_to_save``: a new classifier head, a layer norm. Every
+      leaf on a matching path gets a trained copy in the adapter tree; PEFT counts it twice
+      in the total (the original and the copy) and once in the trainable count.
   """
 
   targets: str | Sequence[str]
@@ -63,8 +122,12 @@ class LoraConfig:
   use_rslora: bool = False
   dtype: Any = jnp.float32
   kernel_names: Sequence[str] = ("kernel",)
+  modules_to_save: str | Sequence[str] = ()
 
   def __post_init__(self):
+    for name in ("targets", "exclude", "modules_to_save"):  # lists compare equal to tuples
+      if isinstance(getattr(self, name), list):
+        object.__setattr__(self, name, tuple(getattr(self, name)))
     _check_rank("rank", self.rank)
     _check_alpha("alpha", self.alpha)
     for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
@@ -76,7 +139,7 @@ class LoraConfig:
     for pattern, roles in self.axes_pattern.items():
       check_roles(f"axes_pattern[{pattern!r}]", roles)
     for pattern in (*self.target_patterns, *self.exclude_patterns, *self.rank_pattern,
-                    *self.alpha_pattern, *self.axes_pattern):
+                    *self.alpha_pattern, *self.axes_pattern, *self.save_patterns):
       _check_regex(pattern)
     object.__setattr__(self, "kernel_names", _as_patterns("kernel_names", self.kernel_names))
     if not (is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
@@ -92,15 +155,28 @@ class LoraConfig:
     return hash((self.target_patterns, self.rank, self.alpha, items(self.rank_pattern),
                  items(self.alpha_pattern), items(self.axes_pattern), self.exclude_patterns,
                  self.dropout, self.init, self.use_rslora, str(jnp.dtype(self.dtype)),
-                 self.kernel_names))
+                 self.kernel_names, self.save_patterns))
 
   @property
   def target_patterns(self) -> tuple[str, ...]:
-    return _as_patterns("targets", self.targets)
+    return _as_patterns("targets", self.targets, allow_empty=bool(self.save_patterns))
+
+  @property
+  def save_patterns(self) -> tuple[str, ...]:
+    """``modules_to_save`` as a tuple of patterns."""
+    return _as_patterns("modules_to_save", self.modules_to_save, allow_empty=True)
 
   @property
   def exclude_patterns(self) -> tuple[str, ...]:
     return _as_patterns("exclude", self.exclude, allow_empty=True)
+
+  @classmethod
+  def from_dict(cls, data: Mapping) -> "LoraConfig":
+    """The inverse of ``to_dict`` (dtype from its name, lists back to tuples)."""
+    values = dict(data) if isinstance(data, Mapping) else data
+    if isinstance(values, dict) and isinstance(values.get("dtype"), str):
+      values["dtype"] = jnp.dtype(values["dtype"])
+    return super().from_dict(values)
 
   def rank_for(self, path: str) -> int:
     """The rank for ``path``: the first matching ``rank_pattern`` entry, else ``rank``."""
@@ -136,7 +212,8 @@ def _as_patterns(name, value, allow_empty=False) -> tuple[str, ...]:
   if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
     raise ValueError(f"{name} must be a string or a list of strings, got {value!r}.")
   if not value and not allow_empty:
-    raise ValueError(f"{name} must name at least one pattern (or {ALL_LINEAR!r}), got {value!r}.")
+    raise ValueError(f"{name} must name at least one pattern (or {ALL_LINEAR!r}; or set "
+                     f"modules_to_save to train only whole modules), got {value!r}.")
   return tuple(value)
 
 

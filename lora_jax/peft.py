@@ -6,10 +6,15 @@ matching transformers model; ``import_peft`` reads such a folder back onto the F
 the project's model (``lora_jax.models``), concrete or ``jax.eval_shape``-abstract.
 
 Names, one rule (``torch_name``): drop a leading ``params`` collection and the trailing
-``kernel``, join with '.', and write the layer index after the layer-stack module of the
-model family (``FAMILIES``): ``encoder/layer_3/attention/self/query/kernel`` (an unrolled
-stack) or ``encoder/layer/attention/self/query/kernel`` at index 3 of its stacked axis (a
-scanned stack) is ``encoder.layer.3.attention.self.query``. Other models: ``name_map=``.
+``kernel``, join with '.', and write the layer index after the layer-stack module of a
+registered model family (``lora_jax.family``; this module names none):
+``encoder/layer_3/attention/self/query/kernel`` (an unrolled stack) or
+``encoder/layer/attention/self/query/kernel`` at index 3 of its stacked axis (a scanned stack)
+is ``encoder.layer.3.attention.self.query``. Other models: ``name_map=``.
+
+``modules_to_save`` extras are written under their module's name with PyTorch's parameter
+names (``kernel`` and ``scale`` -> ``weight``, a Linear kernel transposed), e.g.
+``base_model.model.classifier.weight``, and listed in the config's ``modules_to_save``.
 
 Tensors: ``base_model.model.<module>.lora_A.weight`` is ``a.T`` (r, in) and ``lora_B.weight``
 is ``b.T`` (out, r), as ``torch.nn.Linear`` stores (out, in); kernels with several input or
@@ -21,7 +26,6 @@ end of the dotted module name (``peft.utils.other.get_pattern_key``); the first 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -32,35 +36,26 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.adapters import LoraWeights, _nest, factor_shapes, flatten
+from lora_jax import _tree, family
+from lora_jax._tree import listing
+from lora_jax.adapters import LoraWeights, factor_shapes, split
 from lora_jax.config import LoraConfig, is_real
-from lora_jax.targets import listing, path_keys, resolve
+from lora_jax.targets import base_leaves, resolve, resolve_extras
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_VERSION = "0.21.2"  # the PEFT release whose format this module writes and reads
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-  """A reference model family: its layer stack's Flax module path, and whether transformers
-  stores the layers as GPT-2 ``Conv1D`` (weight (in, out), ``fan_in_fan_out=True``)."""
+def _stack_re() -> re.Pattern:
+  """Matches the layer-stack module of any registered family in a '/'-joined module path."""
+  stacks = sorted({re.escape(f.layer_stack) for f in family.registered().values()}, key=len,
+                  reverse=True) or ["(?!)"]
+  return re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(stacks) + r")(?:_(?P<index>\d+))?(?=/)")
 
-  stack: str
-  conv1d: bool = False
-
-
-FAMILIES = {
-    "bert": Family("encoder/layer"),  # also under BertForSequenceClassification's bert/
-    "gpt2": Family("transformer/h", conv1d=True),
-    "llama": Family("model/layers"),
-}
-_STACK = re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(f.stack for f in FAMILIES.values())
-                    + r")(?:_(?P<index>\d+))?(?=/)")
 
 # Every field PEFT 0.21's LoraConfig writes, with its default (``inference_mode`` as saved).
 PEFT_DEFAULTS: dict[str, Any] = {
@@ -81,7 +76,6 @@ PEFT_DEFAULTS: dict[str, Any] = {
 UNSUPPORTED = {
     "use_dora": "DoRA (a magnitude vector rescales the adapted weight)",
     "lora_bias": "a trained bias on lora_B",
-    "modules_to_save": "fully trained copies of whole modules",
     "trainable_token_indices": "trained embedding rows",
     "target_parameters": "LoRA on bare nn.Parameters",
     "layer_replication": "replicated layers",
@@ -120,10 +114,10 @@ def torch_name(path: str, layer: int | None = None) -> str:
   """
   keys = path.split("/")
   module = "/".join(keys[1 if keys[0] == "params" else 0:-1])
-  m = _STACK.search(module)
+  m = _stack_re().search(module)
   scanned = m is not None and m["index"] is None
   if scanned != (layer is not None):
-    stacks = ", ".join(f.stack for f in FAMILIES.values())
+    stacks = ", ".join(f.layer_stack for f in family.registered().values())
     raise ValueError(f"kernel {path!r} " + (
         "sits in a scanned layer stack and needs the layer index along its stacked axis."
         if scanned else f"has a stacked layer axis but no scanned layer stack ({stacks}) in "
@@ -136,8 +130,9 @@ def torch_name(path: str, layer: int | None = None) -> str:
 
 def model_fan_in_fan_out(paths: Iterable[str]) -> bool:
   """Whether transformers stores the layers of the model with these Flax paths as Conv1D."""
-  stacks = {m["stack"] for p in paths if (m := _STACK.search(p))}
-  return any(f.conv1d for f in FAMILIES.values() if f.stack in stacks)
+  stacks = {m["stack"] for p in paths if (m := _stack_re().search(_tree.join(p) if
+                                                                 isinstance(p, tuple) else p))}
+  return any(f.conv1d for f in family.registered().values() if f.layer_stack in stacks)
 
 
 def patterns(names: Iterable[str]) -> list[str]:
@@ -174,6 +169,36 @@ def pattern_value(pattern_map: Mapping[str, Any], name: str, default):
 
 
 # ---- export ------------------------------------------------------------------------------------
+
+_TORCH_PARAM = {"kernel": "weight", "scale": "weight", "embedding": "weight"}  # else the same
+
+
+def _torch_param(leaf: str, value: np.ndarray, conv1d: bool) -> tuple[str, np.ndarray]:
+  """PyTorch's parameter name and layout for one Flax leaf of one layer: a Linear kernel (in,
+  out) is stored (out, in); GPT-2's Conv1D keeps (in, out)."""
+  if leaf == "kernel" and not conv1d:
+    if value.ndim != 2:
+      raise ValueError(f"a modules_to_save kernel of shape {value.shape} has no torch.nn.Linear "
+                       f"layout; only 2-D kernels can be exported.")
+    value = value.T
+  return _TORCH_PARAM.get(leaf, leaf), np.ascontiguousarray(value)
+
+
+def _stacked(path: str) -> bool:
+  m = _stack_re().search(path.rsplit("/", 1)[0])
+  return m is not None and m["index"] is None
+
+
+def _extra_tensors(extras, conv1d: bool, name_map) -> dict[str, np.ndarray]:
+  """``{"<module>.<param>": tensor}`` for the trained ``modules_to_save`` leaves."""
+  out = {}
+  for keys, x in extras.items():
+    path, value = _tree.join(keys), np.asarray(x, np.float32)
+    for layer in range(value.shape[0]) if _stacked(path) else [None]:
+      name, tensor = _torch_param(keys[-1], value if layer is None else value[layer], conv1d)
+      out[f"{name_map(path, layer)}.{name}"] = tensor
+  return out
+
 
 def _number(x: float) -> int | float:
   return int(x) if float(x).is_integer() else float(x)
@@ -266,9 +291,10 @@ def export_peft(directory, adapters, *, config: LoraConfig,
     ValueError: empty adapters, a leaf that disagrees with ``config``, or module names that
       PEFT could not tell apart.
   """
-  flat = flatten(adapters)
-  if not flat:
+  lora, extras = split(adapters)
+  if not lora and not extras:
     raise ValueError("adapters hold no LoraWeights; nothing to export.")
+  flat = {_tree.join(p): lw for p, lw in lora.items()}
   tensors: dict[str, np.ndarray] = {}
   modules: dict[str, tuple[int, float]] = {}
   for path, lw in flat.items():
@@ -283,9 +309,14 @@ def export_peft(directory, adapters, *, config: LoraConfig,
       tensors[f"base_model.model.{name}.lora_A.weight"] = a
       tensors[f"base_model.model.{name}.lora_B.weight"] = b
       modules[name] = (lw.rank, config.alpha_for(path))
-  conv1d = model_fan_in_fan_out(flat) if fan_in_fan_out is None else fan_in_fan_out
+  paths = [*flat, *(_tree.join(p) for p in extras)]
+  conv1d = model_fan_in_fan_out(paths) if fan_in_fan_out is None else fan_in_fan_out
+  saved = _extra_tensors(extras, conv1d, name_map)
+  tensors.update({f"base_model.model.{k}": v for k, v in saved.items()})
   contents = peft_config(config, modules, fan_in_fan_out=conv1d, task_type=task_type,
                          base_model_name_or_path=base_model_name_or_path)
+  if saved:
+    contents["modules_to_save"] = sorted({k.rsplit(".", 1)[0] for k in saved})
   from safetensors.numpy import save
 
   directory = pathlib.Path(directory)
@@ -447,9 +478,9 @@ def _kernels(params, uses) -> dict[str, _Kernel]:
   """The matmul kernels of ``params`` with their axis roles (from ``uses``, else ``io`` for
   2-D and ``lio`` for 3-D, a scanned Dense stack); kernels with unknown roles are left out."""
   out = {}
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    keys, shape = path_keys(key_path), tuple(getattr(leaf, "shape", ()))
-    path = "/".join(keys)
+  for keys, leaf in base_leaves(params).items():
+    shape = tuple(getattr(leaf, "shape", ()))
+    path = _tree.join(keys)
     axes = _kernel_axes(path, shape, uses) if keys and keys[-1] == "kernel" else None
     if axes and len(axes) == len(shape) and axes.count("l") <= 1:
       out[path] = _Kernel(keys, shape, axes)
@@ -517,24 +548,28 @@ def _by_kernel(entries: Iterable[_Entry], file) -> dict[str, list[_Entry]]:
   return out
 
 
-def _check_fan_in_fan_out(data: dict, kernels, expected: bool | None, file) -> None:
+def _check_fan_in_fan_out(data: dict, kernels, expected: bool | None, file) -> bool:
+  """The model's fan_in_fan_out, checked against the file's."""
   expected = model_fan_in_fan_out(kernels) if expected is None else expected
   if data.get("fan_in_fan_out", False) != expected:
     layers = "GPT-2 Conv1D (fan_in_fan_out true)" if expected else "Linear (fan_in_fan_out false)"
     raise ValueError(f"{file}: fan_in_fan_out is {str(data.get('fan_in_fan_out')).lower()}, but "
                      f"the base model's layers are {layers}: the adapter was saved for a "
                      f"different model (pass fan_in_fan_out= if the base is right).")
+  return expected
 
 
 def _anchored(values: Mapping[str, Any]) -> dict[str, Any]:
   return {f"^(?:{p})$": v for p, v in grouped_patterns(values).items()}
 
 
-def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels) -> LoraConfig:
+def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels,
+                 extras: Mapping) -> LoraConfig:
   """The LoraConfig that makes these kernels' adapters with lora_jax.init / plan."""
   rank, alpha = data.get("r", 8), float(data.get("lora_alpha", 8))
   first = {path: group[0] for path, group in groups.items()}
   return LoraConfig(
+      modules_to_save=tuple(f"^(?:{p})$" for p in patterns(_tree.join(k) for k in extras)),
       targets=[f"^(?:{p})$" for p in patterns(groups)], rank=rank, alpha=alpha,
       rank_pattern=_anchored({p: e.rank for p, e in first.items() if e.rank != rank}),
       alpha_pattern=_anchored({p: e.alpha for p, e in first.items() if e.alpha != alpha}),
@@ -590,17 +625,70 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   data = read_config(config_file)
   tensors = read_tensors(weights_file)
   kernels = _kernels(params, uses)
-  _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
-  pairs = _factor_pairs(tensors, weights_file)
-  if not pairs:
+  conv1d = _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
+  saved = {k: v for k, v in tensors.items() if _is_saved(k, data.get("modules_to_save") or ())}
+  pairs = _factor_pairs({k: v for k, v in tensors.items() if k not in saved}, weights_file)
+  if not pairs and not saved:
     raise ValueError(f"{weights_file} holds no LoRA factors.")
   index = _module_index(kernels, name_map)
   groups = _by_kernel([_entry(m, p, index, kernels, data, weights_file)
                        for m, p in pairs.items()], weights_file)
-  config = _lora_config(data, groups, kernels)
+  extras = _extras(saved, params, name_map, conv1d, weights_file)
+  config = _lora_config(data, groups, kernels, extras)
   try:
     targets = resolve(config, params)
+    resolve_extras(config, params)
   except ValueError as e:
     raise ValueError(f"{directory}: {e}") from None
   flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config) for t in targets}
-  return config, _nest(flat)
+  return config, _tree.nest({**flat, **extras})
+
+
+def _is_saved(key: str, modules: Iterable[str]) -> bool:
+  """Whether ``key`` is a ``modules_to_save`` tensor (PEFT matches a module by its name or a
+  dotted suffix of it)."""
+  if _FACTOR.fullmatch(key) or not key.startswith("base_model.model."):
+    return False
+  module = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+  return any(module == m or module.endswith("." + m) for m in modules)
+
+
+def _saved_index(params, name_map) -> dict[str, tuple[tuple[str, ...], int | None]]:
+  """``{"<module>.<param>": (leaf keys, layer or None)}`` for every leaf of ``params``."""
+  index = {}
+  for keys, leaf in base_leaves(params).items():
+    path = _tree.join(keys)
+    for layer in range(leaf.shape[0]) if _stacked(path) and leaf.shape else [None]:
+      try:
+        module = name_map(path, layer)
+      except (KeyError, ValueError):
+        break
+      index[f"{module}.{_TORCH_PARAM.get(keys[-1], keys[-1])}"] = (keys, layer)
+  return index
+
+
+def _extras(saved: Mapping[str, np.ndarray], params, name_map, conv1d: bool, file) -> dict:
+  """The ``modules_to_save`` leaves, ``{leaf keys: array}``, from their tensors; every layer of
+  a stacked leaf must be present."""
+  index, leaves = _saved_index(params, name_map), base_leaves(params)
+  values: dict[tuple, np.ndarray] = {}
+  filled: dict[tuple, set] = {}
+  for key, tensor in saved.items():
+    name = key.removeprefix("base_model.model.")
+    if name not in index:
+      raise ValueError(f"{file}: tensor {key!r} (modules_to_save) names no parameter of the base "
+                       f"params; parameters include {listing(index)}.")
+    keys, layer = index[name]
+    shape = tuple(leaves[keys].shape)
+    value = tensor.T if keys[-1] == "kernel" and not conv1d else tensor
+    if value.shape != (shape if layer is None else shape[1:]):
+      raise ValueError(f"{file}: tensor {key!r} has shape {tensor.shape}, which does not fit "
+                       f"{_tree.join(keys)!r} of shape {shape}.")
+    out = values.setdefault(keys, np.zeros(shape, np.float32))
+    out[() if layer is None else layer] = value
+    filled.setdefault(keys, set()).add(layer)
+  for keys, layers in filled.items():
+    if None not in layers and len(layers) != leaves[keys].shape[0]:
+      raise ValueError(f"{file}: modules_to_save holds {len(layers)} of the "
+                       f"{leaves[keys].shape[0]} layers of {_tree.join(keys)!r}; all are needed.")
+  return {k: jnp.asarray(v, leaves[k].dtype) for k, v in values.items()}

@@ -14,7 +14,7 @@ the rest: everything here is ``jax.sharding``, ``jax.jit`` in/out shardings and
 Recipe (a 4x2 mesh of ("data", "model"), tensor parallel, batch split over "data"):
 
     >>> mesh = sharding.mesh("4x2")
-    >>> specs = sharding.llama_specs(params, mesh=mesh)            # base, a PartitionSpec tree
+    >>> specs = sharding.tensor_parallel_specs(params, llama.FAMILY.partition_rules, mesh=mesh)
     >>> base = jax.device_put(params, sharding.named_shardings(specs, mesh))
     >>> adapters = sharding.init_sharded(config, params, key=key, shardings=specs, mesh=mesh,
     ...                                  uses=lora_jax.analyze(model.apply, params, ids))
@@ -37,16 +37,13 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
-from lora_jax.adapters import LoraWeights, flatten, init
+from lora_jax import _tree
+from lora_jax.adapters import init, is_adapter, split
 from lora_jax.config import LoraConfig
-from lora_jax.models import llama
-from lora_jax.targets import path_keys
 from lora_jax.train import StepOutput, train_step
 
 P = PartitionSpec
 SIMULATE = "XLA_FLAGS=--xla_force_host_platform_device_count=8"
-
-LLAMA_RULES = llama.PARTITION_RULES  # the reference Llama's layout (models/llama.py)
 
 
 # ----------------------------------------------------------------------- spec trees
@@ -56,14 +53,13 @@ def _is_spec(x) -> bool:
   return x is None or isinstance(x, (PartitionSpec, Sharding))
 
 
-def _by_path(tree) -> dict[str, Any]:
-  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_spec)[0]
-  return {"/".join(path_keys(p)): leaf for p, leaf in flat}
+def _by_path(tree) -> dict[_tree.Path, Any]:
+  return _tree.flatten(tree, is_leaf=_is_spec)
 
 
 def named_shardings(specs, mesh: Mesh):
-  """``specs`` (a pytree of PartitionSpecs, e.g. ``llama_specs``'s, or of LoraWeights holding
-  them) with every PartitionSpec made a ``NamedSharding`` on ``mesh``; other leaves kept."""
+  """``specs`` (a pytree of PartitionSpecs, e.g. ``tensor_parallel_specs``', or of LoraWeights
+  holding them) with every PartitionSpec made a ``NamedSharding`` on ``mesh``; other leaves kept."""
   def named(s):
     return NamedSharding(mesh, s) if isinstance(s, PartitionSpec) else s
 
@@ -111,7 +107,8 @@ def adapter_shardings(adapters, base_shardings):
   Returns:
     The adapter tree with ``LoraWeights(a=..., b=...)`` holding shardings of the leaf's kind:
     A takes W's stacked and input axes' entries, B its stacked and output ones, the rank axis
-    None. Pass it to ``jax.device_put`` or ``jax.jit(out_shardings=...)``.
+    None; a trained extra (``modules_to_save``) takes its base leaf's sharding. Pass it to
+    ``jax.device_put`` or ``jax.jit(out_shardings=...)``.
 
   Raises:
     ValueError: an adapted kernel has no entry in ``base_shardings``, or its spec is too long.
@@ -119,20 +116,18 @@ def adapter_shardings(adapters, base_shardings):
   """
   specs = _by_path(base_shardings)
 
-  def one(key_path, lw: LoraWeights):
-    path = "/".join(path_keys(key_path))
-    if path not in specs:
+  def one(keys, leaf):
+    path = _tree.join(keys)
+    if keys not in specs:
       raise ValueError(f"base_shardings has no entry for the adapted kernel {path!r}; pass a "
                        f"tree matching the base params (it has {len(specs)} leaves).")
-    spec, wrap = _spec_of(specs[path], path)
-    if spec is None:
-      a, b = None, None
-    else:
-      a, b = factor_specs(spec, lw.axes, path=path)
-    return LoraWeights(a=wrap(a), b=wrap(b), scale=lw.scale, axes=lw.axes, dropout=lw.dropout)
+    spec, wrap = _spec_of(specs[keys], path)
+    if not is_adapter(leaf):  # a trained extra is laid out as its base leaf
+      return wrap(spec)
+    a, b = (None, None) if spec is None else factor_specs(spec, leaf.axes, path=path)
+    return dataclasses.replace(leaf, a=wrap(a), b=wrap(b))
 
-  return jax.tree_util.tree_map_with_path(one, adapters,
-                                          is_leaf=lambda x: isinstance(x, LoraWeights))
+  return _tree.map_with_path(one, adapters, is_leaf=is_adapter)
 
 
 def _need_named(tree, what: str) -> None:
@@ -159,6 +154,10 @@ def init_sharded(config: LoraConfig, params, *, key: jax.Array, shardings, mesh:
   """
   shardings = shardings if mesh is None else named_shardings(shardings, mesh)
   _need_named(shardings, "shardings")
+  if config.save_patterns:  # trained copies of base leaves: the values are needed
+    make = lambda k, p: init(config, p, key=k, uses=uses)  # noqa: E731
+    out = adapter_shardings(jax.eval_shape(make, key, _abstract(params)), shardings)
+    return jax.jit(make, out_shardings=out)(key, params)
   abstract = _abstract(params)
   make = lambda k: init(config, abstract, key=k, uses=uses)  # noqa: E731
   out = adapter_shardings(jax.eval_shape(make, key), shardings)
@@ -178,20 +177,19 @@ def opt_state_shardings(opt_state, adapters, shardings, *, mesh: Mesh):
     mesh: the mesh for PartitionSpecs and replicated leaves.
   """
   shardings = named_shardings(shardings, mesh)
-  leaves = jax.tree_util.tree_flatten_with_path(adapters)[0]
+  leaves = _tree.flatten(adapters)
   placed = jax.tree_util.tree_leaves(shardings, is_leaf=_is_spec)
-  table = {path_keys(p): (np.shape(x), s) for (p, x), s in zip(leaves, placed)}
+  table = {p: (np.shape(x), s) for (p, x), s in zip(leaves.items(), placed)}
   replicated = NamedSharding(mesh, P())
 
-  def leaf(key_path, x):
-    keys = path_keys(key_path)
+  def leaf(keys, x):
     for n in range(len(keys)):
       shape, s = table.get(keys[n:], (None, None))
       if shape == np.shape(x):
         return s
     return replicated
 
-  return jax.tree_util.tree_map_with_path(leaf, opt_state)
+  return _tree.map_with_path(leaf, opt_state)
 
 
 def restore_sharding(shardings, *, mesh: Mesh | None = None) -> Callable:
@@ -203,9 +201,10 @@ def restore_sharding(shardings, *, mesh: Mesh | None = None) -> Callable:
   """
   shardings = shardings if mesh is None else named_shardings(shardings, mesh)
   _need_named(shardings, "shardings")
-  table = {}
-  for path, lw in flatten(shardings).items():
-    table[f"{path}/a"], table[f"{path}/b"] = lw.a, lw.b
+  lora, extras = split(shardings)
+  table = {_tree.join(p): s for p, s in extras.items()}
+  for path, lw in lora.items():
+    table[_tree.join((*path, "a"))], table[_tree.join((*path, "b"))] = lw.a, lw.b
 
   def sharding(path: str, shape) -> Sharding:
     if path not in table:
@@ -321,8 +320,8 @@ def tensor_parallel_specs(params, rules: Sequence[tuple[str, str]], *, mesh: Mes
     raise ValueError(f"rule layouts must be 'row' or 'column', got {bad}.")
   found = []
 
-  def spec(key_path, x):
-    path, shape = "/".join(path_keys(key_path)), np.shape(x)
+  def spec(keys, x):
+    path, shape = _tree.join(keys), np.shape(x)
     layout = _layout(rules, path)
     if layout is None:
       return P()
@@ -331,19 +330,11 @@ def tensor_parallel_specs(params, rules: Sequence[tuple[str, str]], *, mesh: Mes
     _check_divisible(path, shape, out, mesh)
     return out
 
-  specs = jax.tree_util.tree_map_with_path(spec, params)
+  specs = _tree.map_with_path(spec, params)
   if not found:
     raise ValueError(f"no parameter matches the rules {[p for p, _ in rules]}; is this the "
                      "model they were written for?")
   return specs
-
-
-def llama_specs(params, *, mesh: Mesh, fsdp: bool = False):
-  """Base PartitionSpecs for ``lora_jax.models.LlamaForCausalLM`` (scanned or unrolled):
-  q/k/v/gate/up and lm_head split on their output axis over "model", o/down on their input
-  axis, the embedding on its vocabulary axis; with ``fsdp`` the other kernel axis over "data";
-  norms replicated. See ``tensor_parallel_specs`` for the errors."""
-  return tensor_parallel_specs(params, LLAMA_RULES, mesh=mesh, fsdp=fsdp)
 
 
 # ----------------------------------------------------------------------- the train step
@@ -382,7 +373,8 @@ def sharded_train_step(loss_fn: Callable, optimizer: optax.GradientTransformatio
     loss_fn, optimizer, has_aux: as for ``lora_jax.train_step``.
     adapters: the adapter tree or its ``jax.eval_shape`` (read for paths, shapes, roles).
     mesh: the device mesh.
-    base_shardings: the base tree's PartitionSpecs or NamedShardings (e.g. ``llama_specs``).
+    base_shardings: the base tree's PartitionSpecs or NamedShardings (e.g.
+      ``tensor_parallel_specs``').
     batch_spec: a PartitionSpec for every batch leaf (a tree prefix of the batch); default
       the leading axis over "data".
     donate: donate the adapters' and optimizer state's buffers.

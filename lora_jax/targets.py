@@ -17,28 +17,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax import _tree, kernels
+from lora_jax._tree import listing
 from lora_jax.config import ALL_LINEAR, HEAD_PATTERN, LoraConfig, check_roles
 
 
-def path_keys(key_path) -> tuple[str, ...]:
-  """The string keys of a ``jax.tree_util`` key path, without NNX's trailing ``value``."""
-  keys = [_key_str(k) for k in key_path]
-  if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and keys[-1] == "value":
-    keys.pop()
-  return tuple(keys)
-
-
-def _key_str(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def leaves_by_path(tree) -> dict[str, Any]:
-  """``{'/'-joined path: leaf}`` for every leaf of ``tree``."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {"/".join(path_keys(p)): leaf for p, leaf in flat}
+  """``{'/'-joined path: leaf}`` for every leaf of ``tree`` (kernel-kind instances are leaves);
+  for messages and regular expressions. The library keys trees by ``_tree.flatten``'s tuples."""
+  return {_tree.join(p): leaf for p, leaf in base_leaves(tree).items()}
+
+
+def base_leaves(tree) -> dict[_tree.Path, Any]:
+  """``{path tuple: leaf}`` of a base tree, a registered kernel kind being one leaf."""
+  return _tree.flatten(tree, is_leaf=kernels.is_kind)
 
 
 def _shape(leaf) -> tuple[int, ...]:
@@ -57,7 +49,7 @@ def size(leaf) -> int:
 class Target:
   """One adapted kernel: where it is, its shape and axis roles, and its adapter's size."""
 
-  path: str
+  path: str  # '/'-joined, for display and patterns
   shape: tuple[int, ...]
   dtype: Any
   axes: str  # one role per kernel axis: l (stacked layer), i (input), o (output)
@@ -65,6 +57,7 @@ class Target:
   alpha: float
   scale: float
   route: str | None = None  # "factored" or "merged", when the plan was made with analyze()
+  keys: tuple[str, ...] = ()  # the path as tree keys (a key may hold a '/')
 
   def _prod(self, role: str) -> int:
     return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
@@ -87,16 +80,8 @@ class Target:
     return self.stack * self.rank * (self.in_features + self.out_features)
 
 
-def listing(paths, limit: int = 6) -> str:
-  """A short, comma-separated listing of ``paths`` for error messages."""
-  paths = list(paths)
-  shown = ", ".join(paths[:limit])
-  more = len(paths) - limit
-  return shown + (f", ... ({more} more; use lora_jax.plan() to list all)" if more > 0 else "")
-
-
-def _is_kernel(config: LoraConfig, path: str, leaf) -> bool:
-  return path.rsplit("/", 1)[-1] in config.kernel_names and _ndim(leaf) >= 2
+def _is_kernel(config: LoraConfig, keys: _tree.Path, leaf) -> bool:
+  return bool(keys) and keys[-1] in config.kernel_names and _ndim(leaf) >= 2
 
 
 def _module(path: str) -> str:
@@ -149,12 +134,12 @@ def _axes_for(config: LoraConfig, path: str, shape, uses) -> str:
   return roles
 
 
-def _target(config, path, leaf, uses) -> Target:
+def _target(config, path, leaf, uses, keys) -> Target:
   axes = _axes_for(config, path, leaf.shape, uses)
   rank = config.rank_for(path)
   target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes, rank=rank,
                   alpha=config.alpha_for(path), scale=config.scale_for(path),
-                  route=getattr(uses.get(path), "route", None) if uses else None)
+                  route=getattr(uses.get(path), "route", None) if uses else None, keys=keys)
   limit = min(target.in_features, target.out_features)
   if rank > limit:
     raise ValueError(f"rank {rank} for kernel {path!r} is larger than min(in, out) = {limit} "
@@ -176,19 +161,62 @@ def resolve(config: LoraConfig, params, *, uses: Mapping | None = None) -> list[
     ValueError: a pattern matches nothing, selects a leaf that is not a matmul kernel, a rank
       does not fit, or a kernel's axis roles are unknown.
   """
+  keys = {_tree.join(k): k for k in base_leaves(params)}
   leaves = leaves_by_path(params)
-  kernels = {p: leaf for p, leaf in leaves.items() if _is_kernel(config, p, leaf)}
+  kernels = {p: leaf for p, leaf in leaves.items() if _is_kernel(config, keys[p], leaf)}
   chosen: set[str] = set()
   for pattern in config.target_patterns:
     chosen |= _match_pattern(config, pattern, leaves, kernels)
   chosen = {p for p in chosen if not any(re.search(e, p) for e in config.exclude_patterns)}
   targeted = [p for p in leaves if p in chosen]
-  if not targeted:
+  if not targeted and config.target_patterns:
     raise ValueError(f"targets {config.targets!r} minus exclude {config.exclude!r} left no "
                      f"kernel to adapt; kernels include {listing(kernels)}.")
   for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
     _check_pattern_keys(name, getattr(config, name), targeted)
-  return [_target(config, p, leaves[p], uses) for p in targeted]
+  targets = [_target(config, p, leaves[p], uses, keys[p]) for p in targeted]
+  _check_disjoint(targets, resolve_extras(config, params))
+  return targets
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+  """One parameter trained in full beside the adapters (``LoraConfig.modules_to_save``)."""
+
+  path: str  # '/'-joined, for display
+  shape: tuple[int, ...]
+  dtype: Any
+  keys: tuple[str, ...] = ()
+
+  @property
+  def num_params(self) -> int:
+    return math.prod(self.shape)
+
+
+def resolve_extras(config: LoraConfig, params) -> list[Extra]:
+  """The leaves of ``params`` that ``config.modules_to_save`` trains in full, in tree order.
+
+  Raises:
+    ValueError: a pattern matches no parameter.
+  """
+  flat = base_leaves(params)
+  joined = {_tree.join(k): k for k in flat}
+  chosen = set()
+  for pattern in config.save_patterns:
+    matched = {p for p in joined if re.search(pattern, p)}
+    if not matched:
+      raise ValueError(f"modules_to_save pattern {pattern!r} matched no parameter; available "
+                       f"paths include {listing(joined)}.")
+    chosen |= matched
+  return [Extra(path=p, shape=_shape(flat[k]), dtype=_dtype(flat[k]), keys=k)
+          for p, k in joined.items() if p in chosen]
+
+
+def _check_disjoint(targets, extras) -> None:
+  both = sorted({t.path for t in targets} & {e.path for e in extras})
+  if both:
+    raise ValueError(f"{listing(both)} is both a LoRA target and in modules_to_save; a kernel is "
+                     f"either adapted or trained in full: drop it from one (exclude= helps).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,10 +239,12 @@ class ParamCount:
 def num_params(tree) -> int:
   """Parameters in ``tree`` as PEFT counts them: floating-point leaves only (an NNX state's
   RNG keys and counters are not parameters), and only the ``"params"`` collection of a Flax
-  linen variables dict (``batch_stats`` and other collections are buffers, not parameters)."""
+  linen variables dict (``batch_stats`` and other collections are buffers, not parameters).
+  A kernel-kind leaf (a quantized kernel) counts at its dense size, as PEFT counts 4-bit
+  weights at their unquantized size."""
   if isinstance(tree, Mapping) and "params" in tree:
     tree = tree["params"]
-  leaves = jax.tree_util.tree_leaves(tree)
+  leaves = jax.tree_util.tree_leaves(tree, is_leaf=kernels.is_kind)
   return sum(size(x) for x in leaves if jnp.issubdtype(_dtype(x), jnp.inexact))
 
 
@@ -225,8 +255,10 @@ def _dtype(leaf):
 def count(base, adapters) -> ParamCount:
   """Trainable (adapter) and total (base + adapter) parameter counts, as PEFT prints them.
 
-  Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike; see ``num_params``
-  for what counts as a base parameter.
+  ``adapters`` is the trainable tree: LoraWeights and any trained extras
+  (``modules_to_save``), which PEFT counts once in the trainable count and twice in the total
+  (the frozen original and the trained copy). Works on concrete arrays and on
+  ``jax.ShapeDtypeStruct`` trees alike; see ``num_params`` for what counts as a base parameter.
   """
   trainable = sum(size(x) for x in jax.tree_util.tree_leaves(adapters))
   return ParamCount(trainable=trainable, total=num_params(base) + trainable)
@@ -238,10 +270,11 @@ class Plan:
 
   targets: tuple[Target, ...]
   base_params: int
+  extras: tuple[Extra, ...] = ()
 
   @property
   def counts(self) -> ParamCount:
-    trainable = sum(t.num_params for t in self.targets)
+    trainable = sum(t.num_params for t in (*self.targets, *self.extras))
     return ParamCount(trainable=trainable, total=self.base_params + trainable)
 
   @property
@@ -255,9 +288,14 @@ class Plan:
     rows = [header] + [(t.path, "x".join(map(str, t.shape)), t.axes, str(t.rank), f"{t.alpha:g}",
                         f"{t.scale:g}", f"{t.num_params:,d}") + (t.route or "-",) * routes
                        for t in self.targets]
+    rows += [(e.path, "x".join(map(str, e.shape)), "-", "-", "-", "-", f"{e.num_params:,d}")
+             + ("saved",) * routes for e in self.extras]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     summary = f"{len(self.targets)} kernels adapted; {self.counts}"
+    if self.extras:
+      summary = (f"{len(self.targets)} kernels adapted, {len(self.extras)} parameters trained in "
+                 f"full (modules_to_save); {self.counts}")
     if self.fallbacks:
       summary += f"; {len(self.fallbacks)} used outside a matmul (merged fallback)"
     return "\n".join(lines + [summary])
@@ -274,4 +312,5 @@ def plan(config: LoraConfig, params, *, uses: Mapping | None = None) -> Plan:
   Returns:
     A Plan; ``print(plan)`` shows one row per kernel and the PEFT-style totals.
   """
-  return Plan(targets=tuple(resolve(config, params, uses=uses)), base_params=num_params(params))
+  return Plan(targets=tuple(resolve(config, params, uses=uses)), base_params=num_params(params),
+              extras=tuple(resolve_extras(config, params)))

@@ -1,7 +1,8 @@
-"""optax glue: gradients for the adapter tree only, a jitted train step, and LoRA+.
+"""optax glue: gradients for the trainable tree only, a jitted train step, and LoRA+.
 
 The base tree is an argument of the step that is never differentiated: gradients, optimizer
-state and updates exist for A and B alone, and nothing full-size is built for a frozen leaf.
+state and updates exist for the trainable tree alone (A and B, plus any ``modules_to_save``
+extras), and nothing full-size is built for a frozen leaf.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import dataclasses
+
 import jax
 import optax
 
-from lora_jax.adapters import LoraWeights
+from lora_jax.adapters import is_adapter
 from lora_jax.config import is_real
 from lora_jax.transform import lora
 
@@ -31,7 +34,9 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
   Args:
     loss_fn: ``loss_fn(params, batch) -> loss`` (or ``(loss, aux)`` with ``has_aux``), written
       against the ordinary parameter tree; ``lora_jax.lora`` adapts it.
-    optimizer: an optax transformation; its state is ``optimizer.init(adapters)``.
+    optimizer: an optax transformation; its state is ``optimizer.init(adapters)``, where
+      ``adapters`` is the trainable tree of ``lora_jax.init`` (adapters and any trained
+      ``modules_to_save`` extras).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     donate: donate the adapters and optimizer state buffers to the step (off by default:
       the caller's arrays stay valid).
@@ -60,11 +65,11 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
 
 
 def value_and_grad(loss_fn: Callable, *, has_aux: bool = False) -> Callable:
-  """``jax.value_and_grad`` for LoRA: differentiates with respect to the adapters only.
+  """``jax.value_and_grad`` for LoRA: differentiates with respect to the trainable tree only.
 
   Returns ``f(base, adapters, *args, **kwargs) -> (value, grads)``, where value is
   ``loss_fn(merge(base, adapters), *args, **kwargs)`` (computed factored) and ``grads`` has the
-  adapter tree's structure. The base is never differentiated.
+  trainable tree's structure (A, B and any trained extras). The base is never differentiated.
   """
   adapted = lora(loss_fn)
 
@@ -75,11 +80,15 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False) -> Callable:
   return f
 
 
-def _factor_labels(adapters):
-  def label(lw):
-    return LoraWeights(a="a", b="b", scale=lw.scale, axes=lw.axes, dropout=lw.dropout)
+def _factor_labels(trainable):
+  """"b" for every B factor; "a" for A and for trained extras (PEFT's LoRA+ gives every
+  parameter that is not a lora_B the base learning rate)."""
+  def label(x):
+    if not is_adapter(x):
+      return "a"
+    return dataclasses.replace(x, **{f: "b" if f == "b" else "a" for f in ("a", "b")})
 
-  return jax.tree_util.tree_map(label, adapters, is_leaf=lambda x: isinstance(x, LoraWeights))
+  return jax.tree_util.tree_map(label, trainable, is_leaf=is_adapter)
 
 
 def lora_plus(make_optimizer: Callable[..., optax.GradientTransformation], *,

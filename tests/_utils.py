@@ -1,5 +1,7 @@
 """Small test helpers (no chex dependency)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,8 +23,10 @@ def randomize_b(adapters, key, scale=0.5):
   keys = iter(jax.random.split(key, len(flat)))
 
   def fill(lw):
+    if not isinstance(lw, lora_jax.LoraWeights):  # a trained extra stays as it is
+      return lw
     b = scale * jax.random.normal(next(keys), lw.b.shape, lw.b.dtype)
-    return lora_jax.LoraWeights(a=lw.a, b=b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout)
+    return dataclasses.replace(lw, b=b)
 
   return jax.tree_util.tree_map(fill, adapters,
                                 is_leaf=lambda x: isinstance(x, lora_jax.LoraWeights))
@@ -30,3 +34,9 @@ def randomize_b(adapters, key, scale=0.5):
 
 def f64(x):
   return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+
+
+def flat_adapters(trainable):
+  """``{'/'-joined path: LoraWeights}`` of a trainable tree (extras left out)."""
+  lora, _ = lora_jax.adapters.split(trainable)
+  return {"/".join(p): lw for p, lw in lora.items()}

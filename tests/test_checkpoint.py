@@ -201,7 +201,7 @@ def test_damaged_files_are_reported(tmp_path):
   meta.write_text(meta.read_text()[:20])  # truncated JSON
   with pytest.raises(ValueError, match=r"1: cannot read its description"):
     checkpoint.restore(tmp_path, base=base)
-  for f in (tmp_path / "0" / "adapters").rglob("*"):
+  for f in (tmp_path / "0" / "trainable").rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated array data
   with pytest.raises(ValueError, match=r"0: cannot read the saved arrays"):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lora_jax import cli
+from lora_jax.app import cli
 
 
 def test_count_prints_plan_and_peft_line(capsys):
@@ -41,15 +41,43 @@ def test_default_targets_follow_the_layout(capsys):
     (["count"], "the following arguments are required: --model"),
     (["count", "--model", "gpt2", "--targets", "q,v"], "gpt2 has a fused c_attn projection"),
     (["count", "--model", "gpt-3-175b", "--targets", "qkv"], "use q,k,v instead of 'qkv'"),
-    (["count", "--model", "llama-2-7b", "--separate-qkv"], "applies to the GPT-2 family only"),
+    (["count", "--model", "llama-2-7b", "--separate-qkv"], "--separate-qkv applies to the gpt2 "
+                                                           "family only, not llama-2-7b"),
     (["count", "--model", "gpt2", "--targets", "x{4294967296}"], "is not a valid regular "
                                                                  "expression"),
     (["fit"], "argument command: invalid choice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message):
-  done = subprocess.run([sys.executable, "-m", "lora_jax.cli", *argv], capture_output=True,
+  done = subprocess.run([sys.executable, "-m", "lora_jax.app.cli", *argv], capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 2
   assert done.stdout == ""
   assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
   assert "Traceback" not in done.stderr
+
+
+def test_train_flags_come_from_the_options_and_override_a_config_file(tmp_path):
+  import dataclasses
+
+  from lora_jax.app.classify import ClassifyOptions
+  parser = cli._parser()
+  train = parser._subparsers._group_actions[0].choices["train"]
+  flags = {a.option_strings[0] for a in train._actions if a.option_strings}
+  assert {cli.flag(f.name) for f in dataclasses.fields(ClassifyOptions)} <= flags
+  (tmp_path / "run.yaml").write_text("rank: 4\nsteps: 12\ntargets: q,k,v\nfull: false\n")
+  (tmp_path / "run.json").write_text('{"rank": 2, "lora-plus-ratio": 4}')
+  args = parser.parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "3"])
+  o = cli.options_from(args, ClassifyOptions)
+  assert (o.rank, o.steps, o.targets, o.batch_size) == (4, 3, "q,k,v", 32)  # the flag wins
+  o = cli.options_from(parser.parse_args(["train", "--config", str(tmp_path / "run.json")]),
+                       ClassifyOptions)
+  assert (o.rank, o.lora_plus_ratio) == (2, 4)
+  assert cli.options_from(parser.parse_args(["train", "--full"]), ClassifyOptions).full
+
+
+def test_options_errors_are_shown_as_flags(tmp_path, capsys):
+  (tmp_path / "bad.json").write_text('{"eval_every": 0}')
+  assert cli.main(["train", "--config", str(tmp_path / "bad.json"), "--out",
+                   str(tmp_path / "r")]) == 2
+  assert capsys.readouterr().err == ("lora-jax train: --eval-every must be an integer > 0, "
+                                     "got 0.\n")

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 
-from lora_jax import data
+from lora_jax.app import data
 
 
 def test_reads_tsv_csv_and_jsonl(tmp_path):

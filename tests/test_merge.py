@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax
 from _models import ALL_CASES, linen_case
-from _utils import assert_trees_close, f64, randomize_b
+from _utils import assert_trees_close, f64, flat_adapters, randomize_b
 
 
 def _adapters(case, **config):
@@ -35,7 +35,7 @@ def test_unmerge_restores_base(make_case, dtype, tol):
   merged = jax.jit(lora_jax.merge)(case.params, adapters)
   changed = [not np.array_equal(f64(a), f64(b)) for a, b in
              zip(jax.tree_util.tree_leaves(merged), jax.tree_util.tree_leaves(case.params))]
-  assert sum(changed) == len(lora_jax.adapters.flatten(adapters))
+  assert sum(changed) == len(flat_adapters(adapters))
   restored = jax.jit(lora_jax.unmerge)(merged, adapters)
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(case.params)
   for got, want in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(case.params)):
@@ -45,8 +45,8 @@ def test_unmerge_restores_base(make_case, dtype, tol):
 
 def test_merge_scale_is_alpha_over_rank_and_rslora():
   case = linen_case()
-  plain = lora_jax.adapters.flatten(_adapters(case))["params/dense/kernel"]
-  rs = lora_jax.adapters.flatten(_adapters(case, use_rslora=True))["params/dense/kernel"]
+  plain = flat_adapters(_adapters(case))["params/dense/kernel"]
+  rs = flat_adapters(_adapters(case, use_rslora=True))["params/dense/kernel"]
   assert plain.scale == 8.0 / 4 and rs.scale == 8.0 / 2.0
   w = case.params["params"]["dense"]["kernel"]
   want = f64(w) + 2.0 * f64(plain.a) @ f64(plain.b)
@@ -92,5 +92,7 @@ def test_merge_rejects_adapters_of_another_tree():
   with pytest.raises(ValueError, match=r"adapter at 'params/dense/kernel' .* does not fit the base "
                                        r"kernel of shape \(3, 3\)"):
     lora_jax.merge(small, adapters)
-  with pytest.raises(TypeError, match=r"adapters must hold only LoraWeights leaves"):
+  # a plain array is a trained extra (modules_to_save): it must have its base leaf's shape
+  with pytest.raises(ValueError, match=r"trained extra at 'params/dense/kernel' has shape "
+                                       r"\(2, 2\) but the base leaf has \(16, 16\)"):
     lora_jax.merge(case.params, {"params": {"dense": {"kernel": jnp.ones((2, 2))}}})

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 import lora_jax
 import test_models
 import test_weights
+from _utils import assert_trees_close, flat_adapters
 from lora_jax import models
 from lora_jax import peft as lora_peft
 from lora_jax.models import weights
@@ -58,7 +59,7 @@ def _trained_like(params, config, seed=0):
 
 
 def _flat(adapters):
-  return lora_jax.adapters.flatten(adapters)
+  return flat_adapters(adapters)
 
 
 def _assert_same_adapters(got, want):
@@ -547,7 +548,6 @@ def test_unknown_config_keys_warn_and_are_ignored(exported):
     (dict(peft_type="IA3"), r"peft_type is 'IA3'; only LoRA adapters"),
     (dict(use_dora=True), r"use_dora=True is not supported: DoRA"),
     (dict(bias="lora_only"), r"bias='lora_only' is not supported"),
-    (dict(modules_to_save=["classifier"]), r"modules_to_save=\['classifier'\] is not supported"),
     (dict(lora_bias=True), r"lora_bias=True is not supported"),
     (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
     (dict(fan_in_fan_out=True), r"fan_in_fan_out is true, but the base model's layers are Linear"),
@@ -597,3 +597,34 @@ def test_bfloat16_tensors_are_read_as_float32(exported):
     assert got[path].a.dtype == jnp.float32
     for g, w in ((got[path].a, lw.a), (got[path].b, lw.b)):
       np.testing.assert_array_equal(g, np.asarray(w).astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_modules_to_save_round_trip(tmp_path, scan):
+  """A classifier head and per-layer LayerNorms trained in full (modules_to_save) are written
+  under their torch names (Linear weights (out, in)) and read back exactly."""
+  config = models.BertConfig(**TINY["bert"], scan_layers=scan, num_labels=3)
+  model = models.BertForSequenceClassification(config)
+  params = model.init(jax.random.key(0), IDS)
+  lora = lora_jax.LoraConfig(targets=["query", "value"], rank=2, alpha=4,
+                             modules_to_save=["classifier", "attention/output/LayerNorm"])
+  uses = lora_jax.analyze(model.apply, params, IDS)
+  trainable = lora_jax.init(lora, params, key=jax.random.key(1), uses=uses)
+  rng = np.random.default_rng(0)
+  trainable = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32),
+                                     trainable)
+  lora_peft.export_peft(tmp_path, trainable, config=lora, task_type="SEQ_CLS")
+  tensors = load_file(tmp_path / lora_peft.WEIGHTS_FILE)
+  head = np.asarray(trainable["params"]["classifier"]["kernel"])
+  np.testing.assert_array_equal(tensors["base_model.model.classifier.weight"], head.T)
+  norm = "bert.encoder.layer.1.attention.output.LayerNorm"
+  layer = trainable["params"]["bert"]["encoder"]["layer" if scan else "layer_1"]
+  scale = np.asarray(layer["attention"]["output"]["LayerNorm"]["scale"])
+  np.testing.assert_array_equal(tensors[f"base_model.model.{norm}.weight"],
+                                scale[1] if scan else scale)
+  saved = json.loads((tmp_path / lora_peft.CONFIG_FILE).read_text())["modules_to_save"]
+  assert saved == sorted(["classifier", "bert.encoder.layer.0.attention.output.LayerNorm", norm])
+  got_config, got = lora_peft.import_peft(tmp_path, params)
+  assert_trees_close(got, trainable, rtol=0, atol=0)
+  assert (lora_jax.plan(got_config, params, uses=uses).counts
+          == lora_jax.plan(lora, params, uses=uses).counts)

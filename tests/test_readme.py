@@ -1,4 +1,4 @@
-"""The README's story runs: its quickstart is lora_jax/quickstart.py, and CI runs its tests."""
+"""The README's story runs: its quickstart is examples/quickstart.py, and CI runs its tests."""
 
 import pathlib
 import re
@@ -15,12 +15,12 @@ def _block_after(heading: str, lang: str) -> str:
 
 
 def test_readme_quickstart_is_the_script():
-  script = (ROOT / "lora_jax" / "quickstart.py").read_text().split(MARK)[1]
+  script = (ROOT / "examples" / "quickstart.py").read_text().split(MARK)[1]
   assert _block_after("## Quickstart", "python").strip() == script.strip()
 
 
 def test_quickstart_trains_and_merged_equals_unmerged(capsys):
-  ns = runpy.run_module("lora_jax.quickstart", run_name="quickstart")
+  ns = runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="quickstart")
   assert float(ns["loss"]) < float(ns["loss_before"]) / 10
   assert ns["gap"] < 1e-5
   out = capsys.readouterr().out

@@ -15,8 +15,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 import lora_jax
 from lora_jax import checkpoint, sharding
-from lora_jax.models import LlamaConfig, LlamaForCausalLM
+from lora_jax.models import LlamaConfig, LlamaForCausalLM, llama
 from _utils import assert_trees_close
+
+
+def llama_specs(params, *, mesh, fsdp=False):
+  """The reference Llama's layout, from its family record's partition rules."""
+  return sharding.tensor_parallel_specs(params, llama.FAMILY.partition_rules, mesh=mesh,
+                                        fsdp=fsdp)
 
 LW = lora_jax.LoraWeights
 LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -221,7 +227,7 @@ def test_init_sharded_creates_only_each_devices_shard():
   uses = lora_jax.analyze(model.apply, abstract, BATCH[:, :-1])
   config = lora_jax.LoraConfig(targets=["q_proj", "o_proj"], rank=4)
   mesh = sharding.mesh("4x2")
-  specs = sharding.llama_specs(abstract, mesh=mesh, fsdp=True)
+  specs = llama_specs(abstract, mesh=mesh, fsdp=True)
   got = sharding.init_sharded(config, abstract, key=jax.random.key(3), shardings=specs,
                               mesh=mesh, uses=uses)
   attn = got["params"]["model"]["layers"]["self_attn"]
@@ -273,8 +279,8 @@ def test_mesh_errors():
 def test_llama_specs(scan):
   abstract = _llama(scan)[1]
   mesh = sharding.mesh("2x4")
-  tp = sharding.llama_specs(abstract, mesh=mesh)
-  fsdp = sharding.llama_specs(abstract, mesh=mesh, fsdp=True)
+  tp = llama_specs(abstract, mesh=mesh)
+  fsdp = llama_specs(abstract, mesh=mesh, fsdp=True)
   lead = (None,) if scan else ()
   layer = LAYERS if scan else LAYERS + "_1"
   for name, tp_spec, fsdp_spec in [
@@ -305,11 +311,11 @@ def test_llama_specs_errors():
   with pytest.raises(ValueError, match=re.escape(
       "params/model/layers/mlp/down_proj/kernel of shape (2, 42, 32): axis 1 (42) is not "
       "divisible by mesh axis 'model' of size 4")):
-    sharding.llama_specs(odd, mesh=mesh)
+    llama_specs(odd, mesh=mesh)
   with pytest.raises(ValueError, match=r"mesh axes \('batch', 'model'\) lack \['data'\]"):
-    sharding.llama_specs(_llama()[1], mesh=sharding.mesh("2x4", ("batch", "model")))
+    llama_specs(_llama()[1], mesh=sharding.mesh("2x4", ("batch", "model")))
   with pytest.raises(ValueError, match=r"no parameter matches the rules"):
-    sharding.llama_specs(_toy()[0], mesh=mesh)
+    llama_specs(_toy()[0], mesh=mesh)
   with pytest.raises(ValueError, match=r"layouts must be 'row' or 'column', got \['diagonal'\]"):
     sharding.tensor_parallel_specs(_toy()[0], [("kernel", "diagonal")], mesh=mesh)
 
@@ -348,7 +354,7 @@ def test_sharded_step_equals_single_device(shape, fsdp, scan, donate):
   if not scan:
     params, adapters, want = _unroll(params), _unroll(adapters), _unroll(want)
   mesh = sharding.mesh(shape)
-  specs = sharding.llama_specs(params, mesh=mesh, fsdp=fsdp)
+  specs = llama_specs(params, mesh=mesh, fsdp=fsdp)
   step = sharding.sharded_train_step(_loss(scan), OPT, adapters, mesh=mesh, base_shardings=specs,
                                      donate=donate)
   base = jax.device_put(params, step.shardings.base)
@@ -389,7 +395,7 @@ def test_collective_check_catches_a_gathered_kernel():
     model = {**p["params"]["model"], "embed_tokens": {"embedding": table}}
     return loss_fn({"params": {**p["params"], "model": model}}, batch)
 
-  specs = sharding.llama_specs(params, mesh=mesh)
+  specs = llama_specs(params, mesh=mesh)
   step = sharding.sharded_train_step(pinned, OPT, adapters, mesh=mesh, base_shardings=specs)
   args = (params, adapters, OPT.init(adapters), BATCH)
   abstract = jax.tree_util.tree_map(
@@ -404,7 +410,7 @@ def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path):
   params, adapters = _problem()
   abstract = _llama()[1]
   here, there = sharding.mesh("4x2"), sharding.mesh("2x4")
-  saved_sh = sharding.adapter_shardings(adapters, sharding.llama_specs(
+  saved_sh = sharding.adapter_shardings(adapters, llama_specs(
       abstract, mesh=here, fsdp=True))
   saved = jax.device_put(adapters, sharding.named_shardings(saved_sh, here))
   opt_state = jax.tree_util.tree_map(lambda x: x + 1, OPT.init(adapters))
@@ -412,7 +418,7 @@ def test_checkpoint_from_one_mesh_restores_onto_another(tmp_path):
   checkpoint.save(tmp_path, 3, saved, config=CONFIG, base=abstract,
                   opt_state=jax.device_put(opt_state, opt_sh))
 
-  target_sh = sharding.adapter_shardings(adapters, sharding.llama_specs(abstract, mesh=there))
+  target_sh = sharding.adapter_shardings(adapters, llama_specs(abstract, mesh=there))
   target_opt = sharding.opt_state_shardings(opt_state, adapters, target_sh, mesh=there)
   template = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), opt_state, target_opt)

@@ -1,5 +1,6 @@
 """Training with optax: adapter-only gradients and state, frozen base, no weight gradient."""
 
+import json
 import math
 import re
 
@@ -11,7 +12,7 @@ import pytest
 
 import lora_jax
 from _models import linen_stack_case, nnx_case
-from _utils import randomize_b
+from _utils import flat_adapters, randomize_b
 
 BIG = 4096  # the issue's 4096 x 4096 kernel
 
@@ -146,8 +147,8 @@ def test_lora_plus_scales_b_learning_rate():
     optimizer = lora_jax.lora_plus(optax.sgd, learning_rate=lr, ratio=16.0)
     out = lora_jax.train_step(_mse(case.fn), optimizer)(
         case.params, adapters, optimizer.init(adapters), batch)
-    flat, g = lora_jax.adapters.flatten(adapters), lora_jax.adapters.flatten(grads)
-    for path, lw in lora_jax.adapters.flatten(out.adapters).items():
+    flat, g = flat_adapters(adapters), flat_adapters(grads)
+    for path, lw in flat_adapters(out.adapters).items():
       np.testing.assert_allclose(lw.a, flat[path].a - 0.1 * g[path].a, rtol=1e-5, atol=1e-7)
       np.testing.assert_allclose(lw.b, flat[path].b - 1.6 * g[path].b, rtol=1e-5, atol=1e-7)
 
@@ -157,39 +158,65 @@ def test_lora_plus_rejects_bad_ratio():
     lora_jax.lora_plus(optax.adam, learning_rate=1e-3, ratio=0)
 
 
-def test_finetune_lora_plus_option_gives_b_ratio_times_the_learning_rate():
-  """``lora-jax train --lora-plus-ratio``: B at ratio x lr, A and the classifier head at lr."""
-  from lora_jax import finetune
+def test_run_lora_plus_option_gives_b_ratio_times_the_learning_rate():
+  """``lora-jax train --lora-plus-ratio``: B at ratio x lr, A and the classifier head (a
+  modules_to_save extra in the same trainable tree) at lr."""
+  from lora_jax.app import runner
+  from lora_jax.app.options import RunOptions
   lw = lora_jax.adapters.LoraWeights(a=jnp.zeros((3, 2)), b=jnp.zeros((2, 5)), scale=2.0,
                                      axes="io", dropout=0.0)
-  trained = {"adapters": {"dense": {"kernel": lw}}, "head": {"kernel": jnp.zeros((5, 2))}}
+  trained = {"dense": {"kernel": lw}, "head": {"kernel": jnp.zeros((5, 2))}}
   grads = jax.tree_util.tree_map(jnp.ones_like, trained)  # AdamW's step is then -lr exactly
 
   def second_update(options):  # the warm-up starts at lr 0, so take the second step's
-    optimizer = finetune.optimizer_for(options, total_steps=10)
+    optimizer = runner.optimizer_for(options, total_steps=10)
     state = optimizer.init(trained)
     for _ in range(2):
       updates, state = optimizer.update(grads, state, trained)
-    kernel = updates["adapters"]["dense"]["kernel"]
+    kernel = updates["dense"]["kernel"]
     return float(kernel.a[0, 0]), float(kernel.b[0, 0]), float(updates["head"]["kernel"][0, 0])
 
-  a, b, head = second_update(finetune.Options(lr=1e-2, lora_plus_ratio=8.0))
+  a, b, head = second_update(RunOptions(lr=1e-2, lora_plus_ratio=8.0))
   assert a == pytest.approx(-1e-2, rel=1e-4)  # one warm-up step, then the peak lr
   assert b == pytest.approx(8.0 * a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
-  a, b, head = second_update(finetune.Options(lr=1e-2))
+  a, b, head = second_update(RunOptions(lr=1e-2))
   assert b == pytest.approx(a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
 
 
-def test_finetune_lora_plus_option_rejects_full_and_bad_ratios():
-  from lora_jax import finetune
-  with pytest.raises(ValueError, match=r"must be a number > 0 for a LoRA run .*got 4.0 with --full"):
-    finetune.optimizer_for(finetune.Options(full=True, lora_plus_ratio=4.0), total_steps=10)
-  with pytest.raises(ValueError, match=r"--lora-plus-ratio \(lora_plus_ratio\) .* got -1.0\.$"):
-    finetune.optimizer_for(finetune.Options(lora_plus_ratio=-1.0), total_steps=10)
+def test_run_options_name_the_field():
+  from lora_jax.app.options import OptionError, RunOptions
+  with pytest.raises(OptionError, match=r"^lora_plus_ratio applies to a LoRA run, not with full, "
+                                        r"got 4.0 with full\.$"):
+    RunOptions(full=True, lora_plus_ratio=4.0)
+  with pytest.raises(OptionError, match=r"^lora_plus_ratio must be a number > 0, got -1.0\.$"):
+    RunOptions(lora_plus_ratio=-1.0)
+  with pytest.raises(OptionError, match=r"^batch_size must be an integer > 0, got 0\.$") as e:
+    RunOptions(batch_size=0)
+  assert e.value.field == "batch_size"
 
 
-def test_finetune_rejects_an_unknown_pooling_before_loading_weights():
-  from lora_jax import finetune
-  with pytest.raises(ValueError, match=r"--pooling \(pooling\) must be one of pooler, mean, "
-                                       r"got 'cls'\.$"):
-    finetune.Model(finetune.Options(pooling="cls"), num_labels=2, key=jax.random.key(0))
+def test_classify_rejects_an_unknown_pooling_before_loading_weights():
+  from lora_jax.app.classify import ClassifyOptions
+  with pytest.raises(ValueError, match=r"^pooling must be one of pooler, mean, got 'cls'\.$"):
+    ClassifyOptions(pooling="cls")
+
+
+def test_options_round_trip_through_the_one_serializer():
+  from lora_jax.app.classify import ClassifyOptions
+  o = ClassifyOptions(rank=4, targets="q,k,v", steps=7, mesh="2x4", full=False, lr=3e-3)
+  assert ClassifyOptions.from_dict(json.loads(json.dumps(o.to_dict()))) == o
+  config = lora_jax.LoraConfig(targets=["q", "v"], rank=4, modules_to_save=("head",),
+                               dtype=jnp.bfloat16, rank_pattern={"q": 2})
+  assert lora_jax.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  with pytest.raises(ValueError, match=r"ClassifyOptions has no field\(s\) rnak; known fields: "):
+    ClassifyOptions.from_dict({"rnak": 4})
+
+
+def test_the_logged_loss_is_the_mean_over_the_interval():
+  from lora_jax.app.runner import _Interval
+  interval = _Interval()
+  for loss in (1.0, 2.0, 6.0):
+    interval.add(jnp.asarray(loss))
+  assert interval.mean() == pytest.approx(3.0) and interval.steps == 0
+  interval.add(jnp.asarray(5.0))
+  assert interval.mean() == pytest.approx(5.0)

@@ -19,7 +19,7 @@ HEAD = 384 * 2 + 2
 
 
 def _cli(*argv, timeout=600):
-  return subprocess.run([sys.executable, "-m", "lora_jax.cli", *argv], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "lora_jax.app.cli", *argv], capture_output=True,
                         text=True, timeout=timeout)
 
 
@@ -43,6 +43,98 @@ def test_train_writes_a_run_folder(run):
   assert "LoRA: val accuracy" in done.stdout and "(0.33%)" in done.stdout
 
 
+def _events(folder):
+  """The scalars of the TensorBoard event files in ``folder``: ``{tag: {step: value}}``, read
+  from the TFRecord framing (length, crc, payload, crc) with tensorboardX's protobufs."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  scalars = {}
+  for path in sorted(folder.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    while data:
+      (length,) = struct.unpack("<Q", data[:8])
+      event = event_pb2.Event.FromString(data[12:12 + length])
+      data = data[12 + length + 4:]
+      for v in event.summary.value:
+        scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+  return scalars
+
+
+def test_metrics_are_jsonl_and_tensorboard_events(run):
+  out, _ = run
+  lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+  history = json.loads((out / "metrics.json").read_text())["history"]
+  assert [r["step"] for r in lines] == [4, 8]  # --log-every 10: logged at each evaluation
+  assert [r["val_accuracy"] for r in lines] == [h["val_accuracy"] for h in history]
+  assert [r["train_loss"] for r in lines] == [h["loss"] for h in history]
+  scalars = _events(out / "tensorboard")
+  assert scalars["val/accuracy"] == pytest.approx({4: lines[0]["val_accuracy"],
+                                                   8: lines[1]["val_accuracy"]})
+  assert scalars["train/loss"] == pytest.approx({4: lines[0]["train_loss"],
+                                                 8: lines[1]["train_loss"]})
+
+
+def _task(num_labels=2):
+  from lora_jax.app import classify
+  options = classify.ClassifyOptions(steps=8, eval_every=4)
+  return classify.Classify(options, num_labels=num_labels, total_steps=8)
+
+
+def test_a_run_folder_is_a_lora_jax_checkpoint(run):
+  """lora_jax.checkpoint.restore reads a lora-jax train run (its base checked) like any other."""
+  import jax
+  import lora_jax
+  from lora_jax import checkpoint
+  out, _ = run
+  base = _task().base
+  restored = checkpoint.restore(out / "checkpoints", base=base)
+  assert restored.step == 8 and restored.config.save_patterns == ("classifier",)
+  assert restored.meta["base"]["name"] == "all-MiniLM-L6-v2"
+  assert lora_jax.count(base, restored.adapters).trainable == LORA_QV + HEAD
+  head = restored.adapters["params"]["classifier"]["kernel"]
+  assert head.shape == (384, 2) and not np.allclose(head, base["params"]["classifier"]["kernel"])
+  three = jax.eval_shape(lambda: _task(num_labels=3).base)  # another head: another model
+  with pytest.raises(ValueError, match=r"mis-shaped kernels: params/classifier/bias \(3,\) "
+                                       r"\(adapters need \(2,\)\)"):
+    checkpoint.restore(out / "checkpoints", base=three)
+  from lora_jax import models
+  with pytest.raises(ValueError, match=r"holds adapters for all-MiniLM-L6-v2, not for this base; "
+                                       r"missing kernels: params/bert/encoder/layer/attention"):
+    checkpoint.restore(out / "checkpoints", base=models.abstract_params("gpt2"))
+
+
+@pytest.mark.interop
+def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
+  """lora-jax export-peft: q,v adapters plus the head as modules_to_save; PEFT's
+  PeftModel.from_pretrained on BertForSequenceClassification gives our logits and counts."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  from lora_jax.models import weights
+  out, _ = run
+  done = _cli("export-peft", str(out), "--out", str(tmp_path / "adapter"))
+  assert done.returncode == 0, done.stderr
+  saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert saved["modules_to_save"] == ["classifier"] and saved["task_type"] == "SEQ_CLS"
+  ours, ids, mask = _ours_and_inputs(out)
+  inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long))
+  hf = transformers.BertForSequenceClassification.from_pretrained(str(weights.minilm_dir()),
+                                                                  num_labels=2).eval()
+  with torch.no_grad():
+    plain = hf(**inputs).logits.numpy()  # before PEFT injects its layers into hf
+    theirs = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()(
+        **inputs).logits.numpy()
+  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  assert not np.allclose(theirs, plain, atol=1e-3)  # the adapter and the head did load
+  trainable, total = peft.PeftModel.from_pretrained(
+      transformers.BertForSequenceClassification.from_pretrained(
+          str(weights.minilm_dir()), num_labels=2), str(tmp_path / "adapter"),
+      is_trainable=True).get_nb_trainable_parameters()
+  counts = json.loads((out / "metrics.json").read_text())["counts"]
+  assert (trainable, total) == (counts["trainable"], counts["total"])
+
+
 def test_existing_run_folder_is_refused(run):
   out, _ = run
   done = _cli("train", "--steps", "2", "--out", str(out))
@@ -64,11 +156,13 @@ def test_eval_and_merge(run, tmp_path):
 
 
 def _ours_and_inputs(out):
-  from lora_jax import run as run_lib
+  import lora_jax
+  from lora_jax.app import classify
   from lora_jax.models import weights
-  t, state = run_lib.load(out)
+  task, trainable = classify.load(out)
   ids, mask, _ = weights.encode(weights.tokenizer(), ["a great film", "dull and slow", "ok"])
-  ours = np.asarray(t.model.logits(state["trained"], {"input_ids": ids, "attention_mask": mask}))
+  batch = {"input_ids": ids, "attention_mask": mask}
+  ours = np.asarray(lora_jax.lora(task.logits)(task.base, trainable, batch))
   return ours, ids, mask
 
 
@@ -76,7 +170,7 @@ def _ours_and_inputs(out):
 def test_merged_weights_load_in_transformers_with_equal_logits(run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from lora_jax import run as run_lib
+  from lora_jax.app import classify as run_lib
   out, _ = run  # the default: BERT's pooler, as transformers' BertForSequenceClassification
   merged = run_lib.merge(out, tmp_path / "m")
   ours, ids, mask = _ours_and_inputs(out)
@@ -92,7 +186,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from safetensors.numpy import load_file
-  from lora_jax import run as run_lib
+  from lora_jax.app import classify as run_lib
   out = tmp_path / "mean"
   done = _cli("train", "--pooling", "mean", "--steps", "2", "--eval-every", "2",
               "--out", str(out))
@@ -121,7 +215,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
 
 def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   out = tmp_path / "r"
-  proc = subprocess.Popen([sys.executable, "-m", "lora_jax.cli", "train", "--steps", "400",
+  proc = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
                            "--eval-every", "2", "--out", str(out)], stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 300
@@ -170,7 +264,7 @@ def test_two_processes_train_like_one(run, tmp_path):
   and accuracy equal the single-process run's."""
   import os
   out, _ = run
-  argv = [sys.executable, "-m", "lora_jax.cli", "train", "--steps", "8", "--eval-every", "4",
+  argv = [sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "8", "--eval-every", "4",
           "--mesh", "4x2", "--out", str(tmp_path / "mh"), "--coordinator",
           f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -193,10 +287,17 @@ def test_two_processes_train_like_one(run, tmp_path):
     (["--data", "missing.tsv"], "data file 'missing.tsv' does not exist"),
     (["--rank", "1000"], "rank 1000 for kernel"),
     (["--resume"], "holds no run to resume"),
-    (["--lora-plus-ratio", "0"], "--lora-plus-ratio (lora_plus_ratio) must be a number > 0"),
+    (["--lora-plus-ratio", "0"], "--lora-plus-ratio must be a number > 0, got 0.0."),
+    (["--full", "--lora-plus-ratio", "4"], "--lora-plus-ratio applies to a LoRA run, not with "
+                                           "full"),
+    (["--batch-size", "0"], "--batch-size must be an integer > 0, got 0."),
+    (["--config", "missing.yaml"], "--config file 'missing.yaml' does not exist"),
+    (["--config", "bad.yaml"], "ClassifyOptions has no field(s) rnak"),
     (["--pooling", "cls"], "argument --pooling: invalid choice: 'cls' (choose from"),
 ])
-def test_bad_train_input_is_one_line(tmp_path, argv, message):
+def test_bad_train_input_is_one_line(tmp_path, argv, message, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "bad.yaml").write_text("rnak: 4\n")
   done = _cli("train", "--out", str(tmp_path / "x"), *argv)
   assert done.returncode == 2 and message in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -10,7 +10,7 @@ import pytest
 
 import lora_jax
 from _models import ALL_CASES, D, linen_case, linen_stack_case, plain_case, plain_fn
-from _utils import assert_trees_close, f64, randomize_b
+from _utils import assert_trees_close, f64, flat_adapters, randomize_b
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=4e-2)}
 
@@ -28,7 +28,7 @@ def _setup(make_case, dtype="float32", *, rank=4, alpha=8.0, random_b=True):
 def _reference(case, adapters):
   P = {p: f64(v) for p, v in lora_jax.targets.leaves_by_path(case.params).items()}
   A = {p: (f64(lw.a), f64(lw.b), lw.scale)
-       for p, lw in lora_jax.adapters.flatten(adapters).items()}
+       for p, lw in flat_adapters(adapters).items()}
   return case.reference(P, A, f64(case.x))
 
 

@@ -1,8 +1,12 @@
-"""Reference Flax models and the named configs of published checkpoints.
+"""Reference Flax models, their family records, and the named configs of published checkpoints.
 
-``lora_jax.models.get("llama-2-7b")`` returns the Flax module; ``abstract_params(name)``
-its parameter tree as ``jax.ShapeDtypeStruct``s (``jax.eval_shape``: no weights allocated),
-which is all ``lora_jax.plan`` needs to count a LoRA configuration on a 175B model.
+Each family's file (``bert.py``, ``gpt2.py``, ``llama.py``) holds the Flax model and its
+``FAMILY`` record (``lora_jax.family.Family``: target aliases, partition rules, Hugging Face
+layer stack, checkpoint table, named configs). ``FAMILIES`` below is the registry: adding a
+family is one new file plus one entry there (or one ``lora_jax.family.register`` call from
+anywhere). ``get("llama-2-7b")`` returns a named config's Flax module; ``abstract_params(name)``
+its parameter tree as ``jax.ShapeDtypeStruct``s (no weights allocated), which is all
+``lora_jax.plan`` needs to count a LoRA configuration on a 175B model.
 """
 
 from __future__ import annotations
@@ -12,73 +16,40 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lora_jax.config import ALL_LINEAR, LoraConfig
-from lora_jax.targets import Plan, plan
-from lora_jax.transform import analyze
-
+from lora_jax import family
+from lora_jax.config import LoraConfig
+from lora_jax.models import bert, gpt2, llama
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from lora_jax.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from lora_jax.targets import Plan, plan
+from lora_jax.transform import analyze
+
+FAMILIES = (llama.FAMILY, gpt2.FAMILY, bert.FAMILY)  # the registry: one line per family
+for _record in FAMILIES:
+  family.register(_record)
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-  """A named configuration: the family's model class, its config, and LoRA target aliases."""
+  """A named configuration: its family's record, the model class and the model config."""
 
   family: str
   model: type
   config: object
 
-
-def _llama(vocab, d, ffn, layers, heads, kv, *, theta=10000.0, tied=False):
-  return Spec("llama", LlamaForCausalLM, LlamaConfig(
-      vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta,
-      tie_word_embeddings=tied))
+  @property
+  def record(self) -> family.Family:
+    return family.get(self.family)
 
 
-def _gpt2(d, layers, heads, *, positions=1024, fused=True):
-  return Spec("gpt2", GPT2LMHeadModel, GPT2Config(n_positions=positions, n_embd=d, n_layer=layers,
-                                                  n_head=heads, fused_qkv=fused))
+def configs() -> dict[str, Spec]:
+  """Every registered family's named configs (families registered later included)."""
+  return {name: Spec(f.name, model, config) for f in family.registered().values()
+          for name, (model, config) in f.configs.items()}
 
 
-def _bert(vocab, d, layers, heads, ffn, *, roberta=False):
-  extra = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-               position_offset=2) if roberta else {}
-  return Spec("bert", BertModel, BertConfig(vocab_size=vocab, hidden_size=d,
-                                            num_hidden_layers=layers, num_attention_heads=heads,
-                                            intermediate_size=ffn, **extra))
-
-
-CONFIGS: dict[str, Spec] = {
-    "llama-2-7b": _llama(32000, 4096, 11008, 32, 32, 32),
-    "llama-2-13b": _llama(32000, 5120, 13824, 40, 40, 40),
-    "llama-2-70b": _llama(32000, 8192, 28672, 80, 64, 8),
-    "llama-3-8b": _llama(128256, 4096, 14336, 32, 32, 8, theta=500000.0),
-    "llama-3-70b": _llama(128256, 8192, 28672, 80, 64, 8, theta=500000.0),
-    "llama-3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8, theta=500000.0, tied=True),
-    "llama-3.2-3b": _llama(128256, 3072, 8192, 28, 24, 8, theta=500000.0, tied=True),
-    "gpt2": _gpt2(768, 12, 12),
-    "gpt2-medium": _gpt2(1024, 24, 16),
-    "gpt2-large": _gpt2(1280, 36, 20),
-    "gpt2-xl": _gpt2(1600, 48, 25),
-    # Brown et al. 2020, Table 2.1; separate Wq, Wk, Wv as in the LoRA paper's GPT-3 experiments.
-    "gpt-3-175b": _gpt2(12288, 96, 96, positions=2048, fused=False),
-    "roberta-base": _bert(50265, 768, 12, 12, 3072, roberta=True),
-    "roberta-large": _bert(50265, 1024, 24, 16, 4096, roberta=True),
-    "bert-base-uncased": _bert(30522, 768, 12, 12, 3072),
-    "minilm-l6-h384": _bert(30522, 384, 6, 12, 1536),  # all-MiniLM-L6-v2
-}
-
-# Short LoRA target names per family (PEFT users write "q,v"), as path regexes.
-TARGET_ALIASES: dict[str, dict[str, str]] = {
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-              "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    "gpt2": {"qkv": "attn/c_attn", "q": "attn/q_proj", "k": "attn/k_proj", "v": "attn/v_proj",
-             "o": "attn/c_proj", "up": "mlp/c_fc", "down": "mlp/c_proj"},
-    "bert": {"q": "self/query", "k": "self/key", "v": "self/value", "o": "attention/output/dense",
-             "up": "intermediate/dense", "down": r"(?<!attention/)output/dense"},
-}
+CONFIGS: dict[str, Spec] = configs()  # the reference families' named configs
 
 
 def get(name: str, **overrides):
@@ -92,9 +63,10 @@ def get(name: str, **overrides):
 
 
 def spec_of(name: str) -> Spec:
-  if name not in CONFIGS:
-    raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(CONFIGS)}.")
-  return CONFIGS[name]
+  known = configs()
+  if name not in known:
+    raise ValueError(f"unknown model config {name!r}; choose one of {', '.join(known)}.")
+  return known[name]
 
 
 def example_input(seq: int = 8):
@@ -114,26 +86,27 @@ def _config(name: str, **overrides):
 def targets_for(name: str, spec: str, **overrides) -> tuple[str, ...]:
   """Comma-separated target names for a named config: family aliases (``q,v``), module names
   (``q_proj``), ``all-linear``, or regular expressions, e.g. ``"q,v"`` -> ``("q_proj",
-  "v_proj")`` for Llama."""
-  aliases = TARGET_ALIASES[spec_of(name).family]
-  items = [t.strip() for t in spec.split(",") if t.strip()]
-  if not items:
-    example = default_targets(name, **overrides)
-    raise ValueError(f"targets {spec!r} name nothing; use e.g. {example} or all-linear "
-                     f"(aliases for this model: {', '.join(aliases)}).")
-  fused = getattr(_config(name, **overrides), "fused_qkv", None)
-  for t in items:
-    if (fused is True and t in ("q", "k", "v")) or (fused is False and t == "qkv"):
-      layout = ("a fused c_attn projection (separate ones: --separate-qkv)" if fused
-                else "separate q, k, v projections")
-      raise ValueError(f"{name} has {layout}: use {'qkv' if fused else 'q,k,v'} instead of "
-                       f"{t!r}.")
-  return tuple(ALL_LINEAR if t == ALL_LINEAR else aliases.get(t, t) for t in items)
+  "v_proj")`` for Llama (the family record's ``targets``)."""
+  return spec_of(name).record.targets(spec, _config(name, **overrides), name=name)
 
 
 def default_targets(name: str, **overrides) -> str:
   """PEFT's usual default: the query and value projections (GPT-2's fused c_attn)."""
-  return "qkv" if getattr(_config(name, **overrides), "fused_qkv", False) else "q,v"
+  return spec_of(name).record.default_spec(_config(name, **overrides))
+
+
+def variant(name: str, option: str) -> dict:
+  """The config overrides of a family's named variant (``"separate_qkv"`` for GPT-2).
+
+  Raises:
+    ValueError: the family offers no such variant.
+  """
+  record = spec_of(name).record
+  if option not in record.variants:
+    offering = [f.name for f in family.registered().values() if option in f.variants]
+    raise ValueError(f"--{option.replace('_', '-')} applies to the {', '.join(offering)} "
+                     f"family only, not {name} ({record.name}).")
+  return dict(record.variants[option])
 
 
 def plan_model(name: str, config: LoraConfig, **overrides) -> Plan:
@@ -144,7 +117,7 @@ def plan_model(name: str, config: LoraConfig, **overrides) -> Plan:
   return plan(config, params, uses=analyze(model.apply, params, example_input()))
 
 
-__all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "CONFIGS", "GPT2Config",
-           "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "Spec", "TARGET_ALIASES",
-           "abstract_params", "default_targets", "example_input", "get", "plan_model", "spec_of",
-           "targets_for"]
+__all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "CONFIGS", "FAMILIES",
+           "GPT2Config", "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "Spec",
+           "abstract_params", "configs", "default_targets", "example_input", "get", "plan_model",
+           "spec_of", "targets_for", "variant"]

@@ -20,6 +20,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lora_jax.family import Family
 from lora_jax.models._layers import attention, gelu_exact, layer_stack, padding_mask, positions
 
 POOLINGS = ("pooler", "mean")  # BertConfig.pooling: the classifier's sentence vector
@@ -193,3 +194,61 @@ def mean_pool(hidden, attention_mask):
   """The mean of ``hidden`` (batch, seq, d) over the positions where ``attention_mask`` is 1."""
   mask = attention_mask[..., None].astype(hidden.dtype)
   return (hidden * mask).sum(1) / jnp.maximum(mask.sum(1), 1.0)
+
+
+def _named(vocab, d, layers, heads, ffn, *, roberta=False):
+  extra = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
+               position_offset=2) if roberta else {}
+  return BertModel, BertConfig(vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
+                               num_attention_heads=heads, intermediate_size=ffn, **extra)
+
+
+CONFIGS = {
+    "roberta-base": _named(50265, 768, 12, 12, 3072, roberta=True),
+    "roberta-large": _named(50265, 1024, 24, 16, 4096, roberta=True),
+    "bert-base-uncased": _named(30522, 768, 12, 12, 3072),
+    "minilm-l6-h384": _named(30522, 384, 6, 12, 1536),  # all-MiniLM-L6-v2
+}
+
+# (Flax path under BertModel's params, checkpoint name ({i}: the layer), is a Linear weight):
+# a Linear weight is stored (out, in) and transposed into a Flax kernel (in, out).
+WEIGHTS: tuple[tuple[str, str, bool], ...] = (
+    ("embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight", False),
+    ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", False),
+    ("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight",
+     False),
+    ("embeddings/LayerNorm/scale", "embeddings.LayerNorm.weight", False),
+    ("embeddings/LayerNorm/bias", "embeddings.LayerNorm.bias", False),
+    *[(f"encoder/layer/attention/self/{m}/{leaf}",
+       f"encoder.layer.{{i}}.attention.self.{m}.{name}", name == "weight")
+      for m in ("query", "key", "value") for leaf, name in (("kernel", "weight"),
+                                                            ("bias", "bias"))],
+    ("encoder/layer/attention/output/dense/kernel", "encoder.layer.{i}.attention.output.dense"
+     ".weight", True),
+    ("encoder/layer/attention/output/dense/bias", "encoder.layer.{i}.attention.output.dense.bias",
+     False),
+    ("encoder/layer/attention/output/LayerNorm/scale", "encoder.layer.{i}.attention.output."
+     "LayerNorm.weight", False),
+    ("encoder/layer/attention/output/LayerNorm/bias", "encoder.layer.{i}.attention.output."
+     "LayerNorm.bias", False),
+    ("encoder/layer/intermediate/dense/kernel", "encoder.layer.{i}.intermediate.dense.weight",
+     True),
+    ("encoder/layer/intermediate/dense/bias", "encoder.layer.{i}.intermediate.dense.bias", False),
+    ("encoder/layer/output/dense/kernel", "encoder.layer.{i}.output.dense.weight", True),
+    ("encoder/layer/output/dense/bias", "encoder.layer.{i}.output.dense.bias", False),
+    ("encoder/layer/output/LayerNorm/scale", "encoder.layer.{i}.output.LayerNorm.weight", False),
+    ("encoder/layer/output/LayerNorm/bias", "encoder.layer.{i}.output.LayerNorm.bias", False),
+    ("pooler/dense/kernel", "pooler.dense.weight", True),
+    ("pooler/dense/bias", "pooler.dense.bias", False),
+)
+
+FAMILY = Family(
+    name="bert",
+    layer_stack="encoder/layer",  # also under BertForSequenceClassification's bert/
+    target_aliases={"q": "self/query", "k": "self/key", "v": "self/value",
+                    "o": "attention/output/dense", "up": "intermediate/dense",
+                    "down": r"(?<!attention/)output/dense"},
+    partition_rules=PARTITION_RULES,
+    weight_table=WEIGHTS,
+    configs=CONFIGS,
+)

@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lora_jax.family import Family
 from lora_jax.models._layers import attention, gelu_tanh, layer_stack, positions
 
 
@@ -99,3 +100,43 @@ class GPT2LMHeadModel(nn.Module):
   def __call__(self, input_ids):
     x, wte = GPT2Model(self.config, name="transformer")(input_ids)
     return wte.attend(x)
+
+
+def _named(d, layers, heads, *, positions=1024, fused=True):
+  return GPT2LMHeadModel, GPT2Config(n_positions=positions, n_embd=d, n_layer=layers,
+                                     n_head=heads, fused_qkv=fused)
+
+
+CONFIGS = {
+    "gpt2": _named(768, 12, 12),
+    "gpt2-medium": _named(1024, 24, 16),
+    "gpt2-large": _named(1280, 36, 20),
+    "gpt2-xl": _named(1600, 48, 25),
+    # Brown et al. 2020, Table 2.1; separate Wq, Wk, Wv as in the LoRA paper's GPT-3 experiments.
+    "gpt-3-175b": _named(12288, 96, 96, positions=2048, fused=False),
+}
+
+
+def check_targets(config: GPT2Config | None, alias: str) -> str | None:
+  """``q``/``k``/``v`` need separate projections, ``qkv`` the fused ``c_attn``."""
+  fused = getattr(config, "fused_qkv", None)
+  if fused is True and alias in ("q", "k", "v"):
+    return (f"has a fused c_attn projection (separate ones: --separate-qkv): use qkv instead of "
+            f"{alias!r}.")
+  if fused is False and alias == "qkv":
+    return f"has separate q, k, v projections: use q,k,v instead of {alias!r}."
+  return None
+
+
+FAMILY = Family(
+    name="gpt2",
+    layer_stack="transformer/h",
+    target_aliases={"qkv": "attn/c_attn", "q": "attn/q_proj", "k": "attn/k_proj",
+                    "v": "attn/v_proj", "o": "attn/c_proj", "up": "mlp/c_fc",
+                    "down": "mlp/c_proj"},
+    conv1d=True,  # transformers' GPT-2 stores its layers as Conv1D, weight (in, out)
+    configs=CONFIGS,
+    check_targets=check_targets,
+    default_targets=lambda c: "qkv" if getattr(c, "fused_qkv", True) else "q,v",
+    variants={"separate_qkv": {"fused_qkv": False}},
+)

@@ -16,6 +16,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lora_jax.family import Family
 from lora_jax.models._layers import attention, layer_stack, positions
 
 
@@ -130,3 +131,30 @@ class LlamaForCausalLM(nn.Module):
     if self.config.tie_word_embeddings:
       return embed.attend(x)
     return _dense(self.config, self.config.vocab_size, "lm_head")(x)
+
+
+def _named(vocab, d, ffn, layers, heads, kv, *, theta=10000.0, tied=False):
+  return LlamaForCausalLM, LlamaConfig(
+      vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
+      num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta,
+      tie_word_embeddings=tied)
+
+
+CONFIGS = {  # published checkpoints' shapes
+    "llama-2-7b": _named(32000, 4096, 11008, 32, 32, 32),
+    "llama-2-13b": _named(32000, 5120, 13824, 40, 40, 40),
+    "llama-2-70b": _named(32000, 8192, 28672, 80, 64, 8),
+    "llama-3-8b": _named(128256, 4096, 14336, 32, 32, 8, theta=500000.0),
+    "llama-3-70b": _named(128256, 8192, 28672, 80, 64, 8, theta=500000.0),
+    "llama-3.2-1b": _named(128256, 2048, 8192, 16, 32, 8, theta=500000.0, tied=True),
+    "llama-3.2-3b": _named(128256, 3072, 8192, 28, 24, 8, theta=500000.0, tied=True),
+}
+
+FAMILY = Family(
+    name="llama",
+    layer_stack="model/layers",
+    target_aliases={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                    "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
+    partition_rules=PARTITION_RULES,
+    configs=CONFIGS,
+)

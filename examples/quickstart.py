@@ -1,6 +1,6 @@
 """The README's quickstart: LoRA on a small Flax model, trained, merged and checked.
 
-Run it with ``python -m lora_jax.quickstart``; ``tests/test_readme.py`` checks that the README
+Run it with ``python examples/quickstart.py``; ``tests/test_readme.py`` checks that the README
 shows exactly this code and that it runs.
 """
 # --- quickstart (the README shows the code below) ---

@@ -1,0 +1,306 @@
+"""Per-primitive rules for kernels in the interpreter, two tables kept apart:
+
+- ``APPLY_RULES`` run ``lora(fn)``: a ``dot_general`` with a kernel operand becomes the base
+  product plus the adapter's factored product, casts / transposes / role-preserving reshapes
+  keep a kernel a kernel, and the ``Apply`` context merges a kernel (``W + s·A@B``) wherever
+  no rule applies, recording the fallback.
+- ``ANALYZE_RULES`` run ``analyze``: the same primitives, but they only record which axis
+  roles each use implies (the ``Analyze`` context), computing nothing new.
+
+A new primitive is one entry in a table; the higher-order primitives (``jit``, ``scan``,
+``checkpoint``, ``cond``) are shared and live in ``lora_jax._interpret``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import _interpret
+from lora_jax._interpret import Kernel
+
+_FREE = [c for c in string.ascii_lowercase if c != "r"]  # subscripts of the activation's axes
+_AXIS = string.ascii_uppercase  # subscripts of kernel axes, as in adapters.factor_subscripts
+
+
+# ----------------------------------------------------------------------- contexts
+
+
+class Apply:
+  """One ``lora(fn)`` evaluation: the dropout key and the merged fallbacks seen."""
+
+  rules: dict = {}  # APPLY_RULES, set below
+
+  def __init__(self, *, key=None, fallbacks=None):
+    self.key = key
+    self.fallbacks = [] if fallbacks is None else fallbacks
+    self._count = 0
+
+  def with_key(self, key) -> "Apply":
+    return Apply(key=key, fallbacks=self.fallbacks)
+
+  def next_key(self):
+    self._count += 1
+    return None if self.key is None else jax.random.fold_in(self.key, self._count)
+
+  def materialize(self, x, consumer: str):
+    """``x`` as a plain array: a Kernel becomes its merged value ``W + s·A@B``."""
+    if not isinstance(x, Kernel):
+      return x
+    self.fallbacks.append((x.path, consumer))
+    return x.adapter.merged(x.dense(), axes=x.axes)
+
+  def unstack(self, k: Kernel, consumer: str):
+    """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
+    stacked = [j for j in k.axes if k.roles[j] == "l"]
+    if k.role(0) != "l" or k.axes[0] != min(stacked):
+      return self.materialize(k, consumer)
+    return k.replace(axes=k.axes[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelUse:
+  """How ``fn`` uses one parameter with two or more axes (see ``lora_jax.analyze``).
+
+  Attributes:
+    path: the '/'-joined parameter path.
+    axes: inferred axis roles (``l`` stacked layer, ``i`` contracted input, ``o`` output), or
+      None when the uses do not determine them.
+    route: ``"factored"`` (every use is a matrix product), ``"merged"`` (some use is not, so
+      an adapter there runs through the merged kernel), or ``"unused"``.
+    consumers: the primitives that consume it, e.g. ``("dot_general",)`` or ``("gather",)``.
+  """
+
+  path: str
+  axes: str | None
+  route: str
+  consumers: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Record:
+  """What ``analyze`` saw of one parameter."""
+
+  roles: dict = dataclasses.field(default_factory=dict)  # original axis -> set of roles
+  consumers: set = dataclasses.field(default_factory=set)
+  merged: bool = False
+
+  def use(self, path: str, ndim: int) -> KernelUse:
+    axes = None
+    if all(len(self.roles.get(j, ())) == 1 for j in range(ndim)):
+      axes = "".join(next(iter(self.roles[j])) for j in range(ndim))
+      axes = axes if "i" in axes and "o" in axes else None
+    route = "unused" if not self.consumers else "merged" if self.merged else "factored"
+    return KernelUse(path=path, axes=axes, route=route, consumers=tuple(sorted(self.consumers)))
+
+
+class Analyze:
+  """One ``analyze`` evaluation: a Record per watched parameter; nothing is adapted."""
+
+  rules: dict = {}  # ANALYZE_RULES, set below
+  key = None
+
+  def __init__(self):
+    self.records: dict[str, Record] = {}
+
+  def with_key(self, key) -> "Analyze":
+    return self
+
+  def next_key(self):
+    return None
+
+  def note(self, k: Kernel, consumer: str, roles=None, merged=False) -> None:
+    rec = self.records.setdefault(k.path, Record())
+    rec.consumers.add(consumer)
+    rec.merged |= merged
+    for group, r in (roles or {}).items():  # one axis may stand for several (a reshape)
+      for j in _flat(group):
+        rec.roles.setdefault(j, set()).add(r)
+
+  def materialize(self, x, consumer: str):
+    if not isinstance(x, Kernel):
+      return x
+    self.note(x, consumer, merged=True)
+    return x.dense()
+
+  def unstack(self, k: Kernel, consumer: str):
+    self.note(k, consumer, roles={k.axes[0]: "l"})
+    return k.replace(axes=k.axes[1:])
+
+
+def _flat(axis) -> tuple[int, ...]:
+  return axis if isinstance(axis, tuple) else (axis,)
+
+
+# ----------------------------------------------------------------------- apply rules
+
+
+def _dropout(x, rate: float, key):
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _operands(eqn, kernel_is_lhs: bool):
+  """(x contracting, kernel contracting), (x batch, kernel batch) dims of a dot_general."""
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  return ((rc, lc), (rb, lb)) if kernel_is_lhs else ((lc, rc), (lb, rb))
+
+
+def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
+  """The adapter's share of ``dot_general(x, W)``, or None when its axes do not allow it."""
+  (xc, kc), (xb, kb) = _operands(eqn, kernel_is_lhs)
+  kfree = [d for d in range(len(k.axes)) if d not in kc and d not in kb]
+  letters = {xd: _AXIS[k.axes[kd]] for xd, kd in (*zip(xc, kc), *zip(xb, kb))}
+  free_x = iter(_FREE)
+  x_sub = "".join(letters.get(d) or next(free_x) for d in range(x.ndim))
+  x_free = "".join(x_sub[d] for d in range(x.ndim) if d not in xc and d not in xb)
+  k_free = "".join(_AXIS[k.axes[d]] for d in kfree)
+  batch = "".join(_AXIS[k.axes[d]] for d in kb)
+  out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
+  if k.adapter.dropout and ctx.key is not None:
+    x = _dropout(x, k.adapter.dropout, ctx.next_key())
+  return k.adapter.product(
+      x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted={k.axes[d] for d in kc},
+      batched={k.axes[d] for d in kb}, dtype=k.dense().dtype,
+      precision=eqn.params.get("precision"),
+      preferred_element_type=eqn.params.get("preferred_element_type"))
+
+
+def _kernel_operand(eqn, invals, ctx):
+  """(kernel, x, kernel_is_lhs), or None when both operands are kernels."""
+  lhs, rhs = invals
+  if isinstance(lhs, Kernel) and isinstance(rhs, Kernel):
+    return None
+  return (lhs, rhs, True) if isinstance(lhs, Kernel) else (rhs, lhs, False)
+
+
+def _base_dot(eqn, k: Kernel, x, kernel_is_lhs: bool):
+  w = k.dense()
+  return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
+
+
+def _apply_dot(eqn, invals, ctx: Apply):
+  operand = _kernel_operand(eqn, invals, ctx)
+  if operand is None:
+    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
+  k, x, kernel_is_lhs = operand
+  extra = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
+  if extra is None:
+    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
+  base = _base_dot(eqn, k, x, kernel_is_lhs)
+  return [base + extra.astype(base.dtype)]
+
+
+def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:
+  """The (old dims, new dims) runs of a reshape: the shortest runs with equal sizes."""
+  if 0 in old_shape or not old_shape or not new_shape:
+    return None
+  blocks, i, j = [], 0, 0
+  while i < len(old_shape) and j < len(new_shape):
+    ii, jj, po, pn = i + 1, j + 1, old_shape[i], new_shape[j]
+    while po != pn:
+      if po < pn:
+        po, ii = po * old_shape[ii], ii + 1
+      else:
+        pn, jj = pn * new_shape[jj], jj + 1
+    blocks.append((range(i, ii), range(j, jj)))
+    i, j = ii, jj
+  last_old, last_new = blocks[-1]  # trailing size-1 dims join the last run
+  blocks[-1] = (range(last_old.start, len(old_shape)), range(last_new.start, len(new_shape)))
+  return blocks
+
+
+def _reshape_roles(old_shape, old_roles: str, new_shape) -> str | None:
+  """Roles of ``new_shape`` when the reshape only splits or merges axes of one role."""
+  blocks = _blocks(old_shape, new_shape)
+  if blocks is None:
+    return None
+  roles = [""] * len(new_shape)
+  for olds, news in blocks:
+    role = {old_roles[d] for d in olds}
+    if len(role) != 1:
+      return None
+    for d in news:
+      roles[d] = next(iter(role))
+  return "".join(roles)
+
+
+def _apply_reshape(eqn, invals, ctx: Apply):
+  """A reshape that splits or merges input, output or stacked axes keeps a kernel factored:
+  the adapter is reshaped alike (e.g. (d, heads * head_dim) -> (d, heads, head_dim))."""
+  k = invals[0]
+  new_shape = eqn.outvars[0].aval.shape
+  current = "".join(k.roles[j] for j in k.axes)
+  ordered = list(k.axes) == sorted(k.axes) and eqn.params.get("dimensions") is None
+  roles = _reshape_roles(k.dense().shape, current, new_shape) if ordered else None
+  if roles is None:
+    return _interpret.fallback(eqn, invals, ctx)
+  (w,) = _interpret.bind(eqn, [k.dense()])
+  return [Kernel(w, k.adapter.reshaped(roles, new_shape), path=k.path,
+                 axes=range(len(new_shape)))]
+
+
+def _passthrough(axes_of):
+  """A rule for a unary op that keeps a kernel a kernel (cast, transpose, copy)."""
+
+  def rule(eqn, invals, ctx):
+    (k,) = invals
+    (w,) = _interpret.bind(eqn, [k.dense()])
+    return [k.replace(w=w, axes=axes_of(eqn, k))]
+
+  return rule
+
+
+_same_axes = _passthrough(lambda eqn, k: k.axes)
+_transpose = _passthrough(lambda eqn, k: [k.axes[p] for p in eqn.params["permutation"]])
+_UNARY = {
+    "convert_element_type": _same_axes,
+    "copy": _same_axes,
+    "copy_p": _same_axes,
+    "sharding_constraint": _same_axes,
+    "transpose": _transpose,
+}
+APPLY_RULES = {**_UNARY, "dot_general": _apply_dot, "reshape": _apply_reshape,
+               "squeeze": _apply_reshape}
+
+
+# ----------------------------------------------------------------------- analyze rules
+
+
+def _analyze_dot(eqn, invals, ctx: Analyze):
+  operand = _kernel_operand(eqn, invals, ctx)
+  if operand is None:
+    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
+  k, x, kernel_is_lhs = operand
+  (_, kc), (_, kb) = _operands(eqn, kernel_is_lhs)
+  roles = {k.axes[d]: "i" if d in kc else "l" if d in kb else "o" for d in range(len(k.axes))}
+  ctx.note(k, "dot_general", roles=roles)
+  return [_base_dot(eqn, k, x, kernel_is_lhs)]
+
+
+def _analyze_reshape(eqn, invals, ctx: Analyze):
+  """After a reshape, each new axis stands for the original axes of its run, and a role seen
+  on it is recorded for all of them (so (d, h*k) -> (d, h, k) still infers "io")."""
+  k = invals[0]
+  new_shape = eqn.outvars[0].aval.shape
+  (w,) = _interpret.bind(eqn, [k.dense()])
+  blocks = _blocks(k.dense().shape, new_shape)
+  if blocks is None:
+    ctx.note(k, "reshape", merged=True)
+    return [w]
+  axes = [None] * len(new_shape)
+  for olds, news in blocks:
+    group = tuple(j for d in olds for j in _flat(k.axes[d]))
+    for d in news:
+      axes[d] = group[0] if len(group) == 1 else group
+  return [k.replace(w=w, axes=axes)]
+
+
+ANALYZE_RULES = {**_UNARY, "dot_general": _analyze_dot, "reshape": _analyze_reshape,
+                 "squeeze": _analyze_reshape}
+
+Apply.rules = APPLY_RULES
+Analyze.rules = ANALYZE_RULES

@@ -1,0 +1,322 @@
+"""The text-classification task: the pretrained MiniLM encoder plus a new classifier head.
+
+With LoRA the trained tree is the adapters on the targeted projections plus the head, as
+PEFT's ``modules_to_save`` (``LoraConfig(modules_to_save=("classifier",))``); with ``full``
+it is every parameter (``LoraConfig(targets=(), modules_to_save=(".*",))``). Either way the
+library builds, trains (``lora_jax.train_step``), checkpoints (``lora_jax.checkpoint``),
+merges and exports it; this module supplies the data, the model, the loss and the metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import lora_jax
+from lora_jax import checkpoint, sharding
+from lora_jax.app import data as data_lib
+from lora_jax.app.options import OptionError, RunOptions, option
+from lora_jax.app.runner import CHECKPOINTS, RunError
+from lora_jax.models import bert, targets_for, weights
+
+BUCKETS = (16, 32, 64, 128, 256, 512)  # padded lengths, so jit compiles a handful of shapes
+BASE_NAME = "all-MiniLM-L6-v2"
+HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClassifyOptions(RunOptions):
+  """``lora-jax train``'s options: the run's (``RunOptions``) and the task's."""
+
+  data: str | None = option(None, "training file (.tsv, .csv, .jsonl); default: the embedded "
+                                  "VADER polarity task")
+  val: str | None = option(None, "validation file; default: the task's, or 10% of --data")
+  text_column: str = option("sentence", "the text column of --data and --val")
+  label_column: str = option("label", "the integer label column of --data and --val")
+  pooling: str = option("pooler", "the classifier's input: BERT's pooler on the first token "
+                                  "(transformers' BertForSequenceClassification) or the mean of "
+                                  "the token states (sentence-transformers' pooling, which "
+                                  "all-MiniLM-L6-v2 was trained with)", choices=bert.POOLINGS)
+  dropout: float = option(0.1, "dropout before the classifier head")
+  max_length: int = option(64, "tokens per example (longer ones are truncated)")
+  max_train: int | None = option(None, "use only the first N training examples")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.pooling not in bert.POOLINGS:
+      raise OptionError("pooling", f"must be one of {', '.join(bert.POOLINGS)}, got "
+                                   f"{self.pooling!r}.")
+    if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+      raise OptionError("dropout", f"must be a number in [0, 1), got {self.dropout!r}.")
+
+
+# ----------------------------------------------------------------------- data
+
+
+def load_data(o: ClassifyOptions):
+  """(train, validation) examples: the files, or the embedded VADER task."""
+  if o.data is None:
+    return data_lib.vader_polarity()
+  read = lambda path: data_lib.read_examples(  # noqa: E731
+      path, text_column=o.text_column, label_column=o.label_column)
+  train = read(o.data)
+  if o.val is not None:
+    return train, read(o.val)
+  order = np.random.default_rng(o.seed).permutation(len(train))
+  cut = max(1, len(train) // 10)
+  return train.take(order[cut:]), train.take(order[:cut])
+
+
+def _bucket(n: int, max_length: int) -> int:
+  return next((b for b in BUCKETS if b >= n and b <= max_length), max_length)
+
+
+def tokenize(tok, examples, max_length: int):
+  """Token ids per example (unpadded, truncated) and labels."""
+  tok.no_padding()
+  tok.enable_truncation(max_length)
+  return [e.ids for e in tok.encode_batch(list(examples.texts))], examples.labels
+
+
+def batch_of(ids, labels, index, max_length):
+  """A padded batch: (input_ids, attention_mask, labels), length bucketed."""
+  length = _bucket(max(len(ids[i]) for i in index), max_length)
+  x = np.zeros((len(index), length), np.int32)
+  for row, i in enumerate(index):
+    x[row, :len(ids[i])] = ids[i]
+  return {"input_ids": x, "attention_mask": (x != 0).astype(np.int32), "labels": labels[index]}
+
+
+# ----------------------------------------------------------------------- the task
+
+
+def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
+  """What is trained: LoRA on the targets plus the head, or (``full``) every parameter."""
+  if o.full:
+    return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
+  return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
+                             alpha=o.alpha, exclude="classifier", modules_to_save=("classifier",))
+
+
+class Classify:
+  """The task for ``lora_jax.app.runner``: MiniLM + head, its data, loss and accuracy.
+
+  ``num_labels=None`` reads the data (a new run); a saved run passes its ``num_labels`` and
+  no data is read.
+  """
+
+  headline = "val_accuracy"
+  base_name = BASE_NAME
+
+  def __init__(self, o: ClassifyOptions, *, num_labels: int | None = None,
+               total_steps: int | None = None):
+    self.options = o
+    self.lora_config = lora_config(o)  # checks the targets before the weights load
+    if num_labels is None:
+      self._read_data()
+    else:
+      self.num_labels, self.total_steps = num_labels, total_steps
+    self.mesh = sharding.mesh(o.mesh) if o.mesh else None
+    if self.mesh is not None and o.batch_size % self.mesh.shape["data"]:
+      raise OptionError("batch_size", f"{o.batch_size} does not split over the mesh's data axis "
+                                      f"of {self.mesh.shape['data']} devices; use a multiple "
+                                      f"of it.")
+    self._build(jax.random.key(o.seed))
+    if self.mesh is None:
+      self._predict = jax.jit(self._argmax)
+    else:  # predictions replicated: readable on every process
+      self._predict = jax.jit(self._argmax, out_shardings=self._replicated())
+
+  def _read_data(self) -> None:
+    o = self.options
+    train, val = load_data(o)
+    if o.max_train is not None:
+      train = train.take(np.arange(min(o.max_train, len(train))))
+    self.num_labels = int(max(train.labels.max(), val.labels.max(), 1)) + 1
+    tok = weights.tokenizer()
+    self.train_ids, self.train_labels = tokenize(tok, train, o.max_length)
+    self.val_ids, self.val_labels = tokenize(tok, val, o.max_length)
+    self.steps_per_epoch = math.ceil(len(train) / o.batch_size)
+    self.total_steps = o.steps or max(1, math.ceil(o.epochs * self.steps_per_epoch))
+
+  def _build(self, key) -> None:
+    o = self.options
+    config, encoder = weights.load_bert(num_labels=self.num_labels, classifier_dropout=o.dropout,
+                                       remat=o.remat, pooling=o.pooling)
+    self.module = bert.BertForSequenceClassification(config)
+    example = jnp.ones((1, 8), jnp.int32)
+    params = self.module.init(key, example)
+    params["params"]["bert"] = {k: v for k, v in encoder["params"].items()
+                                if k in params["params"]["bert"]}  # "mean": no pooler
+    uses = lora_jax.analyze(self.module.apply, params, example)  # axis roles, routes
+    trainable = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1),
+                              uses=uses)
+    self.base, self.trainable = self._placed(params, trainable)
+
+  # ---- the mesh
+
+  def _specs(self, tree):
+    return sharding.named_shardings(sharding.tensor_parallel_specs(
+        tree, bert.FAMILY.partition_rules, mesh=self.mesh), self.mesh)
+
+  def _placed(self, base, trainable):
+    if self.mesh is None:
+      return base, trainable
+    specs = self._specs(base)
+    return (sharding.put(base, specs),
+            sharding.put(trainable, sharding.adapter_shardings(trainable, specs)))
+
+  def _replicated(self):
+    return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+  def place(self, trainable):
+    """A restored trainable tree onto the mesh: adapters and extras follow the base."""
+    if self.mesh is None:
+      return trainable
+    return sharding.put(trainable, sharding.adapter_shardings(trainable, self._specs(self.base)))
+
+  def _batch_placed(self, batch):
+    if self.mesh is None:
+      return batch
+    spec = P("data") if len(batch["input_ids"]) % self.mesh.shape["data"] == 0 else P()
+    return sharding.put(batch, NamedSharding(self.mesh, spec))
+
+  # ---- what the runner calls
+
+  def logits(self, params, batch):
+    """The classifier's logits, written against ordinary params; with ``batch["key"]`` the
+    head's dropout is on (training)."""
+    key = batch.get("key")
+    rngs = None if key is None else {"dropout": key}
+    return self.module.apply(params, batch["input_ids"], batch["attention_mask"],
+                             deterministic=key is None, rngs=rngs)
+
+  def loss(self, params, batch):
+    logits = self.logits(params, batch)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+  def batch(self, step: int, key) -> dict:
+    o = self.options
+    epoch, position = divmod(step, self.steps_per_epoch)
+    order = np.random.default_rng(o.seed + epoch).permutation(len(self.train_ids))
+    index = order[position * o.batch_size:(position + 1) * o.batch_size]
+    batch = batch_of(self.train_ids, self.train_labels, index, o.max_length)
+    return {**self._batch_placed(batch), "key": key}
+
+  def batch_size(self, batch) -> int:
+    return len(batch["labels"])
+
+  def _argmax(self, base, trainable, batch):
+    return jnp.argmax(lora_jax.lora(self.logits)(base, trainable, batch), -1)
+
+  def predict(self, trainable, batch):
+    return self._predict(self.base, trainable, self._batch_placed(batch))
+
+  def accuracy(self, trainable, ids, labels) -> float:
+    correct = 0
+    for start in range(0, len(ids), 128):
+      index = np.arange(start, min(start + 128, len(ids)))
+      batch = batch_of(ids, labels, index, self.options.max_length)
+      correct += int((np.asarray(self.predict(trainable, batch)) == batch["labels"]).sum())
+    return correct / len(ids)
+
+  def evaluate(self, trainable) -> dict[str, float]:
+    return {"val_accuracy": self.accuracy(trainable, self.val_ids, self.val_labels)}
+
+  def counts(self) -> lora_jax.ParamCount:
+    if self.options.full:
+      total = lora_jax.targets.num_params(self.base)
+      return lora_jax.ParamCount(trainable=total, total=total)
+    return lora_jax.count(self.base, self.trainable)
+
+  def describe(self) -> dict:
+    return {"num_labels": self.num_labels}
+
+  def sizes(self) -> dict:
+    return {"train_examples": len(self.train_ids), "val_examples": len(self.val_ids)}
+
+
+# ----------------------------------------------------------------------- saved runs
+
+
+def new(o: ClassifyOptions) -> Classify:
+  return Classify(o)
+
+
+def load(run) -> tuple[Classify, dict]:
+  """A saved run's task (no data read) and its trainable tree, restored with
+  ``lora_jax.checkpoint.restore`` (which checks the base)."""
+  run = pathlib.Path(run)
+  if not (run / "config.json").is_file():
+    raise RunError(f"{run} is not a run folder (no config.json); train one with lora-jax train.")
+  saved = json.loads((run / "config.json").read_text())
+  task = Classify(ClassifyOptions.from_dict(saved["options"]), num_labels=saved["num_labels"],
+                  total_steps=saved["total_steps"])
+  restored = checkpoint.restore(run / CHECKPOINTS, base=task.base)
+  return task, task.place(restored.adapters)
+
+
+def evaluate(run, data: str, *, text_column: str, label_column: str) -> float:
+  task, trainable = load(run)
+  examples = data_lib.read_examples(data, text_column=text_column, label_column=label_column)
+  ids, labels = tokenize(weights.tokenizer(), examples, task.options.max_length)
+  return task.accuracy(trainable, ids, labels)
+
+
+def merge(run, out) -> pathlib.Path:
+  """Writes the merged encoder and head as safetensors with the checkpoint's names."""
+  from safetensors.numpy import save_file
+
+  task, trainable = load(run)
+  params = lora_jax.merge(task.base, trainable)
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  encoder = params["params"]["bert"]
+  if "pooler" not in encoder:  # a mean-pooled run: the checkpoint's pooler, untouched
+    encoder = {**encoder, "pooler": weights.load_bert()[1]["params"]["pooler"]}
+  tensors = weights.bert_tensors({"params": encoder}, task.module.config)
+  head = params["params"]["classifier"]
+  tensors["classifier.weight"] = np.asarray(head["kernel"]).T.copy()
+  tensors["classifier.bias"] = np.asarray(head["bias"])
+  save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+  for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+               "special_tokens_map.json"):
+    if (weights.minilm_dir() / name).is_file():
+      shutil.copy(weights.minilm_dir() / name, out / name)
+  (out / "config.json").write_text(json.dumps(_hf_config(task), indent=2) + "\n")
+  return out
+
+
+def _hf_config(task: Classify) -> dict:
+  config = json.loads((weights.minilm_dir() / "config.json").read_text())
+  labels = {str(i): f"LABEL_{i}" for i in range(task.num_labels)}
+  # Hugging Face's BertForSequenceClassification classifies the pooler's output; a mean-pooled
+  # head is the encoder (BertModel) plus classifier.* applied to the masked mean.
+  mean = task.options.pooling == "mean"
+  config.update(architectures=["BertModel" if mean else "BertForSequenceClassification"],
+                id2label=labels, label2id={v: int(k) for k, v in labels.items()},
+                classifier_pooling=task.options.pooling)
+  return config
+
+
+def export_peft(run, out) -> pathlib.Path:
+  """Writes a LoRA run as a PEFT adapter folder (the head as ``modules_to_save``), which
+  ``PeftModel.from_pretrained(BertForSequenceClassification...)`` loads."""
+  task, trainable = load(run)
+  if task.options.full:
+    raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
+  if task.options.pooling != "pooler":
+    raise RunError(f"{run} classifies the mean of the token states, which no transformers "
+                   f"class does; export it with lora-jax merge.")
+  lora_jax.peft.export_peft(out, trainable, config=task.lora_config,
+                            base_model_name_or_path=HUB_NAME, task_type="SEQ_CLS")
+  return pathlib.Path(out)

@@ -1,0 +1,234 @@
+"""The ``lora-jax`` command line. Bad input prints one line on stderr and exits with 2.
+
+``train``'s option flags are generated from ``ClassifyOptions`` (one ``--flag`` per field,
+its help from the field); ``--config FILE.json|yaml`` supplies options, and flags given on the
+command line override the file's values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import types
+import typing
+
+from lora_jax.app.options import OptionError, flag
+
+__all__ = ["add_option_flags", "flag", "main", "options_from", "read_config_file"]
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # one line, exit 2 (argparse would also print the usage)
+    raise SystemExit(_fail(f"{self.prog}: {message}"))
+
+
+def _fail(message: str) -> int:
+  print(message.splitlines()[0] if message else "error", file=sys.stderr)
+  return 2
+
+
+# ----------------------------------------------------------------------- flags from options
+
+
+def _scalar(hint):
+  """The argparse type of a field annotated ``hint`` (``float | None`` -> float)."""
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    hint = next(h for h in typing.get_args(hint) if h is not type(None))
+  return hint
+
+
+def add_option_flags(parser: argparse.ArgumentParser, options_cls) -> None:
+  """One flag per field of ``options_cls``; unset flags stay out of the parsed namespace, so a
+  ``--config`` file's values (and then the defaults) fill them."""
+  hints = typing.get_type_hints(options_cls)
+  for field in dataclasses.fields(options_cls):
+    kind = _scalar(hints[field.name])
+    meta = dict(field.metadata)
+    text = f"{meta.pop('help', '')} (default: {field.default})".replace("%", "%%")
+    if kind is bool:
+      parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                          default=argparse.SUPPRESS, help=text)
+    else:
+      parser.add_argument(flag(field.name), dest=field.name, type=kind, default=argparse.SUPPRESS,
+                          help=text, **meta)
+
+
+def read_config_file(path) -> dict:
+  """Options from a ``.json`` or ``.yaml`` / ``.yml`` file (a mapping of field names)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"--config file {str(path)!r} does not exist.")
+  text = path.read_text()
+  try:
+    if path.suffix.lower() in (".yaml", ".yml"):
+      import yaml
+      values = yaml.safe_load(text)
+    elif path.suffix.lower() == ".json":
+      values = json.loads(text)
+    else:
+      raise ValueError(f"--config {path}: unknown format {path.suffix!r}; use .json or .yaml.")
+  except (json.JSONDecodeError, ImportError) as e:
+    raise ValueError(f"--config {path} is not valid JSON: {e}.") from None
+  except Exception as e:  # noqa: BLE001  yaml's own errors
+    if isinstance(e, ValueError):
+      raise
+    raise ValueError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}.") from None
+  if not isinstance(values, dict):
+    raise ValueError(f"--config {path} must hold a mapping of option names to values.")
+  return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def options_from(args, options_cls):
+  """The options: defaults, then ``--config``'s values, then the flags given."""
+  names = {f.name for f in dataclasses.fields(options_cls)}
+  values = read_config_file(args.config) if args.config else {}
+  values.update({k: v for k, v in vars(args).items() if k in names})
+  return options_cls.from_dict(values)
+
+
+# ----------------------------------------------------------------------- the parser
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="lora-jax", description="LoRA for JAX: train, evaluate, merge, count.")
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  _count_parser(sub)
+  _train_parser(sub)
+  ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file")
+  ev.add_argument("run", help="the run folder written by lora-jax train")
+  ev.add_argument("--data", required=True, help="a .tsv, .csv or .jsonl file")
+  ev.add_argument("--text-column", default="sentence")
+  ev.add_argument("--label-column", default="label")
+  merge = sub.add_parser("merge", help="write merged weights as safetensors (original names)")
+  merge.add_argument("run")
+  merge.add_argument("--out", required=True, help="folder for model.safetensors and configs")
+  export = sub.add_parser("export-peft", help="write a LoRA run as a Hugging Face PEFT adapter")
+  export.add_argument("run")
+  export.add_argument("--out", required=True, help="folder for adapter_config.json and "
+                                                   "adapter_model.safetensors")
+  return parser
+
+
+def _count_parser(sub) -> None:
+  from lora_jax import models
+
+  count = sub.add_parser("count", help="print the LoRA plan and parameter counts of a model",
+                         description="Plan and PEFT-style counts for a named model config, "
+                                     "from abstract shapes (no weights are allocated).")
+  count.add_argument("--model", required=True, help=f"one of: {', '.join(models.configs())}")
+  count.add_argument("--rank", type=int, default=8)
+  count.add_argument("--alpha", type=float, default=None, help="default: the rank")
+  count.add_argument("--targets", default=None,
+                     help="comma-separated aliases (q,k,v,o,gate,up,down; qkv for GPT-2's "
+                          "fused c_attn), module names, regular expressions, or all-linear; "
+                          "default: the family's (the query and value projections)")
+  count.add_argument("--separate-qkv", action="store_true",
+                     help="GPT-2 family: separate q, k, v projections instead of c_attn "
+                          "(same base count; the LoRA paper's Wq, Wv)")
+  count.add_argument("--use-rslora", action="store_true")
+  count.add_argument("--summary", action="store_true", help="print only the totals")
+
+
+def _train_parser(sub) -> None:
+  from lora_jax.app.classify import ClassifyOptions
+
+  train = sub.add_parser(
+      "train", help="fine-tune all-MiniLM-L6-v2 with LoRA (default) or fully",
+      description="Fine-tunes the bundled all-MiniLM-L6-v2 for text classification. Without "
+                  "--data it trains on the embedded VADER polarity task.")
+  add_option_flags(train, ClassifyOptions)
+  train.add_argument("--config", default=None,
+                     help="a .json or .yaml file of options (field names); flags override it")
+  train.add_argument("--out", default="runs/minilm-lora", help="run folder")
+  train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+  train.add_argument("--resume", action="store_true", help="continue the run in --out")
+  train.add_argument("--distributed", action="store_true",
+                     help="multi-host: call jax.distributed.initialize() first (every host runs "
+                          "the same command; coordinator and process ids from the cluster, or "
+                          "from the three options below)")
+  train.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+  train.add_argument("--num-processes", type=int, default=None, help="multi-host: processes")
+  train.add_argument("--process-id", type=int, default=None, help="multi-host: this process")
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def _count(args) -> int:
+  from lora_jax import models
+  from lora_jax.config import LoraConfig
+
+  overrides = models.variant(args.model, "separate_qkv") if args.separate_qkv else {}
+  targets = args.targets or models.default_targets(args.model, **overrides)
+  config = LoraConfig(targets=models.targets_for(args.model, targets, **overrides),
+                      rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
+                      use_rslora=args.use_rslora)
+  shown = models.plan_model(args.model, config, **overrides)
+  print(shown.counts if args.summary else shown)
+  return 0
+
+
+def _train(args) -> int:
+  from lora_jax import sharding
+  from lora_jax.app import classify, runner
+
+  run = pathlib.Path(args.out)
+  if args.distributed or args.coordinator:
+    sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
+                        process_id=args.process_id)
+  runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
+  if args.resume:
+    options = classify.ClassifyOptions.from_dict(runner.saved_options(run))
+  else:
+    options = options_from(args, classify.ClassifyOptions)
+  try:
+    runner.train(classify.Classify(options), run, resume=args.resume)
+  except KeyboardInterrupt:
+    return 130
+  return 0
+
+
+def _eval(args) -> int:
+  from lora_jax.app import classify
+
+  acc = classify.evaluate(args.run, args.data, text_column=args.text_column,
+                          label_column=args.label_column)
+  print(f"accuracy {acc:.4f} on {args.data}")
+  return 0
+
+
+def _merge(args) -> int:
+  from lora_jax.app import classify
+
+  print(f"wrote {classify.merge(args.run, args.out) / 'model.safetensors'}")
+  return 0
+
+
+def _export_peft(args) -> int:
+  from lora_jax.app import classify
+
+  print(f"wrote {classify.export_peft(args.run, args.out)}")
+  return 0
+
+
+COMMANDS = {"count": _count, "train": _train, "eval": _eval, "merge": _merge,
+            "export-peft": _export_peft}
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return COMMANDS[args.command](args)
+  except OptionError as e:
+    return _fail(f"lora-jax {args.command}: {flag(e.field)} {e.message}")
+  except (FileNotFoundError, ValueError) as e:
+    return _fail(f"lora-jax {args.command}: {e}")
+  except Exception as e:  # noqa: BLE001  never a traceback on the command line
+    return _fail(f"lora-jax {args.command}: unexpected {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,81 @@
+"""Run options: dataclasses that serialize with ``lora_jax.config.Serializable`` (the same
+``to_dict`` / ``from_dict`` as ``LoraConfig``) and generate the command line's flags.
+
+Every field is one ``--flag`` (``batch_size`` -> ``--batch-size``) whose help is the field's
+``metadata["help"]``; a bool field is a switch. Checks raise ``OptionError`` naming the field;
+the command line translates the field into its flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+from lora_jax.config import Serializable
+
+
+class OptionError(ValueError):
+  """A bad option value; ``field`` is the option's field name (the CLI shows it as a flag)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field} {message}")
+    self.field, self.message = field, message
+
+
+def option(default, help: str, **metadata):  # noqa: A002  (argparse's word)
+  """A dataclass field with its command-line help (and optional ``choices``)."""
+  return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def _positive(name: str, value, *, integer: bool = False, allow_none: bool = False) -> None:
+  if value is None and allow_none:
+    return
+  kind = numbers.Integral if integer else numbers.Real
+  if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
+    raise OptionError(name, f"must be {'an integer' if integer else 'a number'} > 0, got "
+                            f"{value!r}.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions(Serializable):
+  """What every task's run needs: the adapter, the optimizer, the step budget, the devices."""
+
+  rank: int = option(8, "LoRA rank r")
+  alpha: float = option(16.0, "LoRA alpha (the scale is alpha / rank)")
+  targets: str = option("q,v", "q,v (default), all-linear, family aliases or path patterns")
+  full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
+  lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
+  lora_plus_ratio: float | None = option(
+      None, "LoRA+: B's learning rate is this times --lr (A's and the trained extras')")
+  batch_size: int = option(32, "examples per step")
+  epochs: float = option(3.0, "passes over the training data (--steps overrides)")
+  steps: int | None = option(None, "training steps (overrides --epochs)")
+  eval_every: int = option(100, "evaluate and checkpoint every N steps")
+  log_every: int = option(10, "log the mean training loss over every N steps")
+  seed: int = option(0, "data order, head and A initialisation")
+  remat: bool = option(False, "gradient checkpointing: recompute each layer in the backward pass")
+  mesh: str | None = option(None, 'device mesh "DxM": the batch over D devices, the model '
+                                  'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
+
+  def __post_init__(self):
+    _positive("rank", self.rank, integer=True)
+    _positive("alpha", self.alpha)
+    for name in ("batch_size", "eval_every", "log_every"):
+      _positive(name, getattr(self, name), integer=True)
+    _positive("steps", self.steps, integer=True, allow_none=True)
+    _positive("epochs", self.epochs)
+    _positive("lr", self.lr, allow_none=True)
+    if self.lora_plus_ratio is not None:
+      if self.full:
+        raise OptionError("lora_plus_ratio", f"applies to a LoRA run, not with full, got "
+                                             f"{self.lora_plus_ratio!r} with full.")
+      _positive("lora_plus_ratio", self.lora_plus_ratio)
+
+  @property
+  def learning_rate(self) -> float:
+    return self.lr if self.lr is not None else (5e-5 if self.full else 1e-3)
+
+
+def flag(field: str) -> str:
+  """The command-line flag of an option field."""
+  return "--" + field.replace("_", "-")

@@ -1,0 +1,296 @@
+"""The task-agnostic training loop behind ``lora-jax train``: run folders, resume, Ctrl-C,
+multi-host, metrics. It knows nothing of labels or tokens: a task (``classify``) supplies the
+data, the model, the loss, the evaluation and the export.
+
+A run folder holds ``config.json`` (every option), ``metrics.jsonl`` (one JSON line per logged
+interval and per evaluation), ``metrics.json`` (the summary: history at each evaluation,
+counts, time), TensorBoard event files in ``tensorboard/``, ``curves.png`` and
+``checkpoints/``, a ``lora_jax.checkpoint`` folder (the trainable tree with its description
+and base identity, the optimizer state and the step), so ``lora_jax.checkpoint.restore``
+reads a run like any other checkpoint. The step is ``lora_jax.train_step``; the logged
+training loss is the mean over each interval, not the last batch's.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lora_jax
+from lora_jax import checkpoint
+from lora_jax.app.options import RunOptions
+
+CHECKPOINTS = "checkpoints"
+KEEP = 2  # checkpoints kept in a run folder
+
+
+class RunError(ValueError):
+  """A problem with the run folder (one line for the command line)."""
+
+
+class Task(Protocol):
+  """What the runner needs of a task (see ``lora_jax.app.classify.Classify``)."""
+
+  options: RunOptions
+  lora_config: lora_jax.LoraConfig  # what is trained: adapters and modules_to_save extras
+  base: Any  # the frozen base tree (placed on the mesh, if any)
+  trainable: Any  # the initial trainable tree
+  base_name: str
+  total_steps: int
+  headline: str  # the metric printed at the end, e.g. "val_accuracy"
+
+  def loss(self, params, batch) -> jax.Array: ...  # written against ordinary params
+  def batch(self, step: int, key) -> dict: ...  # placed; may carry the step's PRNG key
+  def batch_size(self, batch) -> int: ...
+  def evaluate(self, trainable) -> dict[str, float]: ...
+  def counts(self) -> lora_jax.ParamCount: ...
+  def place(self, trainable): ...  # a restored trainable tree onto the mesh, if any
+  def describe(self) -> dict: ...  # more for config.json (e.g. num_labels)
+  def sizes(self) -> dict: ...  # for metrics.json (e.g. train_examples)
+
+
+# ----------------------------------------------------------------------- processes
+
+
+def primary() -> bool:
+  """Whether this process writes the run's files and prints (process 0 of a multi-host run)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits for every process of a multi-host run (nothing to wait for with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
+  """Checks (and for a new run, empties and creates) the run folder."""
+  if resume:
+    if not (run / "config.json").is_file():
+      raise RunError(f"{run} holds no run to resume (no config.json).")
+    return
+  occupied = run.exists() and any(run.iterdir())
+  if occupied and not overwrite:
+    raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
+                   f"them or --resume to continue that run.")
+  sync("lora_jax: run folder checked")  # every process has looked before one changes it
+  if primary():
+    if occupied:
+      shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+  sync("lora_jax: run folder ready")
+
+
+def write_json(path: pathlib.Path, value) -> None:
+  if primary():
+    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+
+
+def saved_options(run: pathlib.Path) -> dict:
+  """The options a run folder was started with."""
+  return json.loads((run / "config.json").read_text())["options"]
+
+
+# ----------------------------------------------------------------------- optimizer
+
+
+def optimizer_for(o: RunOptions, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with 10% linear warm-up and cosine decay. With ``lora_plus_ratio`` (LoRA+, as PEFT's
+  ``create_loraplus_optimizer``): every B at ratio times the learning rate, the rest at it."""
+  warmup = max(1, total_steps // 10)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
+  if o.lora_plus_ratio is None:
+    return optax.adamw(schedule, weight_decay=0.01)
+  return lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
+                            weight_decay=0.01)
+
+
+# ----------------------------------------------------------------------- metrics
+
+
+class Metrics:
+  """``metrics.jsonl`` lines, TensorBoard scalars and the ``metrics.json`` summary; only the
+  primary process writes."""
+
+  def __init__(self, run: pathlib.Path, summary: dict):
+    self.run, self.summary = run, summary
+    self.writer = None
+    if primary():
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(run / "tensorboard"))
+
+  def log(self, record: dict) -> None:
+    if not primary():
+      return
+    with (self.run / "metrics.jsonl").open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key, value in record.items():
+      if key != "step" and isinstance(value, (int, float)):
+        self.writer.add_scalar(key.replace("_", "/", 1), value, record["step"])
+    self.writer.flush()
+
+  def save(self) -> None:
+    write_json(self.run / "metrics.json", self.summary)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def plot(summary: dict, path) -> None:
+  """``curves.png``: the interval-mean training loss and the headline metric per evaluation."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  history = summary["history"]
+  steps = [h["step"] for h in history]
+  headline = summary["headline"]
+  fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=110)
+  left.plot(steps, [h["loss"] for h in history], marker="o")
+  left.set(xlabel="step", ylabel="training loss (interval mean)", title="loss")
+  right.plot(steps, [h[headline] for h in history], marker="o", color="C2")
+  right.set(xlabel="step", ylabel=headline.replace("_", " "), title=headline.replace("_", " "))
+  for ax in (left, right):
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------- the loop
+
+
+class _Interval:
+  """The training loss summed on the device over a logging interval, and the examples seen."""
+
+  def __init__(self):
+    self.total, self.steps = jnp.zeros((), jnp.float32), 0
+
+  def add(self, loss) -> None:
+    self.total, self.steps = self.total + loss, self.steps + 1
+
+  def mean(self) -> float:
+    value = float(self.total) / max(self.steps, 1)
+    self.total, self.steps = jnp.zeros((), jnp.float32), 0
+    return value
+
+
+def _restore(run: pathlib.Path, task: Task, opt_state):
+  """The last checkpoint's trainable tree (placed like a fresh one), optimizer state (laid out
+  like the fresh ``opt_state``, its template) and step."""
+  restored = checkpoint.restore(run / CHECKPOINTS, base=task.base, opt_state=opt_state)
+  return task.place(restored.adapters), restored.opt_state, restored.step
+
+
+def train(task: Task, run, *, resume: bool = False) -> dict:
+  """Trains ``task`` into the (prepared) run folder; returns the metrics summary. A checkpoint
+  is written at every evaluation, so after Ctrl-C the last one is readable and ``resume=True``
+  continues from it."""
+  run = pathlib.Path(run)
+  optimizer = optimizer_for(task.options, task.total_steps)
+  trainable = task.trainable
+  opt_state = jax.jit(optimizer.init)(trainable)
+  summary = {"history": [], "counts": _counts(task), "headline": task.headline}
+  start = 0
+  if resume:
+    trainable, opt_state, start = _restore(run, task, opt_state)
+    summary = json.loads((run / "metrics.json").read_text())
+  write_json(run / "config.json", {"options": task.options.to_dict(),
+                                   "total_steps": task.total_steps, **task.describe(),
+                                   "lora_jax": lora_jax.__version__})
+  metrics = Metrics(run, summary)
+  state = {"trainable": trainable, "opt_state": opt_state, "step": start}
+  try:
+    _loop(task, optimizer, state, metrics, run)
+  except KeyboardInterrupt:
+    step = summary["history"][-1]["step"] if summary["history"] else start
+    sys.stderr.write(f"\ninterrupted: the checkpoint at step {step} is kept; continue with "
+                     f"--resume\n")
+    raise
+  finally:
+    metrics.close()
+  _finish(task, metrics, run)
+  return summary
+
+
+def _counts(task: Task) -> dict:
+  c = task.counts()
+  return {"trainable": c.trainable, "total": c.total}
+
+
+def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Path) -> None:
+  from tqdm import tqdm
+
+  o, history = task.options, metrics.summary["history"]
+  step_fn = lora_jax.train_step(task.loss, optimizer)
+  key = jax.random.key(o.seed + 1)
+  before = history[-1]["elapsed_s"] if history else 0.0  # a resumed run's time so far
+  seen, evaluating, began = 0, 0.0, time.perf_counter()
+  interval = _Interval()
+  bar = tqdm(total=task.total_steps, initial=state["step"], disable=not primary(), unit="step",
+             dynamic_ncols=True, file=sys.stderr)
+  trainable, opt_state = state["trainable"], state["opt_state"]
+  for step in range(state["step"], task.total_steps):
+    step_key = jax.random.fold_in(key, step)
+    batch = task.batch(step, step_key)
+    trainable, opt_state, loss, _ = step_fn(task.base, trainable, opt_state, batch, key=step_key)
+    interval.add(loss)
+    seen += task.batch_size(batch)
+    done = step + 1
+    bar.update(1)
+    if done % o.log_every and done % o.eval_every and done != task.total_steps:
+      continue
+    rate = seen / (time.perf_counter() - began - evaluating)  # training examples/s only
+    logged = interval.mean()
+    _check_finite(logged, done)
+    record = {"step": done, "train_loss": logged, "examples_per_s": rate}
+    if done % o.eval_every == 0 or done == task.total_steps:
+      paused = time.perf_counter()
+      scores = task.evaluate(trainable)
+      checkpoint.save(run / CHECKPOINTS, done, trainable, config=task.lora_config,
+                      base=task.base, opt_state=opt_state, data_position=done,
+                      base_name=task.base_name, keep=KEEP)
+      evaluating += time.perf_counter() - paused
+      record.update(scores)
+      history.append({"step": done, "loss": logged, **scores, "examples_per_s": rate,
+                      "elapsed_s": before + time.perf_counter() - began})
+      metrics.save()
+    metrics.log(record)
+    bar.set_postfix({"loss": f"{logged:.4f}", **{k: f"{v:.4f}" for k, v in record.items()
+                                                  if k == task.headline}})
+  bar.close()
+  metrics.summary["elapsed_s"] = before + time.perf_counter() - began
+
+
+def _check_finite(loss: float, step: int) -> None:
+  if not np.isfinite(loss):
+    raise RunError(f"the training loss is {loss} at step {step}; the run stopped before "
+                   f"writing anything over its last good checkpoint (try a lower --lr).")
+
+
+def _finish(task: Task, metrics: Metrics, run: pathlib.Path) -> None:
+  summary = metrics.summary
+  last = summary["history"][-1]
+  summary.update({task.headline: last[task.headline], "steps": task.total_steps},
+                 **task.sizes())
+  metrics.save()
+  if not primary():
+    return
+  plot(summary, run / "curves.png")
+  c = summary["counts"]
+  name = task.headline.replace("_", " ")
+  print(f"{'full fine-tuning' if task.options.full else 'LoRA'}: {name} "
+        f"{last[task.headline]:.4f} after {task.total_steps} steps in "
+        f"{summary['elapsed_s']:.0f} s; trainable {c['trainable']:,d} of {c['total']:,d} "
+        f"({100 * c['trainable'] / c['total']:.2f}%); run folder {run}")

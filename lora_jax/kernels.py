@@ -1,0 +1,60 @@
+"""Kernel kinds: what the transform may treat as a frozen kernel W.
+
+A kernel is a dense array leaf (a Flax ``kernel``), or an instance of a registered kernel
+kind: a pytree (for example packed 4-bit codes plus block scales, for QLoRA) that stands for a
+dense kernel of its ``shape`` and ``dtype`` and knows how to produce it (``to_dense``).
+
+The library treats a kind instance as one leaf of the base tree (for paths, targeting,
+counting and checkpoints' base identity), traces the user's function on its dense shape, and
+asks for the dense operand only where a matrix product (or the merged fallback) needs it. A
+kind whose leaves all carry a leading stacked-layer axis is sliced by ``lax.scan`` like a
+dense stacked kernel, so the dense operand is formed one layer at a time inside the scan.
+
+    >>> @jax.tree_util.register_dataclass
+    ... @dataclasses.dataclass
+    ... class Int8Kernel:
+    ...   codes: jax.Array          # int8, the kernel's shape
+    ...   scale: jax.Array          # float32, one per output column
+    ...   shape = property(lambda self: self.codes.shape)
+    ...   dtype = property(lambda self: self.scale.dtype)
+    >>> kernels.register(Int8Kernel, to_dense=lambda k: k.codes * k.scale)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+_KINDS: dict[type, Callable[[Any], jax.Array]] = {}
+
+
+def register(kind: type, *, to_dense: Callable[[Any], jax.Array]) -> type:
+  """Registers ``kind`` (a pytree node type with ``shape`` and ``dtype`` attributes giving the
+  dense kernel's) as a kernel kind whose dense operand is ``to_dense(instance)``.
+
+  Raises:
+    TypeError: ``to_dense`` is not callable.
+  """
+  if not callable(to_dense):
+    raise TypeError(f"to_dense must be a function of a {kind.__name__} returning the dense "
+                    f"kernel, got {to_dense!r}.")
+  _KINDS[kind] = to_dense
+  return kind
+
+
+def is_kind(x) -> bool:
+  """Whether ``x`` is an instance of a registered kernel kind (one leaf of a base tree)."""
+  return type(x) in _KINDS
+
+
+def dense(x):
+  """The dense kernel of ``x``: ``to_dense(x)`` for a kernel-kind instance, else ``x``."""
+  to_dense = _KINDS.get(type(x))
+  return x if to_dense is None else to_dense(x)
+
+
+def abstract(x) -> jax.ShapeDtypeStruct:
+  """The dense kernel's shape and dtype, without computing it."""
+  return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
