@@ -63,9 +63,54 @@ def test_train_step_benchmark_rejects_unknown_rows(capsys):
 def test_median_round_keeps_the_median_run():
   runs = [{"ms_per_step": 30.0, "tag": "a"}, {"ms_per_step": 10.0, "tag": "b"},
           {"ms_per_step": 20.0, "tag": "c"}]
-  kept = _bench().median_round(runs)
+  report = _bench().report
+  kept = report.median_round(runs)
   assert kept["tag"] == "c" and kept["ms_per_step_rounds"] == [30.0, 10.0, 20.0]
-  assert _bench().median_round([{"error": "x"}]) == {"error": "x"}
+  assert report.median_round([{"error": "x"}]) == {"error": "x"}
+
+
+def test_the_registry_holds_exactly_the_rows_that_rows_accepts():
+  bench = _bench()
+  rows = ["frozen_bound", "lora", "merged", "full", "qwix", "peft_eager", "peft_compiled",
+          "infer"]  # the module docstring's rows, in its order
+  assert list(bench.ROWS) == rows and bench.parse([]).rows == ",".join(rows)  # default: all
+  for name in rows:
+    assert bench.planned(bench.parse(["--rows", name])) in ([f"scan/{name}"], [f"torch/{name}"])
+  with pytest.raises(ValueError, match="--rows: unknown fast"):
+    bench.planned(bench.parse(["--rows", "lora,fast"]))
+  everything = ["--rows", ",".join(rows)]
+  assert bench.planned(bench.parse(everything + ["--mesh", "2x4"])) == [
+      "scan/frozen_bound", "scan/lora", "scan/merged", "scan/full"]
+  assert bench.planned(bench.parse(everything + ["--compile-only", "--layers", "unroll"])) == [
+      "unroll/frozen_bound", "unroll/lora", "unroll/merged", "unroll/full", "unroll/qwix"]
+  assert set(bench.report.DESCRIPTIONS) == set(rows) - {"infer"}  # every training row's words
+
+
+def test_report_summarizes_a_hand_made_result():
+  report = _bench().report
+  gib = 2**30
+  results = {
+      "scan/frozen_bound": {"ms_per_step": 100.0, "tokens_per_s": 1000.0, "peak_bytes": 3 * gib,
+                            "xla_peak_bytes": 1000},
+      "scan/lora": {"ms_per_step": 125.0, "tokens_per_s": 800.0, "peak_bytes": 3.5 * gib,
+                    "xla_peak_bytes": 1500},
+      "scan/merged": {"ms_per_step": 150.0, "tokens_per_s": 2000 / 3},
+      "scan/qwix": {"ms_per_step": 250.0, "tokens_per_s": 400.0},
+      "scan/infer": {"base_b1": {"ms": 2.0, "tokens_per_s": 16.0},
+                     "merged_b1": {"ms": 1.0, "tokens_per_s": 32.0, "ratio_to_base": 0.5}},
+      "torch/peft_compiled": {"ms_per_step": 62.5, "tokens_per_s": 1600.0}}
+  summary = report.summarize(results, ["scan", "unroll"])
+  assert summary == {"scan": {  # no unroll rows: no unroll line
+      "lora_over_bound": pytest.approx(1.25), "lora_tokens_over_qwix": pytest.approx(2.0),
+      "lora_tokens_over_peft_compiled": pytest.approx(0.5),
+      "lora_minus_bound_peak_bytes": gib // 2, "lora_minus_bound_xla_peak_bytes": 500}}
+  assert results["scan/merged"]["ratio_to_bound"] == pytest.approx(1.5)
+  assert "ratio_to_bound" not in results["torch/peft_compiled"]  # no torch bound
+  table = report.markdown({"rows": results}).splitlines()
+  assert table[3] == ("| scan | **LoRA with lora_jax** (`LoraConfig` → `analyze` → `init` → "
+                      "`train_step`) | 125 | 800 | 1.250 | 3.50 |")
+  assert len(table) == 2 + 5 + 2  # header, rule, the five timed training rows, inference
+  assert table[-1] == "Inference (scan), time ÷ base model: merged_b1 0.500."
 
 
 def test_train_step_benchmark_rejects_zero_rounds(capsys):
