@@ -239,7 +239,8 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Pat
   seen, evaluating, began = 0, 0.0, time.perf_counter()
   interval = _Interval()
   bar = tqdm(total=task.total_steps, initial=state["step"], disable=not primary(), unit="step",
-             dynamic_ncols=True, file=sys.stderr)
+             dynamic_ncols=True, file=sys.stderr,
+             mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file: a line per 10 s
   trainable, opt_state = state["trainable"], state["opt_state"]
   for step in range(state["step"], task.total_steps):
     step_key = jax.random.fold_in(key, step)
