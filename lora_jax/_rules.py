@@ -47,14 +47,19 @@ class Apply:
     return None if self.key is None else jax.random.fold_in(self.key, self._count)
 
   def materialize(self, x, consumer: str):
-    """``x`` as a plain array: a Kernel becomes its merged value ``W + s·A@B``."""
+    """``x`` as a plain array: a Kernel becomes its merged value ``W + s·A@B`` (a kernel kind
+    with no adapter just its dense value)."""
     if not isinstance(x, Kernel):
       return x
+    if x.adapter is None:
+      return x.dense()
     self.fallbacks.append((x.path, consumer))
     return x.adapter.merged(x.dense(), axes=x.axes)
 
   def unstack(self, k: Kernel, consumer: str):
     """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
+    if k.adapter is None:  # a kernel kind without adapter: sliced like any stacked array
+      return k.replace(axes=k.axes[1:])
     stacked = [j for j in k.axes if k.roles[j] == "l"]
     if k.role(0) != "l" or k.axes[0] != min(stacked):
       return self.materialize(k, consumer)
@@ -263,8 +268,20 @@ _UNARY = {
     "sharding_constraint": _same_axes,
     "transpose": _transpose,
 }
-APPLY_RULES = {**_UNARY, "dot_general": _apply_dot, "reshape": _apply_reshape,
-               "squeeze": _apply_reshape}
+def _adapted_only(rule):
+  """A kernel-kind operand without an adapter is only made dense where it is used."""
+
+  def checked(eqn, invals, ctx):
+    if all(x.adapter is None for x in invals if isinstance(x, Kernel)):
+      return _interpret.fallback(eqn, invals, ctx)
+    return rule(eqn, invals, ctx)
+
+  return checked
+
+
+APPLY_RULES = {name: _adapted_only(rule) for name, rule in {
+    **_UNARY, "dot_general": _apply_dot, "reshape": _apply_reshape,
+    "squeeze": _apply_reshape}.items()}
 
 
 # ----------------------------------------------------------------------- analyze rules

@@ -164,6 +164,37 @@ jax.tree_util.register_dataclass(
 ADAPTER_KINDS: tuple[type, ...] = (LoraWeights,)
 
 
+def register_kind(kind: type) -> type:
+  """Adds an adapter kind (a dataclass registered with ``jax.tree_util.register_dataclass``,
+  with the methods ``LoraWeights`` has) to ``ADAPTER_KINDS``; checkpoints rebuild it by name."""
+  global ADAPTER_KINDS
+  if kind not in ADAPTER_KINDS:
+    ADAPTER_KINDS = (*ADAPTER_KINDS, kind)
+  return kind
+
+
+def kind_named(name: str) -> type:
+  """The registered adapter kind called ``name``.
+
+  Raises:
+    ValueError: no such kind (the message lists the registered ones).
+  """
+  for kind in ADAPTER_KINDS:
+    if kind.__name__ == name:
+      return kind
+  raise ValueError(f"unknown adapter kind {name!r}; registered: "
+                   f"{', '.join(k.__name__ for k in ADAPTER_KINDS)}.")
+
+
+def fields_of(adapter) -> tuple[dict, dict]:
+  """``({data field: array}, {meta field: value})`` of an adapter (a registered dataclass)."""
+  data = {_tree.keys_of(p)[0]: x
+          for p, x in jax.tree_util.tree_flatten_with_path(adapter)[0]}
+  meta = {f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter)
+          if f.name not in data}
+  return data, meta
+
+
 def is_adapter(x) -> bool:
   """Whether ``x`` is an adapter (an instance of an adapter kind), a leaf of the trainable tree."""
   return isinstance(x, ADAPTER_KINDS)

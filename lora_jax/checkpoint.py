@@ -9,10 +9,10 @@ replaces the last good one; the newest ``keep`` are kept). Each step holds:
               (each adapter's factors, then each ``modules_to_save`` extra), so any tree key,
               one holding a '/' included, round-trips (orbax ``StandardSave``)
   opt_state   the optax state's leaves, if given (restored into the caller's template)
-  meta        JSON: the LoraConfig, each adapter's key path / scale / axis roles / dropout / shapes,
-              each extra's key path and shape, the base model's identity (name, a hash of every
-              leaf's path, shape and dtype, and the adapted kernels' shapes), the step and the
-              data position.
+  meta        JSON: the LoraConfig, each adapter's key path / kind / static fields (scale, axis
+              roles, dropout) / array shapes, each extra's key path and shape, the base
+              model's identity (name, a hash of every leaf's path, shape and dtype, and the
+              adapted kernels' shapes), the step and the data position.
 
 ``restore`` refuses a base whose adapted (or saved) leaves differ in name or shape from the one
 the adapters were trained on, and can place the restored arrays on any sharding.
@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 
 from lora_jax import _tree
 from lora_jax._tree import listing
-from lora_jax.adapters import LoraWeights, split
+from lora_jax.adapters import fields_of, kind_named, split
 from lora_jax.config import LoraConfig
 from lora_jax.targets import base_leaves
 
@@ -64,11 +64,13 @@ def base_identity(base, *, name: str | None = None) -> dict:
   return {"name": name, "sha256": h.hexdigest(), "leaves": len(leaves)}
 
 
-def _adapter_entry(path, lw: LoraWeights, kernel) -> dict:
-  return {"keys": list(path), "path": _tree.join(path), "kind": type(lw).__name__,
-          "scale": lw.scale, "axes": lw.axes, "dropout": lw.dropout, "rank": lw.rank,
-          "kernel_shape": list(kernel.shape), "a_shape": list(lw.a.shape),
-          "b_shape": list(lw.b.shape), "dtype": jnp.dtype(lw.a.dtype).name}
+def _adapter_entry(path, adapter, kernel) -> dict:
+  """An adapter's description: its kind, static fields and arrays' shapes (any adapter kind)."""
+  data, meta = fields_of(adapter)
+  return {"keys": list(path), "path": _tree.join(path), "kind": type(adapter).__name__,
+          "meta": meta, "kernel_shape": list(kernel.shape),
+          "arrays": {name: {"shape": list(x.shape), "dtype": jnp.dtype(x.dtype).name}
+                     for name, x in data.items()}}
 
 
 def _extra_entry(path, x) -> dict:
@@ -94,9 +96,10 @@ def describe(adapters, *, config: LoraConfig, base, base_name: str | None = None
 
 
 def _arrays(adapters) -> list:
-  """The arrays written, in the description's order: (a, b) per adapter, then the extras."""
+  """The arrays written, in the description's order: each adapter's (A, B for LoRA), then
+  the extras."""
   lora, extras = split(adapters)
-  return [x for lw in lora.values() for x in (lw.a, lw.b)] + list(extras.values())
+  return [x for a in lora.values() for x in fields_of(a)[0].values()] + list(extras.values())
 
 
 # ----------------------------------------------------------------------- save / restore
@@ -122,13 +125,15 @@ def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=
     raise ValueError(f"step must be an integer >= 0, got {step!r}.")
   if keep is not None and (not isinstance(keep, int) or keep < 1):
     raise ValueError(f"keep must be an integer >= 1 or None, got {keep!r}.")
-  meta = describe(adapters, config=config, base=base, base_name=base_name)
-  meta.update(step=step, data_position=data_position, has_opt_state=opt_state is not None)
+  if base_name is not None and not isinstance(base_name, str):
+    raise ValueError(f"base_name must be a string or None, got {base_name!r}.")
   try:
-    json.dumps(meta)
-  except TypeError as e:
+    json.dumps(data_position)
+  except (TypeError, ValueError) as e:
     raise ValueError(f"data_position must be JSON-serializable (ints, strings, lists, "
                      f"dicts), got {data_position!r}: {e}") from None
+  meta = describe(adapters, config=config, base=base, base_name=base_name)
+  meta.update(step=step, data_position=data_position, has_opt_state=opt_state is not None)
   items = {"trainable": ocp.args.StandardSave(_arrays(adapters)),
            "meta": ocp.args.JsonSave(meta)}
   if opt_state is not None:
@@ -188,7 +193,7 @@ def check_base(meta: dict, base, *, where: str = "checkpoint") -> None:
       wrong.append(f"{_tree.join(path)} {tuple(leaves[path].shape)} (adapters need "
                    f"{tuple(shape)})")
   problems = [f"{label}: {listing(items, 4)}" for label, items in
-              (("missing kernels", missing), ("mis-shaped kernels", wrong)) if items]
+              (("missing parameters", missing), ("mis-shaped parameters", wrong)) if items]
   if problems:
     name = meta["base"].get("name") or "another model"
     raise ValueError(f"{where} holds adapters for {name}, not for this base; "
@@ -204,8 +209,8 @@ def _targets(meta: dict, sharding) -> list:
   """Abstract arrays, placed, in the order ``_arrays`` wrote them."""
   out = []
   for e in meta["adapters"]:
-    out += [_placed(e["a_shape"], e["dtype"], sharding, e["path"] + "/a"),
-            _placed(e["b_shape"], e["dtype"], sharding, e["path"] + "/b")]
+    out += [_placed(a["shape"], a["dtype"], sharding, f"{e['path']}/{name}")
+            for name, a in e["arrays"].items()]
   return out + [_placed(e["shape"], e["dtype"], sharding, e["path"])
                 for e in meta.get("extras", [])]
 
@@ -215,8 +220,8 @@ def _rebuild(meta: dict, arrays: list) -> dict:
   arrays = iter(arrays)
   flat = {}
   for e in meta["adapters"]:
-    flat[tuple(e["keys"])] = LoraWeights(a=next(arrays), b=next(arrays), scale=e["scale"],
-                                         axes=e["axes"], dropout=e["dropout"])
+    data = {name: next(arrays) for name in e["arrays"]}
+    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **e["meta"])
   for e in meta.get("extras", []):
     flat[tuple(e["keys"])] = next(arrays)
   return _tree.nest(flat)

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 ALL_LINEAR = "all-linear"
 """Preset target: every matmul kernel except the output head (as PEFT's ``"all-linear"``)."""
@@ -56,18 +57,30 @@ def _plain(value):
     return {k: _plain(v) for k, v in value.items()}
   if isinstance(value, (tuple, list)):
     return [_plain(v) for v in value]
-  if value is None or isinstance(value, (bool, int, float, str)):
+  if isinstance(value, np.generic):  # a NumPy scalar: its Python value
+    return value.item()
+  if value is None or isinstance(value, (bool, numbers.Number, str)):
     return value
   try:
-    return jnp.dtype(value).name
+    return jnp.dtype(value).name  # a dtype, or a type such as jnp.float32
   except TypeError:
     return str(value)
 
 
 def _typed(hint, value):
-  """JSON ``value`` back to the field's type: lists to tuples where the field holds tuples."""
+  """A JSON / YAML ``value`` back to the field's type: lists to tuples where the field holds
+  tuples, and numbers written as text (YAML reads ``1e-3`` as a string) to numbers where the
+  field holds numbers and not text. A value that does not convert is left for the field's
+  own check, which names the field."""
   if isinstance(value, list) and _allows(hint, (tuple, Sequence)):
     return tuple(value)
+  if isinstance(value, str) and not _allows(hint, (str,)):
+    for kind in (int, float):
+      if _allows(hint, (kind,)):
+        try:
+          return kind(value)
+        except ValueError:
+          continue
   return value
 
 

@@ -189,13 +189,20 @@ def _stacked(path: str) -> bool:
   return m is not None and m["index"] is None
 
 
+def _in_stack(path: str) -> bool:
+  """Whether ``path`` is in a family's layer stack (where GPT-2's layers are Conv1D; a head
+  outside it is a torch.nn.Linear)."""
+  return _stack_re().search(path.rsplit("/", 1)[0]) is not None
+
+
 def _extra_tensors(extras, conv1d: bool, name_map) -> dict[str, np.ndarray]:
   """``{"<module>.<param>": tensor}`` for the trained ``modules_to_save`` leaves."""
   out = {}
   for keys, x in extras.items():
     path, value = _tree.join(keys), np.asarray(x, np.float32)
     for layer in range(value.shape[0]) if _stacked(path) else [None]:
-      name, tensor = _torch_param(keys[-1], value if layer is None else value[layer], conv1d)
+      name, tensor = _torch_param(keys[-1], value if layer is None else value[layer],
+                                  conv1d and _in_stack(path))
       out[f"{name_map(path, layer)}.{name}"] = tensor
   return out
 
@@ -292,8 +299,10 @@ def export_peft(directory, adapters, *, config: LoraConfig,
       PEFT could not tell apart.
   """
   lora, extras = split(adapters)
-  if not lora and not extras:
-    raise ValueError("adapters hold no LoraWeights; nothing to export.")
+  if not lora:
+    raise ValueError("adapters hold no LoraWeights; nothing to export (PEFT's LoRA format "
+                     "needs at least one LoRA target; a run that trains only modules_to_save "
+                     "is a full fine-tuning of those modules: save it with lora-jax merge).")
   flat = {_tree.join(p): lw for p, lw in lora.items()}
   tensors: dict[str, np.ndarray] = {}
   modules: dict[str, tuple[int, float]] = {}
@@ -438,7 +447,8 @@ def _not_lora(key: str, file) -> str:
           "a trained bias on lora_B" if key.endswith("lora_B.bias") else
           "a modules_to_save copy, a trained bias or another non-LoRA weight")
   return (f"{file}: tensor {key!r} is not a LoRA factor (base_model.model.<module>.lora_A.weight "
-          f"or .lora_B.weight) but {what}, which lora_jax adapters cannot hold.")
+          f"or .lora_B.weight) but {what}, which lora_jax adapters cannot hold (a module "
+          f"trained in full must be listed in the config's modules_to_save).")
 
 
 def _factor_pairs(tensors: Mapping[str, np.ndarray], file) -> dict[str, dict[str, tuple]]:
@@ -606,17 +616,19 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
     fan_in_fan_out: whether the torch model's layers are GPT-2 Conv1D; None: from the family.
 
   Returns:
-    ``(config, adapters)``: a LoraConfig (exact path patterns; ``lora_jax.init(config,
-    params)`` makes adapters of the same layout) and the adapter tree, float32. Layers of a
-    stacked kernel that the adapter leaves out (``layers_to_transform``) get zero factors.
+    ``(config, adapters)``: a LoraConfig (exact path patterns, ``modules_to_save`` included;
+    ``lora_jax.init(config, params)`` makes a tree of the same layout) and the trainable
+    tree: float32 factors, and the ``modules_to_save`` leaves in their base leaves' dtype.
+    Layers of a stacked kernel that the adapter leaves out (``layers_to_transform``) get zero
+    factors.
 
   Raises:
     FileNotFoundError: a missing file (named).
     ValueError: an unreadable file, anything lora_jax cannot reproduce exactly (other PEFT
-      types, DoRA, biases, embeddings, modules_to_save, a fan_in_fan_out that does not fit the
-      model, different ranks or scales across one stacked kernel's layers), or a tensor that
-      does not fit the base (the message names the file and the key). Nothing is returned
-      until everything is checked.
+      types, DoRA, biases, embeddings, a fan_in_fan_out that does not fit the model, different
+      ranks or scales across one stacked kernel's layers), or a tensor that does not fit the
+      base (the message names the file and the key). Nothing is returned until everything is
+      checked.
   Warns:
     PeftConfigWarning: adapter_config.json keys PEFT 0.21 does not know.
   """
@@ -680,7 +692,8 @@ def _extras(saved: Mapping[str, np.ndarray], params, name_map, conv1d: bool, fil
                        f"params; parameters include {listing(index)}.")
     keys, layer = index[name]
     shape = tuple(leaves[keys].shape)
-    value = tensor.T if keys[-1] == "kernel" and not conv1d else tensor
+    linear = keys[-1] == "kernel" and not (conv1d and _in_stack(_tree.join(keys)))
+    value = tensor.T if linear else tensor
     if value.shape != (shape if layer is None else shape[1:]):
       raise ValueError(f"{file}: tensor {key!r} has shape {tensor.shape}, which does not fit "
                        f"{_tree.join(keys)!r} of shape {shape}.")

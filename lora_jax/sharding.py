@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
-from lora_jax import _tree
+from lora_jax import _tree, kernels
 from lora_jax.adapters import init, is_adapter, split
 from lora_jax.config import LoraConfig
 from lora_jax.train import StepOutput, train_step
@@ -54,7 +54,7 @@ def _is_spec(x) -> bool:
 
 
 def _by_path(tree) -> dict[_tree.Path, Any]:
-  return _tree.flatten(tree, is_leaf=_is_spec)
+  return _tree.flatten(tree, is_leaf=lambda x: _is_spec(x) or kernels.is_kind(x))
 
 
 def named_shardings(specs, mesh: Mesh):
@@ -148,13 +148,17 @@ def init_sharded(config: LoraConfig, params, *, key: jax.Array, shardings, mesh:
 
   Args:
     config, key, uses: as for ``lora_jax.init``.
-    params: the base tree, concrete or abstract (only shapes are read).
+    params: the base tree, concrete or abstract (only shapes are read; concrete with
+      ``modules_to_save``, whose leaves are copied).
     shardings: the base tree's shardings (see ``adapter_shardings``).
     mesh: needed when ``shardings`` holds PartitionSpecs.
   """
   shardings = shardings if mesh is None else named_shardings(shardings, mesh)
   _need_named(shardings, "shardings")
   if config.save_patterns:  # trained copies of base leaves: the values are needed
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
+      raise ValueError("init_sharded with modules_to_save copies base values, so params must "
+                       "be concrete arrays, not jax.eval_shape output; pass the loaded params.")
     make = lambda k, p: init(config, p, key=k, uses=uses)  # noqa: E731
     out = adapter_shardings(jax.eval_shape(make, key, _abstract(params)), shardings)
     return jax.jit(make, out_shardings=out)(key, params)
@@ -330,7 +334,7 @@ def tensor_parallel_specs(params, rules: Sequence[tuple[str, str]], *, mesh: Mes
     _check_divisible(path, shape, out, mesh)
     return out
 
-  specs = _tree.map_with_path(spec, params)
+  specs = _tree.map_with_path(spec, params, is_leaf=kernels.is_kind)
   if not found:
     raise ValueError(f"no parameter matches the rules {[p for p, _ in rules]}; is this the "
                      "model they were written for?")

@@ -1,9 +1,11 @@
 """Path matching: which kernels a LoraConfig adapts, the plan, and parameter counts.
 
-Paths are '/'-joined pytree keys, e.g. ``params/layers_0/attn/query/kernel`` for a Flax
-linen tree or ``layers/0/kernel`` for an NNX state (the trailing ``.value`` of an NNX
-variable is dropped). Only shapes are read, so every function here also works on the
-abstract trees of ``jax.eval_shape``: no weights need to exist.
+Patterns match '/'-joined paths, e.g. ``params/layers_0/attn/query/kernel`` for a Flax linen
+tree or ``layers/0/kernel`` for an NNX state (the trailing ``.value`` of an NNX variable is
+dropped); each ``Target`` and ``Extra`` also keeps its path as a tuple of tree keys
+(``keys``), which is what the library indexes trees by (``lora_jax._tree``). Only shapes are
+read, so every function here also works on the abstract trees of ``jax.eval_shape``: no
+weights need to exist.
 """
 
 from __future__ import annotations

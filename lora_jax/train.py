@@ -81,11 +81,12 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False) -> Callable:
 
 
 def _factor_labels(trainable):
-  """"b" for every B factor; "a" for A and for trained extras (PEFT's LoRA+ gives every
-  parameter that is not a lora_B the base learning rate)."""
+  """"b" for every B factor and every 1-D trained extra (a bias, a norm's scale), "a" for the
+  rest: PEFT's ``create_loraplus_optimizer`` puts ``lora_B`` and 1-D parameters in its fast
+  group B and everything else (A, a trained head's weight) in group A."""
   def label(x):
     if not is_adapter(x):
-      return "a"
+      return "b" if getattr(x, "ndim", len(getattr(x, "shape", ()))) == 1 else "a"
     return dataclasses.replace(x, **{f: "b" if f == "b" else "a" for f in ("a", "b")})
 
   return jax.tree_util.tree_map(label, trainable, is_leaf=is_adapter)
@@ -98,6 +99,8 @@ def lora_plus(make_optimizer: Callable[..., optax.GradientTransformation], *,
 
   Built from ``optax.multi_transform``: A gets ``make_optimizer(learning_rate, ...)`` and B
   gets ``make_optimizer(ratio * learning_rate, ...)`` (a schedule is scaled step by step).
+  Trained extras (``modules_to_save``) are grouped as PEFT's ``create_loraplus_optimizer``
+  groups them: 1-D ones (biases, norm scales) with B, the others with A.
 
   Args:
     make_optimizer: an optax constructor taking the learning rate first, e.g. ``optax.adamw``.

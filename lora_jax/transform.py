@@ -73,8 +73,9 @@ def _warn(fallbacks) -> None:
 
 def _inputs(base, trainable) -> list:
   """The interpreter's inputs for the base leaves: a Kernel at each adapted kernel, the trained
-  copy at each ``modules_to_save`` leaf (in the base leaf's dtype), the dense operand of
-  every other kernel-kind leaf, and the base leaf itself elsewhere."""
+  copy at each ``modules_to_save`` leaf (in the base leaf's dtype), an adapter-less Kernel at
+  every other kernel-kind leaf (made dense only where it is used, so one layer at a time
+  inside a scan), and the base leaf itself elsewhere."""
   adapters, extras = match(base, trainable)
   inputs = []
   for path, w in base_leaves(base).items():
@@ -82,8 +83,10 @@ def _inputs(base, trainable) -> list:
       inputs.append(Kernel(w, adapters[path], path=_tree.join(path), axes=range(len(w.shape))))
     elif path in extras:
       inputs.append(extras[path].astype(w.dtype))
+    elif kernels.is_kind(w):
+      inputs.append(Kernel(w, None, path=_tree.join(path), axes=range(len(w.shape))))
     else:
-      inputs.append(kernels.dense(w))
+      inputs.append(w)
   return inputs
 
 

@@ -163,11 +163,11 @@ def test_a_different_base_is_refused(tmp_path):
   base = _base()
   adapters = lora_jax.init(CONFIG, base, key=jax.random.key(1))
   checkpoint.save(tmp_path, 0, adapters, config=CONFIG, base=base, base_name="toy-16")
-  with pytest.raises(ValueError, match=r"adapters for toy-16.*mis-shaped kernels: "
+  with pytest.raises(ValueError, match=r"adapters for toy-16.*mis-shaped parameters: "
                                        r"params/l0/kernel \(32, 8\) \(adapters need \(16, 8\)\)"):
     checkpoint.restore(tmp_path, base=_base(d_in=32))
   renamed = {"params": {"first": base["params"]["l0"], "l1": base["params"]["l1"]}}
-  with pytest.raises(ValueError, match="missing kernels: params/l0/kernel"):
+  with pytest.raises(ValueError, match="missing parameters: params/l0/kernel"):
     checkpoint.restore(tmp_path, base=renamed)
 
 

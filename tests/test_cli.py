@@ -64,11 +64,13 @@ def test_train_flags_come_from_the_options_and_override_a_config_file(tmp_path):
   train = parser._subparsers._group_actions[0].choices["train"]
   flags = {a.option_strings[0] for a in train._actions if a.option_strings}
   assert {cli.flag(f.name) for f in dataclasses.fields(ClassifyOptions)} <= flags
-  (tmp_path / "run.yaml").write_text("rank: 4\nsteps: 12\ntargets: q,k,v\nfull: false\n")
+  (tmp_path / "run.yaml").write_text("rank: 4\nsteps: 12\ntargets: q,k,v\nfull: false\n"
+                                     "lr: 1e-3\n")  # YAML 1.1 reads 1e-3 as text
   (tmp_path / "run.json").write_text('{"rank": 2, "lora-plus-ratio": 4}')
   args = parser.parse_args(["train", "--config", str(tmp_path / "run.yaml"), "--steps", "3"])
   o = cli.options_from(args, ClassifyOptions)
   assert (o.rank, o.steps, o.targets, o.batch_size) == (4, 3, "q,k,v", 32)  # the flag wins
+  assert o.lr == 1e-3
   o = cli.options_from(parser.parse_args(["train", "--config", str(tmp_path / "run.json")]),
                        ClassifyOptions)
   assert (o.rank, o.lora_plus_ratio) == (2, 4)

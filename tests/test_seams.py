@@ -279,8 +279,9 @@ def _quantize(w):
   return Int8Kernel(jnp.round(w / scale).astype(jnp.int8), scale)
 
 
+@pytest.mark.parametrize("targets", [["up", "down"], ["up"]], ids=["both", "down_not_adapted"])
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-def test_a_kernel_kind_is_adapted_like_its_dense_kernel(scan):
+def test_a_kernel_kind_is_adapted_like_its_dense_kernel(scan, targets):
   model = Toy(ToyConfig(scan_layers=scan))
   ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 16)
   params = model.init(jax.random.key(1), ids)
@@ -288,7 +289,7 @@ def test_a_kernel_kind_is_adapted_like_its_dense_kernel(scan):
   qparams = lora_jax._tree.map_with_path(
       lambda p, x: _quantize(x) if is_kernel(p, x) else x, params)
   dense = jax.tree_util.tree_map(kernels.dense, qparams, is_leaf=kernels.is_kind)
-  config = lora_jax.LoraConfig(targets=["up", "down"], rank=2)
+  config = lora_jax.LoraConfig(targets=targets, rank=2)
   uses = lora_jax.analyze(model.apply, qparams, ids)
   assert lora_jax.plan(config, qparams, uses=uses).counts == lora_jax.plan(
       config, params, uses=uses).counts  # counted at the dense size, as PEFT counts 4-bit
@@ -299,10 +300,25 @@ def test_a_kernel_kind_is_adapted_like_its_dense_kernel(scan):
   np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
   merged = lora_jax.merge(qparams, trainable)  # a merged kind comes back dense
   assert_trees_close(merged, lora_jax.merge(dense, trainable))
+  if scan and targets == ["up"]:  # the un-adapted stacked kind is dense only inside the scan
+    jaxpr = jax.make_jaxpr(lora_jax.lora(model.apply))(qparams, trainable, ids).jaxpr
+    stacked = [v.aval.shape for e in jaxpr.eqns for v in e.outvars
+               if v.aval.shape == (2, 12, 8) and v.aval.dtype == jnp.float32]
+    assert stacked == [] and any(e.primitive.name == "scan" for e in jaxpr.eqns)
   loss = lambda p, ids: jnp.mean(model.apply(p, ids) ** 2)  # noqa: E731
   grads = lora_jax.value_and_grad(loss)(qparams, trainable, ids)[1]
   want_grads = jax.grad(lambda t: loss(lora_jax.merge(dense, t), ids))(trainable)
   assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_init_sharded_with_extras_needs_concrete_params():
+  params = jax.eval_shape(_MLP().init, jax.random.key(0), jnp.ones((1, 5)))
+  config = lora_jax.LoraConfig(targets="fc1", rank=2, modules_to_save="head")
+  specs = jax.tree_util.tree_map(lambda _: P(), params)
+  with pytest.raises(ValueError, match=r"init_sharded with modules_to_save copies base values, "
+                                       r"so params must be concrete"):
+    sharding.init_sharded(config, params, key=jax.random.key(0), shardings=specs,
+                          mesh=sharding.mesh("8x1"))
 
 
 def test_register_rejects_a_missing_to_dense():

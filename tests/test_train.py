@@ -159,13 +159,15 @@ def test_lora_plus_rejects_bad_ratio():
 
 
 def test_run_lora_plus_option_gives_b_ratio_times_the_learning_rate():
-  """``lora-jax train --lora-plus-ratio``: B at ratio x lr, A and the classifier head (a
-  modules_to_save extra in the same trainable tree) at lr."""
+  """``lora-jax train --lora-plus-ratio``: B and the head's bias at ratio x lr, A and the head's
+  kernel at lr (PEFT's create_loraplus_optimizer: lora_B and 1-D parameters in the fast
+  group); the head is a modules_to_save extra in the same trainable tree."""
   from lora_jax.app import runner
   from lora_jax.app.options import RunOptions
   lw = lora_jax.adapters.LoraWeights(a=jnp.zeros((3, 2)), b=jnp.zeros((2, 5)), scale=2.0,
                                      axes="io", dropout=0.0)
-  trained = {"dense": {"kernel": lw}, "head": {"kernel": jnp.zeros((5, 2))}}
+  trained = {"dense": {"kernel": lw}, "head": {"kernel": jnp.zeros((5, 2)),
+                                               "bias": jnp.zeros((2,))}}
   grads = jax.tree_util.tree_map(jnp.ones_like, trained)  # AdamW's step is then -lr exactly
 
   def second_update(options):  # the warm-up starts at lr 0, so take the second step's
@@ -173,14 +175,16 @@ def test_run_lora_plus_option_gives_b_ratio_times_the_learning_rate():
     state = optimizer.init(trained)
     for _ in range(2):
       updates, state = optimizer.update(grads, state, trained)
-    kernel = updates["dense"]["kernel"]
-    return float(kernel.a[0, 0]), float(kernel.b[0, 0]), float(updates["head"]["kernel"][0, 0])
+    kernel, head = updates["dense"]["kernel"], updates["head"]
+    return (float(kernel.a[0, 0]), float(kernel.b[0, 0]), float(head["kernel"][0, 0]),
+            float(head["bias"][0]))
 
-  a, b, head = second_update(RunOptions(lr=1e-2, lora_plus_ratio=8.0))
+  a, b, head, bias = second_update(RunOptions(lr=1e-2, lora_plus_ratio=8.0))
   assert a == pytest.approx(-1e-2, rel=1e-4)  # one warm-up step, then the peak lr
   assert b == pytest.approx(8.0 * a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
-  a, b, head = second_update(RunOptions(lr=1e-2))
-  assert b == pytest.approx(a, rel=1e-5) and head == pytest.approx(a, rel=1e-5)
+  assert bias == pytest.approx(8.0 * a, rel=1e-5)
+  a, b, head, bias = second_update(RunOptions(lr=1e-2))
+  assert b == pytest.approx(a, rel=1e-5) and head == bias == pytest.approx(a, rel=1e-5)
 
 
 def test_run_options_name_the_field():
@@ -208,6 +212,9 @@ def test_options_round_trip_through_the_one_serializer():
   config = lora_jax.LoraConfig(targets=["q", "v"], rank=4, modules_to_save=("head",),
                                dtype=jnp.bfloat16, rank_pattern={"q": 2})
   assert lora_jax.LoraConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  numpy = lora_jax.LoraConfig(targets="q", rank=np.int64(4), alpha=np.float32(8.0))
+  assert numpy.to_dict()["rank"] == 4 and numpy.to_dict()["alpha"] == 8.0  # numbers, not dtypes
+  assert lora_jax.LoraConfig.from_dict(json.loads(json.dumps(numpy.to_dict()))) == numpy
   with pytest.raises(ValueError, match=r"ClassifyOptions has no field\(s\) rnak; known fields: "):
     ClassifyOptions.from_dict({"rnak": 4})
 

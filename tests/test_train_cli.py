@@ -94,12 +94,12 @@ def test_a_run_folder_is_a_lora_jax_checkpoint(run):
   head = restored.adapters["params"]["classifier"]["kernel"]
   assert head.shape == (384, 2) and not np.allclose(head, base["params"]["classifier"]["kernel"])
   three = jax.eval_shape(lambda: _task(num_labels=3).base)  # another head: another model
-  with pytest.raises(ValueError, match=r"mis-shaped kernels: params/classifier/bias \(3,\) "
+  with pytest.raises(ValueError, match=r"mis-shaped parameters: params/classifier/bias \(3,\) "
                                        r"\(adapters need \(2,\)\)"):
     checkpoint.restore(out / "checkpoints", base=three)
   from lora_jax import models
   with pytest.raises(ValueError, match=r"holds adapters for all-MiniLM-L6-v2, not for this base; "
-                                       r"missing kernels: params/bert/encoder/layer/attention"):
+                                       r"missing parameters: params/bert/encoder/layer/attention"):
     checkpoint.restore(out / "checkpoints", base=models.abstract_params("gpt2"))
 
 
@@ -235,6 +235,17 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   assert done.returncode == 0, done.stderr
   steps = [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]
   assert steps[-1] == interrupted + 4 and steps == sorted(steps)
+  logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+  assert logged == sorted(set(logged)) and logged[-1] == interrupted + 4  # no step twice
+
+
+def test_a_refused_overwrite_deletes_nothing(tmp_path):
+  """--overwrite replaces a run only once the new one's options, data and model are good."""
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "keep.txt").write_text("earlier work")
+  done = _cli("train", "--out", str(tmp_path / "r"), "--overwrite", "--rank", "1000")
+  assert done.returncode == 2 and "rank 1000 for kernel" in done.stderr
+  assert (tmp_path / "r" / "keep.txt").read_text() == "earlier work"
 
 
 def test_training_on_a_device_mesh_matches_one_device(run, tmp_path):

@@ -62,20 +62,20 @@ def read_config_file(path) -> dict:
   if not path.is_file():
     raise FileNotFoundError(f"--config file {str(path)!r} does not exist.")
   text = path.read_text()
-  try:
-    if path.suffix.lower() in (".yaml", ".yml"):
-      import yaml
-      values = yaml.safe_load(text)
-    elif path.suffix.lower() == ".json":
+  suffix = path.suffix.lower()
+  if suffix not in (".json", ".yaml", ".yml"):
+    raise ValueError(f"--config {path}: unknown format {suffix!r}; use .json or .yaml.")
+  if suffix == ".json":
+    try:
       values = json.loads(text)
-    else:
-      raise ValueError(f"--config {path}: unknown format {path.suffix!r}; use .json or .yaml.")
-  except (json.JSONDecodeError, ImportError) as e:
-    raise ValueError(f"--config {path} is not valid JSON: {e}.") from None
-  except Exception as e:  # noqa: BLE001  yaml's own errors
-    if isinstance(e, ValueError):
-      raise
-    raise ValueError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}.") from None
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--config {path} is not valid JSON: {e}.") from None
+  else:
+    import yaml  # the app extra's PyYAML
+    try:
+      values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+      raise ValueError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}.") from None
   if not isinstance(values, dict):
     raise ValueError(f"--config {path} must hold a mapping of option names to values.")
   return {k.replace("-", "_"): v for k, v in values.items()}
@@ -112,9 +112,21 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _count_parser(sub) -> None:
-  from lora_jax import models
+def _variants() -> dict[str, list]:
+  """``{variant: [(family, overrides), ...]}`` over the registered families."""
+  from lora_jax import family
+  out: dict[str, list] = {}
+  for record in family.registered().values():
+    for name, overrides in record.variants.items():
+      out.setdefault(name, []).append((record.name, dict(overrides)))
+  return out
 
+
+def _count_parser(sub) -> None:
+  from lora_jax import family, models
+
+  aliases = "; ".join(f"{f.name}: {','.join(f.target_aliases)}"
+                      for f in family.registered().values() if f.target_aliases)
   count = sub.add_parser("count", help="print the LoRA plan and parameter counts of a model",
                          description="Plan and PEFT-style counts for a named model config, "
                                      "from abstract shapes (no weights are allocated).")
@@ -122,12 +134,13 @@ def _count_parser(sub) -> None:
   count.add_argument("--rank", type=int, default=8)
   count.add_argument("--alpha", type=float, default=None, help="default: the rank")
   count.add_argument("--targets", default=None,
-                     help="comma-separated aliases (q,k,v,o,gate,up,down; qkv for GPT-2's "
-                          "fused c_attn), module names, regular expressions, or all-linear; "
-                          "default: the family's (the query and value projections)")
-  count.add_argument("--separate-qkv", action="store_true",
-                     help="GPT-2 family: separate q, k, v projections instead of c_attn "
-                          "(same base count; the LoRA paper's Wq, Wv)")
+                     help=f"comma-separated family aliases ({aliases}), module names, regular "
+                          f"expressions, or all-linear; default: the family's (the query and "
+                          f"value projections)")
+  for name, owners in _variants().items():  # from the family records
+    shown = "; ".join(f"{fam}: {overrides}" for fam, overrides in owners)
+    count.add_argument(flag(name), dest=name, action="store_true",
+                       help=f"a config variant ({shown})")
   count.add_argument("--use-rslora", action="store_true")
   count.add_argument("--summary", action="store_true", help="print only the totals")
 
@@ -161,7 +174,10 @@ def _count(args) -> int:
   from lora_jax import models
   from lora_jax.config import LoraConfig
 
-  overrides = models.variant(args.model, "separate_qkv") if args.separate_qkv else {}
+  overrides = {}
+  for name in _variants():
+    if getattr(args, name):
+      overrides.update(models.variant(args.model, name))
   targets = args.targets or models.default_targets(args.model, **overrides)
   config = LoraConfig(targets=models.targets_for(args.model, targets, **overrides),
                       rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
@@ -179,13 +195,15 @@ def _train(args) -> int:
   if args.distributed or args.coordinator:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
-  runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
+  runner.check(run, overwrite=args.overwrite, resume=args.resume)
   if args.resume:
     options = classify.ClassifyOptions.from_dict(runner.saved_options(run))
   else:
     options = options_from(args, classify.ClassifyOptions)
+  task = classify.Classify(options)  # data, weights and targets checked: nothing deleted yet
+  runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
   try:
-    runner.train(classify.Classify(options), run, resume=args.resume)
+    runner.train(task, run, resume=args.resume)
   except KeyboardInterrupt:
     return 130
   return 0

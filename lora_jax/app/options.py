@@ -46,7 +46,8 @@ class RunOptions(Serializable):
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
-      None, "LoRA+: B's learning rate is this times --lr (A's and the trained extras')")
+      None, "LoRA+: B's learning rate (and the head's bias's, as PEFT groups them) is this "
+            "times --lr (A's and the head's weight's)")
   batch_size: int = option(32, "examples per step")
   epochs: float = option(3.0, "passes over the training data (--steps overrides)")
   steps: int | None = option(None, "training steps (overrides --epochs)")

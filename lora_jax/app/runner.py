@@ -73,16 +73,24 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  """Checks (and for a new run, empties and creates) the run folder."""
+def check(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
+  """Raises RunError, changing nothing, unless the run folder can be used as asked."""
   if resume:
     if not (run / "config.json").is_file():
       raise RunError(f"{run} holds no run to resume (no config.json).")
     return
-  occupied = run.exists() and any(run.iterdir())
-  if occupied and not overwrite:
+  if run.exists() and any(run.iterdir()) and not overwrite:
     raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
                    f"them or --resume to continue that run.")
+
+
+def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
+  """Checks (and for a new run, empties and creates) the run folder. Call it once the options
+  and the task are known to be good, so a refused run deletes nothing."""
+  check(run, overwrite=overwrite, resume=resume)
+  if resume:
+    return
+  occupied = run.exists() and any(run.iterdir())
   sync("lora_jax: run folder checked")  # every process has looked before one changes it
   if primary():
     if occupied:
@@ -106,7 +114,8 @@ def saved_options(run: pathlib.Path) -> dict:
 
 def optimizer_for(o: RunOptions, total_steps: int) -> optax.GradientTransformation:
   """AdamW with 10% linear warm-up and cosine decay. With ``lora_plus_ratio`` (LoRA+, as PEFT's
-  ``create_loraplus_optimizer``): every B at ratio times the learning rate, the rest at it."""
+  ``create_loraplus_optimizer``): every B and 1-D trained extra at ratio times the learning
+  rate, the rest at it."""
   warmup = max(1, total_steps // 10)
   schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
   if o.lora_plus_ratio is None:
@@ -122,12 +131,22 @@ class Metrics:
   """``metrics.jsonl`` lines, TensorBoard scalars and the ``metrics.json`` summary; only the
   primary process writes."""
 
-  def __init__(self, run: pathlib.Path, summary: dict):
+  def __init__(self, run: pathlib.Path, summary: dict, *, start: int = 0):
     self.run, self.summary = run, summary
     self.writer = None
     if primary():
       from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(str(run / "tensorboard"))
+      self._truncate(start)
+      # a resumed run rewrites the steps after its checkpoint: TensorBoard drops the old ones
+      self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if start else None)
+
+  def _truncate(self, start: int) -> None:
+    """Drops the lines logged after step ``start`` (written before an interruption; a resumed
+    run logs those steps again)."""
+    path = self.run / "metrics.jsonl"
+    if path.is_file():
+      lines = path.read_text().splitlines()
+      path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= start))
 
   def log(self, record: dict) -> None:
     if not primary():
@@ -209,7 +228,7 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   write_json(run / "config.json", {"options": task.options.to_dict(),
                                    "total_steps": task.total_steps, **task.describe(),
                                    "lora_jax": lora_jax.__version__})
-  metrics = Metrics(run, summary)
+  metrics = Metrics(run, summary, start=start)
   state = {"trainable": trainable, "opt_state": opt_state, "step": start}
   try:
     _loop(task, optimizer, state, metrics, run)

@@ -138,5 +138,5 @@ FAMILY = Family(
     configs=CONFIGS,
     check_targets=check_targets,
     default_targets=lambda c: "qkv" if getattr(c, "fused_qkv", True) else "q,v",
-    variants={"separate_qkv": {"fused_qkv": False}},
+    variants={"separate_qkv": {"fused_qkv": False}},  # the LoRA paper's separate Wq, Wk, Wv
 )
