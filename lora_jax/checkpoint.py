@@ -23,11 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax import _tree
@@ -37,6 +39,14 @@ from lora_jax.config import LoraConfig
 from lora_jax.targets import base_leaves
 
 FORMAT = "lora_jax.checkpoint/2"
+
+
+class DamagedCheckpoint(ValueError):
+  """A saved step cannot be read back as written (unreadable, or a checksum differs)."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+  """``restore`` used an older step because the newer ones are damaged."""
 
 
 class Restored(NamedTuple):
@@ -134,14 +144,31 @@ def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=
                      f"dicts), got {data_position!r}: {e}") from None
   meta = describe(adapters, config=config, base=base, base_name=base_name)
   meta.update(step=step, data_position=data_position, has_opt_state=opt_state is not None)
-  items = {"trainable": ocp.args.StandardSave(_arrays(adapters)),
-           "meta": ocp.args.JsonSave(meta)}
+  arrays = {"trainable": _arrays(adapters)}
   if opt_state is not None:
-    items["opt_state"] = ocp.args.StandardSave(jax.tree_util.tree_leaves(opt_state))
+    arrays["opt_state"] = jax.tree_util.tree_leaves(opt_state)
+  meta["checksums"] = {k: [_checksum(x) for x in v] for k, v in arrays.items()}
+  items = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
+  items["meta"] = ocp.args.JsonSave(meta)
   with _manager(directory, keep) as manager:
     manager.save(step, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
     return pathlib.Path(manager.directory) / str(step)
+
+
+def _checksum(x) -> str | None:
+  """sha256 of an array's bytes (None for an array this process cannot see whole: a
+  multi-host shard; orbax still checks its own metadata for those)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  return hashlib.sha256(np.ascontiguousarray(np.asarray(x)).tobytes()).hexdigest()
+
+
+def _verify(where, name: str, arrays: list, sums: list | None) -> None:
+  for i, (x, want) in enumerate(zip(arrays, sums or [])):
+    if want is not None and _checksum(x) != want:
+      raise DamagedCheckpoint(f"{where}: {name} array {i} does not match the checksum written "
+                              f"with it; the step is damaged.")
 
 
 def steps(directory) -> list[int]:
@@ -159,9 +186,9 @@ def read_meta(directory, *, step: int | None = None) -> dict:
     with _manager(directory, None) as manager:
       meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
   except (OSError, ValueError, KeyError, RuntimeError) as e:
-    raise ValueError(f"{pathlib.Path(directory) / str(step)}: cannot read its description "
-                     f"(meta: {type(e).__name__}: {str(e)[:200]}); the checkpoint is damaged or "
-                     f"not a lora_jax checkpoint.") from e
+    raise DamagedCheckpoint(f"{pathlib.Path(directory) / str(step)}: cannot read its "
+                            f"description (meta: {type(e).__name__}: {str(e)[:200]}); the "
+                            f"checkpoint is damaged or not a lora_jax checkpoint.") from e
   return meta["meta"]
 
 
@@ -229,25 +256,51 @@ def _rebuild(meta: dict, arrays: list) -> dict:
 
 def restore(directory, *, base, step: int | None = None, opt_state=None,
             sharding: jax.sharding.Sharding | Callable | None = None) -> Restored:
-  """Restores the trainable tree (latest step by default) for ``base``.
+  """Restores the trainable tree (latest intact step by default) for ``base``.
+
+  Every array is checked against the checksum written with it. Without ``step``, a damaged
+  newest step (unreadable files, a checksum that differs) falls back to the newest intact one,
+  with a ``CheckpointFallbackWarning`` naming the step used and why.
 
   Args:
     directory: the folder given to ``save``.
     base: the frozen base tree (concrete or abstract): checked against the saved description
       (a different model, by adapted-kernel names or shapes, is refused).
-    step: a saved step; default the latest complete one.
+    step: a saved step; default the latest intact one.
     opt_state: a template of the optimizer state (e.g. ``optimizer.init(adapters)`` or its
       ``jax.eval_shape``) to restore it; None skips it.
     sharding: where to place the restored arrays: one ``jax.sharding.Sharding`` for every
       array, or ``fn(path, shape) -> Sharding`` (path '/'-joined, ``.../a`` and ``.../b`` for
-      factors); default: this process's first device. The optimizer state follows its template's
-      shardings.
+      factors); default: this process's first device. The optimizer state follows its
+      template's shardings.
 
   Returns:
     ``Restored(adapters, opt_state, step, data_position, config, meta)``.
+
+  Raises:
+    FileNotFoundError: no complete checkpoint in ``directory``.
+    DamagedCheckpoint: the step asked for, or every step, is damaged.
+    ValueError: the checkpoint belongs to another base, or lacks the optimizer state asked for.
   """
   directory = pathlib.Path(directory)
-  step = _pick_step(directory, step)
+  if step is not None:
+    return _restore_step(directory, _pick_step(directory, step), base, opt_state, sharding)
+  damaged = []
+  for candidate in reversed(steps(directory) or [_pick_step(directory, None)]):
+    try:
+      restored = _restore_step(directory, candidate, base, opt_state, sharding)
+    except DamagedCheckpoint as e:
+      damaged.append(str(e))
+      continue
+    if damaged:
+      warnings.warn(CheckpointFallbackWarning(
+          f"restored step {candidate} of {directory}, the newest intact one; newer steps are "
+          f"damaged: {' | '.join(damaged)}"), stacklevel=2)
+    return restored
+  raise DamagedCheckpoint(f"{directory}: every saved step is damaged: {' | '.join(damaged)}")
+
+
+def _restore_step(directory: pathlib.Path, step: int, base, opt_state, sharding) -> Restored:
   meta = read_meta(directory, step=step)
   if meta.get("format") != FORMAT:
     raise ValueError(f"{directory / str(step)} is not a lora_jax adapter checkpoint of this "
@@ -265,9 +318,12 @@ def restore(directory, *, base, step: int | None = None, opt_state=None,
     with _manager(directory, None) as manager:
       out = manager.restore(step, args=ocp.args.Composite(**items))
   except (OSError, ValueError, KeyError, RuntimeError) as e:
-    raise ValueError(f"{directory / str(step)}: cannot read the saved arrays "
-                     f"({type(e).__name__}: {str(e)[:300]}); the checkpoint is damaged, restore "
-                     f"an earlier step (saved: {steps(directory)}).") from e
+    raise DamagedCheckpoint(f"{directory / str(step)}: cannot read the saved arrays "
+                            f"({type(e).__name__}: {str(e)[:300]}); the step is damaged "
+                            f"(saved steps: {steps(directory)}).") from e
+  sums = meta.get("checksums", {})
+  for name in items:
+    _verify(directory / str(step), name, out[name], sums.get(name))
   state = None
   if opt_state is not None:
     state = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(opt_state),

@@ -192,17 +192,62 @@ def test_bad_input_names_what_and_where(tmp_path):
     checkpoint.restore(tmp_path, base=base, opt_state=optimizer.init(adapters))
 
 
-def test_damaged_files_are_reported(tmp_path):
+def _damage(folder, how: str) -> None:
+  """Truncates, deletes or flips bytes in every array data file (tensorstore's ``d/``) under
+  ``folder``."""
+  for target in [f for f in folder.rglob("*") if f.is_file() and f.parent.name == "d"]:
+    _damage_file(target, how)
+
+
+def _damage_file(target, how: str) -> None:
+  data = bytearray(target.read_bytes())
+  if how == "truncate":
+    target.write_bytes(bytes(data[: len(data) // 2]))
+  elif how == "delete":
+    target.unlink()
+  else:
+    for i in range(len(data) // 3, len(data) // 3 + 16):
+      data[i] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+def _two_steps(tmp_path):
   base = _base()
-  adapters = lora_jax.init(CONFIG, base, key=jax.random.key(1))
-  checkpoint.save(tmp_path, 0, adapters, config=CONFIG, base=base)
-  checkpoint.save(tmp_path, 1, adapters, config=CONFIG, base=base)
+  first = _trained(base)[0]
+  second = jax.tree_util.tree_map(lambda x: x + 1.0, first)
+  checkpoint.save(tmp_path, 0, first, config=CONFIG, base=base)
+  checkpoint.save(tmp_path, 1, second, config=CONFIG, base=base)
+  return base, first
+
+
+def test_damaged_description_is_reported_and_restore_falls_back(tmp_path):
+  base, first = _two_steps(tmp_path)
   meta = next((tmp_path / "1" / "meta").glob("*"))
   meta.write_text(meta.read_text()[:20])  # truncated JSON
-  with pytest.raises(ValueError, match=r"1: cannot read its description"):
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r"1: cannot read its description"):
+    checkpoint.restore(tmp_path, base=base, step=1)
+  with pytest.warns(checkpoint.CheckpointFallbackWarning,
+                    match=r"restored step 0 of .*, the newest intact one; newer steps are "
+                          r"damaged: .*1: cannot read its description"):
+    restored = checkpoint.restore(tmp_path, base=base)
+  assert restored.step == 0
+  assert _equal(restored.adapters, first)
+
+
+# orbax leaves a coroutine behind when tensorstore fails to open a deleted file; it is
+# collected later with "Event loop is closed", which is not ours to fix.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
+def test_damaged_arrays_are_detected_and_restore_falls_back(tmp_path, how):
+  base, first = _two_steps(tmp_path)
+  _damage(tmp_path / "1" / "trainable", how)
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r"1: (cannot read the saved arrays|"
+                                                         r"trainable array \d+ does not match "
+                                                         r"the checksum)"):
+    checkpoint.restore(tmp_path, base=base, step=1)
+  with pytest.warns(checkpoint.CheckpointFallbackWarning, match=r"restored step 0 of"):
+    restored = checkpoint.restore(tmp_path, base=base)
+  assert _equal(restored.adapters, first)
+  _damage(tmp_path / "0" / "trainable", how)
+  with pytest.raises(checkpoint.DamagedCheckpoint, match=r"every saved step is damaged"):
     checkpoint.restore(tmp_path, base=base)
-  for f in (tmp_path / "0" / "trainable").rglob("*"):
-    if f.is_file() and f.stat().st_size > 0:
-      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated array data
-  with pytest.raises(ValueError, match=r"0: cannot read the saved arrays"):
-    checkpoint.restore(tmp_path, base=base, step=0)

@@ -56,3 +56,20 @@ def test_vader_task_is_fixed_split_of_polar_entries():
   again, _ = data.vader_polarity()
   assert again.texts == train.texts
   assert 0.4 < train.labels.mean() < 0.5  # 44% positive
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+  path = tmp_path / "bom.tsv"
+  path.write_bytes("\ufeffsentence\tlabel\ngood\t1\n".encode("utf-8"))
+  examples = data.read_examples(path)
+  assert examples.texts == ("good",) and examples.labels.tolist() == [1]
+
+
+def test_a_folder_or_non_utf8_file_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r"data file '.*' is a folder; give a \.tsv, \.csv"):
+    data.read_examples(tmp_path)
+  path = tmp_path / "latin1.tsv"
+  path.write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+  with pytest.raises(ValueError, match=r"latin1\.tsv: not UTF-8 text \(invalid "
+                                       r"continuation byte\); save it as UTF-8\."):
+    data.read_examples(path)

@@ -227,3 +227,54 @@ def test_the_logged_loss_is_the_mean_over_the_interval():
   assert interval.mean() == pytest.approx(3.0) and interval.steps == 0
   interval.add(jnp.asarray(5.0))
   assert interval.mean() == pytest.approx(5.0)
+
+
+def test_labels_must_be_every_class_from_zero():
+  from lora_jax.app.classify import check_labels
+  from lora_jax.app.data import Examples
+  ex = lambda *labels: Examples(tuple("x" * len(labels)), np.asarray(labels, np.int32))  # noqa
+  assert check_labels(ex(0, 1, 2, 1), ex(2, 0), where="d.tsv") == 3
+  assert check_labels(ex(0, 0), ex(0), where="d.tsv") == 2  # one class still gets a 2-way head
+  with pytest.raises(ValueError, match=r"^d\.tsv: labels must be 0, 1, \.\.\., K-1 .*found 2 "
+                                       r"classes up to 2, missing 0\.$"):
+    check_labels(ex(1, 2), ex(1), where="d.tsv")
+  with pytest.raises(ValueError, match=r"found 3 classes up to 100000, missing 2, 3, 4, 5, 6, "
+                                       r"\.\.\.\.$"):
+    check_labels(ex(0, 1, 100000), ex(1), where="d.tsv")
+  with pytest.raises(ValueError, match=r"validation labels \[3\] are not among the training "
+                                       r"data's classes 0\.\.1\."):
+    check_labels(ex(0, 1), ex(3), where="d.tsv")
+
+
+def test_classify_options_check_lengths_against_the_model():
+  from lora_jax.app.classify import ClassifyOptions
+  with pytest.raises(ValueError, match=r"^max_length must be an integer from 2 to 512 \(the "
+                                       r"model's positions\), got 1000\.$"):
+    ClassifyOptions(max_length=1000)
+  with pytest.raises(ValueError, match=r"^max_train must be an integer > 0, got 0\.$"):
+    ClassifyOptions(max_train=0)
+  with pytest.raises(ValueError, match=r"^steps must be an integer > 0, got 0\.$"):
+    ClassifyOptions(steps=0)
+  with pytest.raises(ValueError, match=r"^lr must be a number > 0, got nan\.$"):
+    ClassifyOptions(lr=float("nan"))
+
+
+def test_a_non_finite_value_stops_the_run_naming_the_step():
+  from lora_jax.app.runner import RunError, _check_finite, _finite_tree
+  assert _finite_tree({"a": jnp.ones(3), "b": jnp.zeros((2, 2))}) == 0.0
+  assert np.isnan(_finite_tree({"a": jnp.ones(3), "b": jnp.array([1.0, jnp.inf])}))
+  _check_finite(0.5, 3, [])
+  with pytest.raises(RunError, match=r"the training loss became non-finite by step 12 .*the "
+                                     r"checkpoint of step 8 is kept"):
+    _check_finite(float("nan"), 12, [{"step": 4}, {"step": 8}])
+
+
+@pytest.mark.parametrize("total", [1, 2, 10])
+def test_the_schedule_fits_any_number_of_steps(total):
+  from lora_jax.app import runner
+  from lora_jax.app.options import RunOptions
+  optimizer = runner.optimizer_for(RunOptions(lr=1e-2), total_steps=total)
+  params = {"w": jnp.ones(3)}
+  state = optimizer.init(params)
+  updates, _ = optimizer.update({"w": jnp.ones(3)}, state, params)
+  assert np.all(np.isfinite(np.asarray(updates["w"])))

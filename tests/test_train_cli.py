@@ -239,6 +239,60 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   assert logged == sorted(set(logged)) and logged[-1] == interrupted + 4  # no step twice
 
 
+def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
+  """Two real processes: the run folder's lock refuses the second (with --overwrite too); a
+  SIGKILLed holder leaves no stale lock."""
+  out = tmp_path / "r"
+  first = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
+                            "--out", str(out)], stderr=subprocess.PIPE, text=True)
+  lock = tmp_path / ".r.lock"
+  deadline = time.time() + 120
+  while not (lock.exists() and lock.read_text()) and time.time() < deadline:
+    time.sleep(0.2)
+  second = _cli("train", "--steps", "2", "--overwrite", "--out", str(out))
+  assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
+  assert f"is in use by process {first.pid} on " in second.stderr
+  first.kill()
+  first.communicate(timeout=60)
+  third = _cli("train", "--steps", "1", "--eval-every", "1", "--overwrite", "--out", str(out))
+  assert third.returncode == 0, third.stderr
+
+
+def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path):
+  out = tmp_path / "r"
+  done = _cli("train", "--lr", "1e6", "--steps", "12", "--eval-every", "4", "--log-every", "1",
+              "--out", str(out))
+  last = done.stderr.strip().splitlines()[-1]  # after the progress bar's line
+  assert done.returncode == 2 and "Traceback" not in done.stderr
+  assert last.startswith("lora-jax train: the training loss became non-finite by step ")
+  metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: no bare NaN
+  kept = [h["step"] for h in metrics["history"]]
+  assert all(np.isfinite(h["loss"]) for h in metrics["history"])
+  import lora_jax
+  from lora_jax import checkpoint
+  saved = checkpoint.steps(out / "checkpoints")
+  assert saved == kept[-2:]  # nothing written after the last finite evaluation
+  restored = checkpoint.restore(out / "checkpoints", base=_task().base)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax_leaves(restored.adapters))
+  assert lora_jax.count(_task().base, restored.adapters).trainable == LORA_QV + HEAD
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree_util.tree_leaves(tree)
+
+
+def test_exports_never_write_into_a_run_folder(run, tmp_path):
+  out, _ = run
+  for command in ("merge", "export-peft"):
+    done = _cli(command, str(out), "--out", str(out / "exported"))
+    assert done.returncode == 2 and "is inside the run folder" in done.stderr
+  assert not (out / "exported").exists()
+  (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nodd\t7\n")
+  done = _cli("eval", str(out), "--data", str(tmp_path / "d.tsv"))
+  assert done.returncode == 2 and "labels [7] are not classes of the run's model" in done.stderr
+
+
 def test_a_refused_overwrite_deletes_nothing(tmp_path):
   """--overwrite replaces a run only once the new one's options, data and model are good."""
   (tmp_path / "r").mkdir()

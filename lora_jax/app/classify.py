@@ -22,13 +22,15 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
-from lora_jax import checkpoint, sharding
+from lora_jax import sharding
 from lora_jax.app import data as data_lib
+from lora_jax.app import runner
 from lora_jax.app.options import OptionError, RunOptions, option
-from lora_jax.app.runner import CHECKPOINTS, RunError
+from lora_jax.app.runner import RunError
 from lora_jax.models import bert, targets_for, weights
 
 BUCKETS = (16, 32, 64, 128, 256, 512)  # padded lengths, so jit compiles a handful of shapes
+MAX_POSITIONS = 512  # all-MiniLM-L6-v2's max_position_embeddings
 BASE_NAME = "all-MiniLM-L6-v2"
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -57,6 +59,13 @@ class ClassifyOptions(RunOptions):
                                    f"{self.pooling!r}.")
     if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
       raise OptionError("dropout", f"must be a number in [0, 1), got {self.dropout!r}.")
+    if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
+            and 2 <= self.max_length <= MAX_POSITIONS):
+      raise OptionError("max_length", f"must be an integer from 2 to {MAX_POSITIONS} (the "
+                                      f"model's positions), got {self.max_length!r}.")
+    if self.max_train is not None and not (isinstance(self.max_train, int)
+                                           and self.max_train > 0):
+      raise OptionError("max_train", f"must be an integer > 0, got {self.max_train!r}.")
 
 
 # ----------------------------------------------------------------------- data
@@ -94,6 +103,27 @@ def batch_of(ids, labels, index, max_length):
   for row, i in enumerate(index):
     x[row, :len(ids[i])] = ids[i]
   return {"input_ids": x, "attention_mask": (x != 0).astype(np.int32), "labels": labels[index]}
+
+
+def check_labels(train, val, *, where: str) -> int:
+  """The number of classes: the training labels must be 0, 1, ..., K-1, each present, and
+  the validation labels among them.
+
+  Raises:
+    ValueError: a class missing from the training data (a gap, or a stray large label), or a
+      validation label the training data does not have.
+  """
+  classes = sorted({int(x) for x in train.labels})
+  if classes != list(range(len(classes))):
+    missing = sorted(set(range(classes[-1] + 1)) - set(classes))
+    shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+    raise ValueError(f"{where}: labels must be 0, 1, ..., K-1 with every class in the training "
+                     f"data; found {len(classes)} classes up to {classes[-1]}, missing {shown}.")
+  unknown = sorted({int(x) for x in val.labels} - set(classes))
+  if unknown:
+    raise ValueError(f"validation labels {unknown[:5]} are not among the training data's "
+                     f"classes 0..{len(classes) - 1}.")
+  return max(len(classes), 2)
 
 
 # ----------------------------------------------------------------------- the task
@@ -141,7 +171,7 @@ class Classify:
     train, val = load_data(o)
     if o.max_train is not None:
       train = train.take(np.arange(min(o.max_train, len(train))))
-    self.num_labels = int(max(train.labels.max(), val.labels.max(), 1)) + 1
+    self.num_labels = check_labels(train, val, where=o.data or "the default task")
     tok = weights.tokenizer()
     self.train_ids, self.train_labels = tokenize(tok, train, o.max_length)
     self.val_ids, self.val_labels = tokenize(tok, val, o.max_length)
@@ -261,25 +291,66 @@ def load(run) -> tuple[Classify, dict]:
   saved = json.loads((run / "config.json").read_text())
   task = Classify(ClassifyOptions.from_dict(saved["options"]), num_labels=saved["num_labels"],
                   total_steps=saved["total_steps"])
-  restored = checkpoint.restore(run / CHECKPOINTS, base=task.base)
+  restored = runner.restore(run, task.base)
   return task, task.place(restored.adapters)
 
 
 def evaluate(run, data: str, *, text_column: str, label_column: str) -> float:
   task, trainable = load(run)
   examples = data_lib.read_examples(data, text_column=text_column, label_column=label_column)
+  unknown = sorted({int(x) for x in examples.labels} - set(range(task.num_labels)))
+  if unknown:
+    raise ValueError(f"{data}: labels {unknown[:5]} are not classes of the run's model "
+                     f"(0..{task.num_labels - 1}).")
   ids, labels = tokenize(weights.tokenizer(), examples, task.options.max_length)
   return task.accuracy(trainable, ids, labels)
 
 
 def merge(run, out) -> pathlib.Path:
-  """Writes the merged encoder and head as safetensors with the checkpoint's names."""
-  from safetensors.numpy import save_file
-
+  """Writes the merged encoder and head as safetensors with the checkpoint's names (into a
+  staging folder first; never into a run folder)."""
+  out = _export_folder(run, out)
   task, trainable = load(run)
   params = lora_jax.merge(task.base, trainable)
-  out = pathlib.Path(out)
-  out.mkdir(parents=True, exist_ok=True)
+  with _staged(out) as staging:
+    _write_merged(task, params, staging)
+  return out
+
+
+def _export_folder(run, out) -> pathlib.Path:
+  """``out``, unless it is (or is inside) a run folder, which an export must not overwrite."""
+  out, run = pathlib.Path(out), pathlib.Path(run)
+  for folder in (out, *out.resolve().parents):
+    if folder.resolve() == run.resolve() or (folder / runner.CHECKPOINTS).is_dir():
+      raise RunError(f"--out {out} is inside the run folder {folder}; write the export "
+                     f"somewhere else (it would overwrite the run's files).")
+  return out
+
+
+class _staged:
+  """A temporary folder beside ``out`` whose files move into ``out`` only once all are
+  written, so an interrupted export leaves no half-written file in ``out``."""
+
+  def __init__(self, out: pathlib.Path):
+    self.out = out
+
+  def __enter__(self) -> pathlib.Path:
+    import tempfile
+    self.out.parent.mkdir(parents=True, exist_ok=True)
+    self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+    return self.tmp
+
+  def __exit__(self, kind, *_):
+    if kind is None:
+      self.out.mkdir(parents=True, exist_ok=True)
+      for f in self.tmp.iterdir():
+        f.replace(self.out / f.name)
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _write_merged(task: "Classify", params, out: pathlib.Path) -> None:
+  from safetensors.numpy import save_file
+
   encoder = params["params"]["bert"]
   if "pooler" not in encoder:  # a mean-pooled run: the checkpoint's pooler, untouched
     encoder = {**encoder, "pooler": weights.load_bert()[1]["params"]["pooler"]}
@@ -293,7 +364,6 @@ def merge(run, out) -> pathlib.Path:
     if (weights.minilm_dir() / name).is_file():
       shutil.copy(weights.minilm_dir() / name, out / name)
   (out / "config.json").write_text(json.dumps(_hf_config(task), indent=2) + "\n")
-  return out
 
 
 def _hf_config(task: Classify) -> dict:
@@ -311,6 +381,7 @@ def _hf_config(task: Classify) -> dict:
 def export_peft(run, out) -> pathlib.Path:
   """Writes a LoRA run as a PEFT adapter folder (the head as ``modules_to_save``), which
   ``PeftModel.from_pretrained(BertForSequenceClassification...)`` loads."""
+  out = _export_folder(run, out)
   task, trainable = load(run)
   if task.options.full:
     raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
@@ -319,4 +390,4 @@ def export_peft(run, out) -> pathlib.Path:
                    f"class does; export it with lora-jax merge.")
   lora_jax.peft.export_peft(out, trainable, config=task.lora_config,
                             base_model_name_or_path=HUB_NAME, task_type="SEQ_CLS")
-  return pathlib.Path(out)
+  return out

@@ -195,17 +195,18 @@ def _train(args) -> int:
   if args.distributed or args.coordinator:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
-  runner.check(run, overwrite=args.overwrite, resume=args.resume)
-  if args.resume:
-    options = classify.ClassifyOptions.from_dict(runner.saved_options(run))
-  else:
-    options = options_from(args, classify.ClassifyOptions)
-  task = classify.Classify(options)  # data, weights and targets checked: nothing deleted yet
-  runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
-  try:
-    runner.train(task, run, resume=args.resume)
-  except KeyboardInterrupt:
-    return 130
+  with runner.RunLock(run):  # a second writer of this folder is refused
+    runner.check(run, overwrite=args.overwrite, resume=args.resume)
+    if args.resume:
+      options = classify.ClassifyOptions.from_dict(runner.saved_options(run))
+    else:
+      options = options_from(args, classify.ClassifyOptions)
+    task = classify.Classify(options)  # data, weights and targets checked: nothing deleted yet
+    runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
+    try:
+      runner.train(task, run, resume=args.resume)
+    except KeyboardInterrupt:
+      return 130
   return 0
 
 

@@ -38,7 +38,7 @@ class Examples:
 def _rows(path: pathlib.Path):
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
       for n, line in enumerate(f, 1):
         if line.strip():
           try:
@@ -48,7 +48,7 @@ def _rows(path: pathlib.Path):
     return
   if suffix not in (".tsv", ".csv"):
     raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl.")
-  with path.open(encoding="utf-8", newline="") as f:
+  with path.open(encoding="utf-8-sig", newline="") as f:  # a byte-order mark is not a column
     yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
                               quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
 
@@ -72,8 +72,18 @@ def read_examples(path, *, text_column: str = "sentence", label_column: str = "l
     ValueError: unknown format, a missing column, a non-integer label, or no rows.
   """
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise ValueError(f"data file {str(path)!r} is a folder; give a .tsv, .csv or .jsonl file.")
   if not path.is_file():
     raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
+  try:
+    return _read(path, text_column, label_column)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason}); save it as "
+                     f"UTF-8.") from None
+
+
+def _read(path: pathlib.Path, text_column: str, label_column: str) -> "Examples":
   texts, labels = [], []
   for n, row in enumerate(_rows(path), 1):
     for column in (text_column, label_column):

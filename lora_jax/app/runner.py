@@ -14,8 +14,10 @@ training loss is the mean over each interval, not the last batch's.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shutil
+import socket
 import sys
 import time
 from typing import Any, Protocol
@@ -73,6 +75,50 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+class RunLock:
+  """An exclusive lock on a run folder, held for the run's life: ``fcntl.flock`` on a file
+  beside the folder (``runs/.NAME.lock``, so replacing the folder keeps it). The kernel drops
+  the lock when its process ends, however it ends (a SIGKILL included), so a lock left by a
+  killed run never blocks the next one. Only the primary process of a multi-host run locks."""
+
+  def __init__(self, run: pathlib.Path):
+    self.path = run.parent / f".{run.name}.lock"
+    self._file = None
+
+  def acquire(self) -> "RunLock":
+    if not primary():
+      return self
+    import fcntl
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    f = self.path.open("a+")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.seek(0)
+      holder = f.read().strip() or "another process"
+      f.close()
+      raise RunError(f"run folder {self.path.parent / self.path.name[1:-5]} is in use by "
+                     f"{holder}; wait for it to finish or stop it (two runs must not write "
+                     f"one folder).") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    self._file = f
+    return self
+
+  def release(self) -> None:
+    if self._file is not None:
+      self._file.close()  # closing the file drops the flock
+      self._file = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 def check(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
   """Raises RunError, changing nothing, unless the run folder can be used as asked."""
   if resume:
@@ -101,7 +147,7 @@ def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
 
 def write_json(path: pathlib.Path, value) -> None:
   if primary():
-    path.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False) + "\n")
 
 
 def saved_options(run: pathlib.Path) -> dict:
@@ -116,8 +162,11 @@ def optimizer_for(o: RunOptions, total_steps: int) -> optax.GradientTransformati
   """AdamW with 10% linear warm-up and cosine decay. With ``lora_plus_ratio`` (LoRA+, as PEFT's
   ``create_loraplus_optimizer``): every B and 1-D trained extra at ratio times the learning
   rate, the rest at it."""
-  warmup = max(1, total_steps // 10)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
+  if total_steps < 2:  # no room for a warm-up and a decay: the peak rate
+    schedule = optax.constant_schedule(o.learning_rate)
+  else:
+    warmup = min(max(1, total_steps // 10), total_steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
   if o.lora_plus_ratio is None:
     return optax.adamw(schedule, weight_decay=0.01)
   return lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
@@ -205,10 +254,25 @@ class _Interval:
     return value
 
 
+def restore(run: pathlib.Path, base, *, opt_state=None) -> checkpoint.Restored:
+  """The run's newest intact checkpoint; when newer steps are damaged, one line on stderr says
+  which step is used and why."""
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", checkpoint.CheckpointFallbackWarning)
+    restored = checkpoint.restore(run / CHECKPOINTS, base=base, opt_state=opt_state)
+  for w in caught:
+    if issubclass(w.category, checkpoint.CheckpointFallbackWarning) and primary():
+      sys.stderr.write(f"lora-jax: {w.message}\n")
+    elif not issubclass(w.category, checkpoint.CheckpointFallbackWarning):
+      warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+  return restored
+
+
 def _restore(run: pathlib.Path, task: Task, opt_state):
-  """The last checkpoint's trainable tree (placed like a fresh one), optimizer state (laid out
-  like the fresh ``opt_state``, its template) and step."""
-  restored = checkpoint.restore(run / CHECKPOINTS, base=task.base, opt_state=opt_state)
+  """The last intact checkpoint's trainable tree (placed like a fresh one), optimizer state
+  (laid out like the fresh ``opt_state``, its template) and step."""
+  restored = restore(run, task.base, opt_state=opt_state)
   return task.place(restored.adapters), restored.opt_state, restored.step
 
 
@@ -261,42 +325,56 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Pat
              dynamic_ncols=True, file=sys.stderr,
              mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file: a line per 10 s
   trainable, opt_state = state["trainable"], state["opt_state"]
-  for step in range(state["step"], task.total_steps):
-    step_key = jax.random.fold_in(key, step)
-    batch = task.batch(step, step_key)
-    trainable, opt_state, loss, _ = step_fn(task.base, trainable, opt_state, batch, key=step_key)
-    interval.add(loss)
-    seen += task.batch_size(batch)
-    done = step + 1
-    bar.update(1)
-    if done % o.log_every and done % o.eval_every and done != task.total_steps:
-      continue
-    rate = seen / (time.perf_counter() - began - evaluating)  # training examples/s only
-    logged = interval.mean()
-    _check_finite(logged, done)
-    record = {"step": done, "train_loss": logged, "examples_per_s": rate}
-    if done % o.eval_every == 0 or done == task.total_steps:
-      paused = time.perf_counter()
-      scores = task.evaluate(trainable)
-      checkpoint.save(run / CHECKPOINTS, done, trainable, config=task.lora_config,
-                      base=task.base, opt_state=opt_state, data_position=done,
-                      base_name=task.base_name, keep=KEEP)
-      evaluating += time.perf_counter() - paused
-      record.update(scores)
-      history.append({"step": done, "loss": logged, **scores, "examples_per_s": rate,
-                      "elapsed_s": before + time.perf_counter() - began})
-      metrics.save()
-    metrics.log(record)
-    bar.set_postfix({"loss": f"{logged:.4f}", **{k: f"{v:.4f}" for k, v in record.items()
-                                                  if k == task.headline}})
-  bar.close()
+  try:
+    for step in range(state["step"], task.total_steps):
+      step_key = jax.random.fold_in(key, step)
+      batch = task.batch(step, step_key)
+      trainable, opt_state, loss, _ = step_fn(task.base, trainable, opt_state, batch, key=step_key)
+      interval.add(loss)
+      seen += task.batch_size(batch)
+      done = step + 1
+      bar.update(1)
+      if done % o.log_every and done % o.eval_every and done != task.total_steps:
+        continue
+      rate = seen / (time.perf_counter() - began - evaluating)  # training examples/s only
+      logged = interval.mean()
+      _check_finite(logged, done, history)
+      record = {"step": done, "train_loss": logged, "examples_per_s": rate}
+      if done % o.eval_every == 0 or done == task.total_steps:
+        _check_finite(_finite_tree(trainable), done, history, what="trained parameters")
+        paused = time.perf_counter()
+        scores = task.evaluate(trainable)
+        checkpoint.save(run / CHECKPOINTS, done, trainable, config=task.lora_config,
+                        base=task.base, opt_state=opt_state, data_position=done,
+                        base_name=task.base_name, keep=KEEP)
+        evaluating += time.perf_counter() - paused
+        record.update(scores)
+        history.append({"step": done, "loss": logged, **scores, "examples_per_s": rate,
+                        "elapsed_s": before + time.perf_counter() - began})
+        metrics.save()
+      metrics.log(record)
+      bar.set_postfix({"loss": f"{logged:.4f}", **{k: f"{v:.4f}" for k, v in record.items()
+                                                    if k == task.headline}})
+  finally:
+    bar.close()  # the bar's line ends before any message
   metrics.summary["elapsed_s"] = before + time.perf_counter() - began
 
 
-def _check_finite(loss: float, step: int) -> None:
-  if not np.isfinite(loss):
-    raise RunError(f"the training loss is {loss} at step {step}; the run stopped before "
-                   f"writing anything over its last good checkpoint (try a lower --lr).")
+def _finite_tree(tree) -> float:
+  """0.0 when every leaf of ``tree`` is finite, else NaN (one device reduction)."""
+  ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+  return 0.0 if bool(ok) else float("nan")
+
+
+def _check_finite(value: float, step: int, history: list, *, what: str = "training loss") -> None:
+  """Stops the run, before anything is written, when ``value`` is not finite."""
+  if np.isfinite(value):
+    return
+  kept = (f"the checkpoint of step {history[-1]['step']} is kept" if history
+          else "no checkpoint was written")
+  raise RunError(f"the {what} became non-finite by step {step} (usual causes: --lr or "
+                 f"--lora-plus-ratio too large, or bad inputs); the run stopped and {kept}; "
+                 f"start again with a lower --lr (--overwrite).")
 
 
 def _finish(task: Task, metrics: Metrics, run: pathlib.Path) -> None:
