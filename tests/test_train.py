@@ -278,3 +278,16 @@ def test_the_schedule_fits_any_number_of_steps(total):
   state = optimizer.init(params)
   updates, _ = optimizer.update({"w": jnp.ones(3)}, state, params)
   assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_resume_keeps_the_saved_options_and_only_grows_steps():
+  from lora_jax.app.classify import ClassifyOptions
+  from lora_jax.app.options import OptionError, resumed
+  saved = ClassifyOptions(steps=20, rank=8)
+  assert resumed(saved, {}, total_steps=20) == saved
+  assert resumed(saved, {"rank": 8, "steps": 40}, total_steps=20).steps == 40
+  with pytest.raises(OptionError, match=r"^rank 4 differs from the saved run's 8; --resume "
+                                        r"continues a run with the options it started with"):
+    resumed(saved, {"rank": 4, "steps": 40}, total_steps=20)
+  with pytest.raises(OptionError, match=r"^steps 10 is fewer than the saved run's 20 steps"):
+    resumed(saved, {"steps": 10}, total_steps=20)

@@ -293,6 +293,25 @@ def test_exports_never_write_into_a_run_folder(run, tmp_path):
   assert done.returncode == 2 and "labels [7] are not classes of the run's model" in done.stderr
 
 
+def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monkeypatch):
+  (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(
+      f"{w}\t{i % 2}\n" for i, w in enumerate(["awful", "great", "bad", "good"] * 8)))
+  monkeypatch.chdir(tmp_path)  # a relative --data path, resumed from another folder below
+  done = _cli("train", "--data", "d.tsv", "--steps", "2", "--eval-every", "2", "--batch-size",
+              "4", "--out", "r")
+  assert done.returncode == 0, done.stderr
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  refused = _cli("train", "--resume", "--rank", "4", "--out", str(tmp_path / "r"))
+  assert refused.returncode == 2 and "--rank 4 differs from the saved run's 8" in refused.stderr
+  done = _cli("train", "--resume", "--steps", "4", "--out", str(tmp_path / "r"))
+  assert done.returncode == 0, done.stderr
+  assert "resuming" in done.stderr and "at step 2 of 4 with the options it was started with" in (
+      done.stderr)
+  history = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]
+  assert [h["step"] for h in history] == [2, 4]
+
+
 def test_a_refused_overwrite_deletes_nothing(tmp_path):
   """--overwrite replaces a run only once the new one's options, data and model are good."""
   (tmp_path / "r").mkdir()

@@ -48,7 +48,8 @@ class ClassifyOptions(RunOptions):
                                   "(transformers' BertForSequenceClassification) or the mean of "
                                   "the token states (sentence-transformers' pooling, which "
                                   "all-MiniLM-L6-v2 was trained with)", choices=bert.POOLINGS)
-  dropout: float = option(0.1, "dropout before the classifier head")
+  dropout: float = option(0.1, "dropout before the classifier head (--lora-dropout is the "
+                               "adapters')")
   max_length: int = option(64, "tokens per example (longer ones are truncated)")
   max_train: int | None = option(None, "use only the first N training examples")
 
@@ -134,7 +135,8 @@ def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
   if o.full:
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
-                             alpha=o.alpha, exclude="classifier", modules_to_save=("classifier",))
+                             alpha=o.alpha, dropout=o.lora_dropout, exclude="classifier",
+                             modules_to_save=("classifier",))
 
 
 class Classify:
@@ -288,7 +290,7 @@ def load(run) -> tuple[Classify, dict]:
   run = pathlib.Path(run)
   if not (run / "config.json").is_file():
     raise RunError(f"{run} is not a run folder (no config.json); train one with lora-jax train.")
-  saved = json.loads((run / "config.json").read_text())
+  saved = runner.saved_config(run)
   task = Classify(ClassifyOptions.from_dict(saved["options"]), num_labels=saved["num_labels"],
                   total_steps=saved["total_steps"])
   restored = runner.restore(run, task.base)

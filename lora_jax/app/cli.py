@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 
-from lora_jax.app.options import OptionError, flag
+from lora_jax.app.options import OptionError, flag, resumed
 
 __all__ = ["add_option_flags", "flag", "main", "options_from", "read_config_file"]
 
@@ -81,12 +81,22 @@ def read_config_file(path) -> dict:
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-def options_from(args, options_cls):
-  """The options: defaults, then ``--config``'s values, then the flags given."""
+def given_options(args, options_cls) -> dict:
+  """The option values given: ``--config``'s, then the flags on the command line."""
   names = {f.name for f in dataclasses.fields(options_cls)}
   values = read_config_file(args.config) if args.config else {}
   values.update({k: v for k, v in vars(args).items() if k in names})
-  return options_cls.from_dict(values)
+  return values
+
+
+def options_from(args, options_cls):
+  """The options: defaults, then ``--config``'s values, then the flags given; data files as
+  absolute paths, so ``--resume`` works from any folder."""
+  options = options_cls.from_dict(given_options(args, options_cls))
+  files = {name: str(pathlib.Path(getattr(options, name)).resolve())
+           for name in ("data", "val") if getattr(options, name, None)
+           and pathlib.Path(getattr(options, name)).exists()}
+  return dataclasses.replace(options, **files)
 
 
 # ----------------------------------------------------------------------- the parser
@@ -198,7 +208,10 @@ def _train(args) -> int:
   with runner.RunLock(run):  # a second writer of this folder is refused
     runner.check(run, overwrite=args.overwrite, resume=args.resume)
     if args.resume:
-      options = classify.ClassifyOptions.from_dict(runner.saved_options(run))
+      saved = runner.saved_config(run)
+      options = resumed(classify.ClassifyOptions.from_dict(saved["options"]),
+                        given_options(args, classify.ClassifyOptions),
+                        total_steps=saved["total_steps"])
     else:
       options = options_from(args, classify.ClassifyOptions)
     task = classify.Classify(options)  # data, weights and targets checked: nothing deleted yet

@@ -43,6 +43,7 @@ class RunOptions(Serializable):
   rank: int = option(8, "LoRA rank r")
   alpha: float = option(16.0, "LoRA alpha (the scale is alpha / rank)")
   targets: str = option("q,v", "q,v (default), all-linear, family aliases or path patterns")
+  lora_dropout: float = option(0.0, "dropout on the LoRA branch's input (PEFT's lora_dropout)")
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
@@ -66,6 +67,9 @@ class RunOptions(Serializable):
     _positive("steps", self.steps, integer=True, allow_none=True)
     _positive("epochs", self.epochs)
     _positive("lr", self.lr, allow_none=True)
+    if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+      raise OptionError("lora_dropout", f"must be a number in [0, 1), got "
+                                        f"{self.lora_dropout!r}.")
     if self.lora_plus_ratio is not None:
       if self.full:
         raise OptionError("lora_plus_ratio", f"applies to a LoRA run, not with full, got "
@@ -80,3 +84,25 @@ class RunOptions(Serializable):
 def flag(field: str) -> str:
   """The command-line flag of an option field."""
   return "--" + field.replace("_", "-")
+
+
+def resumed(saved: RunOptions, given: dict, *, total_steps: int) -> RunOptions:
+  """The options a resumed run continues with: the saved ones, with ``steps`` raised if asked
+  (extending a run; its cosine schedule is re-planned over the new total).
+
+  Raises:
+    OptionError: a given option differs from the saved run's (named), or ``steps`` would
+      shrink the run below ``total_steps``.
+  """
+  wanted = type(saved).from_dict({**saved.to_dict(), **given})
+  changed = [f.name for f in dataclasses.fields(saved)
+             if getattr(wanted, f.name) != getattr(saved, f.name)]
+  for name in changed:
+    if name != "steps":
+      raise OptionError(name, f"{getattr(wanted, name)!r} differs from the saved run's "
+                              f"{getattr(saved, name)!r}; --resume continues a run with the "
+                              f"options it started with (only --steps may grow).")
+  if "steps" in changed and wanted.steps < total_steps:
+    raise OptionError("steps", f"{wanted.steps} is fewer than the saved run's {total_steps} "
+                               f"steps; --resume can only extend a run.")
+  return wanted

@@ -150,9 +150,19 @@ def write_json(path: pathlib.Path, value) -> None:
     path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False) + "\n")
 
 
-def saved_options(run: pathlib.Path) -> dict:
-  """The options a run folder was started with."""
-  return json.loads((run / "config.json").read_text())["options"]
+def saved_config(run: pathlib.Path) -> dict:
+  """A run folder's ``config.json`` (its options and total steps).
+
+  Raises:
+    RunError: the file is not readable JSON (named).
+  """
+  path = run / "config.json"
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path} is damaged ({type(e).__name__}: {e}); the run's options cannot be "
+                   f"read.") from None
+
 
 
 # ----------------------------------------------------------------------- optimizer
@@ -288,7 +298,10 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   start = 0
   if resume:
     trainable, opt_state, start = _restore(run, task, opt_state)
-    summary = json.loads((run / "metrics.json").read_text())
+    summary = _saved_summary(run, start)
+    if primary():
+      sys.stderr.write(f"lora-jax: resuming {run} at step {start} of {task.total_steps} with "
+                       f"the options it was started with\n")
   write_json(run / "config.json", {"options": task.options.to_dict(),
                                    "total_steps": task.total_steps, **task.describe(),
                                    "lora_jax": lora_jax.__version__})
@@ -304,6 +317,18 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   finally:
     metrics.close()
   _finish(task, metrics, run)
+  return summary
+
+
+def _saved_summary(run: pathlib.Path, start: int) -> dict:
+  """``metrics.json`` of a run being resumed, its history cut at the restored step."""
+  path = run / "metrics.json"
+  try:
+    summary = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path} is damaged ({type(e).__name__}: {e}); start the run again with "
+                   f"--overwrite.") from None
+  summary["history"] = [h for h in summary["history"] if h["step"] <= start]
   return summary
 
 
