@@ -224,9 +224,15 @@ def test_the_logged_loss_is_the_mean_over_the_interval():
   interval = _Interval()
   for loss in (1.0, 2.0, 6.0):
     interval.add(jnp.asarray(loss))
-  assert interval.mean() == pytest.approx(3.0) and interval.steps == 0
+  assert interval.mean() == (pytest.approx(3.0), 0) and interval.steps == 0
   interval.add(jnp.asarray(5.0))
-  assert interval.mean() == pytest.approx(5.0)
+  assert interval.mean() == (pytest.approx(5.0), 0)
+  interval.add(jnp.asarray(jnp.nan))
+  assert np.isnan(interval.mean()[0])  # stops the run
+  skipping = _Interval(skip_nonfinite=True)
+  for loss in (1.0, jnp.nan, 3.0):
+    skipping.add(jnp.asarray(loss))
+  assert skipping.mean() == (pytest.approx(2.0), 1)
 
 
 def test_labels_must_be_every_class_from_zero():
@@ -291,3 +297,29 @@ def test_resume_keeps_the_saved_options_and_only_grows_steps():
     resumed(saved, {"rank": 4, "steps": 40}, total_steps=20)
   with pytest.raises(OptionError, match=r"^steps 10 is fewer than the saved run's 20 steps"):
     resumed(saved, {"steps": 10}, total_steps=20)
+
+
+def test_skip_nonfinite_leaves_parameters_as_they_were():
+  from lora_jax.app import runner
+  from lora_jax.app.options import RunOptions
+  optimizer = runner.optimizer_for(RunOptions(lr=1e-2, skip_nonfinite=True), total_steps=10)
+  params = {"w": jnp.ones(3)}
+  state = optimizer.init(params)
+  updates, state = optimizer.update({"w": jnp.array([1.0, jnp.nan, 1.0])}, state, params)
+  np.testing.assert_array_equal(updates["w"], np.zeros(3))  # the step is skipped
+  for _ in range(2):  # the warm-up's first step has lr 0: the skipped step did not count
+    updates, state = optimizer.update({"w": jnp.ones(3)}, state, params)
+  assert np.all(np.asarray(updates["w"]) < 0) and np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_ctrl_c_during_a_save_lands_after_it():
+  import os
+  import signal
+  from lora_jax.app.runner import _interrupts_deferred
+  done = []
+  with pytest.raises(KeyboardInterrupt):
+    with _interrupts_deferred():
+      os.kill(os.getpid(), signal.SIGINT)
+      done.append("the block ran to its end")
+  assert done == ["the block ran to its end"]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

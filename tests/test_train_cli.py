@@ -312,6 +312,29 @@ def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monke
   assert [h["step"] for h in history] == [2, 4]
 
 
+def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_path):
+  """--overwrite trains into a staging folder beside the run, moved into place only once the
+  new run has saved its first checkpoint; stopped before that, the old run is untouched."""
+  (tmp_path / "r").mkdir()
+  (tmp_path / "r" / "keep.txt").write_text("earlier work")
+  proc = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
+                           "--eval-every", "200", "--overwrite", "--out", str(tmp_path / "r")],
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / ".r.new" / "config.json").exists() and time.time() < deadline:
+    time.sleep(0.5)
+  time.sleep(2.0)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130 and "interrupted before the first checkpoint" in err
+  assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["keep.txt"]
+  done = _cli("train", "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
+              str(tmp_path / "r"))
+  assert done.returncode == 0, done.stderr  # the leftover staging folder is cleared
+  assert not (tmp_path / "r" / "keep.txt").exists() and (tmp_path / "r" / "checkpoints").is_dir()
+  assert not (tmp_path / ".r.new").exists() and not (tmp_path / ".r.old").exists()
+
+
 def test_a_refused_overwrite_deletes_nothing(tmp_path):
   """--overwrite replaces a run only once the new one's options, data and model are good."""
   (tmp_path / "r").mkdir()

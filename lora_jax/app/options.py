@@ -56,6 +56,9 @@ class RunOptions(Serializable):
   log_every: int = option(10, "log the mean training loss over every N steps")
   seed: int = option(0, "data order, head and A initialisation")
   remat: bool = option(False, "gradient checkpointing: recompute each layer in the backward pass")
+  skip_nonfinite: bool = option(False, "skip a step whose loss or gradients are not finite "
+                                       "(optax.apply_if_finite) instead of stopping the run; "
+                                       "it still stops after 5 such steps in a row")
   mesh: str | None = option(None, 'device mesh "DxM": the batch over D devices, the model '
                                   'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
 

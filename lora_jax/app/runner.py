@@ -13,12 +13,15 @@ training loss is the mean over each interval, not the last batch's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any, Protocol
 
@@ -33,6 +36,7 @@ from lora_jax.app.options import RunOptions
 
 CHECKPOINTS = "checkpoints"
 KEEP = 2  # checkpoints kept in a run folder
+MAX_SKIPPED = 5  # --skip-nonfinite: non-finite steps in a row before the run stops
 
 
 class RunError(ValueError):
@@ -130,19 +134,46 @@ def check(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
                    f"them or --resume to continue that run.")
 
 
+def staging(run: pathlib.Path) -> pathlib.Path:
+  """Where a new run writes until its first checkpoint: ``runs/.NAME.new``, beside the folder."""
+  return run.parent / f".{run.name}.new"
+
+
 def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  """Checks (and for a new run, empties and creates) the run folder. Call it once the options
-  and the task are known to be good, so a refused run deletes nothing."""
+  """Checks the run folder and, for a new run, makes an empty staging folder beside it (a
+  leftover of a run that never reached its first checkpoint is removed: the lock is held).
+  The run folder itself is not touched until the new run has saved its first checkpoint."""
   check(run, overwrite=overwrite, resume=resume)
   if resume:
     return
-  occupied = run.exists() and any(run.iterdir())
   sync("lora_jax: run folder checked")  # every process has looked before one changes it
   if primary():
-    if occupied:
-      shutil.rmtree(run)
-    run.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging(run), ignore_errors=True)
+    staging(run).mkdir(parents=True)
   sync("lora_jax: run folder ready")
+
+
+class Folder:
+  """The folder a run writes: the staging folder of a new run until ``promote`` (after its
+  first checkpoint) moves it into place, replacing an old run only then."""
+
+  def __init__(self, run: pathlib.Path, *, staged: bool):
+    self.run, self.staged = run, staged
+    self.path = staging(run) if staged else run
+
+  def promote(self) -> None:
+    if not self.staged:
+      return
+    sync("lora_jax: first checkpoint saved")
+    if primary():
+      old = self.run.parent / f".{self.run.name}.old"
+      shutil.rmtree(old, ignore_errors=True)
+      if self.run.exists():
+        self.run.rename(old)
+      self.path.rename(self.run)
+      shutil.rmtree(old, ignore_errors=True)
+    sync("lora_jax: run folder in place")
+    self.path, self.staged = self.run, False
 
 
 def write_json(path: pathlib.Path, value) -> None:
@@ -178,9 +209,13 @@ def optimizer_for(o: RunOptions, total_steps: int) -> optax.GradientTransformati
     warmup = min(max(1, total_steps // 10), total_steps - 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, warmup, total_steps)
   if o.lora_plus_ratio is None:
-    return optax.adamw(schedule, weight_decay=0.01)
-  return lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
-                            weight_decay=0.01)
+    optimizer = optax.adamw(schedule, weight_decay=0.01)
+  else:
+    optimizer = lora_jax.lora_plus(optax.adamw, learning_rate=schedule, ratio=o.lora_plus_ratio,
+                                   weight_decay=0.01)
+  if o.skip_nonfinite:  # a non-finite step leaves the parameters and state as they were
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=MAX_SKIPPED)
+  return optimizer
 
 
 # ----------------------------------------------------------------------- metrics
@@ -190,14 +225,20 @@ class Metrics:
   """``metrics.jsonl`` lines, TensorBoard scalars and the ``metrics.json`` summary; only the
   primary process writes."""
 
-  def __init__(self, run: pathlib.Path, summary: dict, *, start: int = 0):
-    self.run, self.summary = run, summary
+  def __init__(self, folder: Folder, summary: dict, *, start: int = 0):
+    self.folder, self.summary = folder, summary
     self.writer = None
     if primary():
       from tensorboardX import SummaryWriter
       self._truncate(start)
       # a resumed run rewrites the steps after its checkpoint: TensorBoard drops the old ones
-      self.writer = SummaryWriter(str(run / "tensorboard"), purge_step=start + 1 if start else None)
+      # (the writer's open file follows the folder when it is moved into place)
+      self.writer = SummaryWriter(str(folder.path / "tensorboard"),
+                                  purge_step=start + 1 if start else None)
+
+  @property
+  def run(self) -> pathlib.Path:
+    return self.folder.path
 
   def _truncate(self, start: int) -> None:
     """Drops the lines logged after step ``start`` (written before an interruption; a resumed
@@ -250,18 +291,29 @@ def plot(summary: dict, path) -> None:
 
 
 class _Interval:
-  """The training loss summed on the device over a logging interval, and the examples seen."""
+  """The training loss summed on the device over a logging interval. With ``skip_nonfinite``
+  a non-finite loss (a skipped step) is counted apart, not summed."""
 
-  def __init__(self):
-    self.total, self.steps = jnp.zeros((), jnp.float32), 0
+  def __init__(self, *, skip_nonfinite: bool = False):
+    self.skip = skip_nonfinite
+    self._reset()
+
+  def _reset(self) -> None:
+    self.total, self.finite = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+    self.steps = 0
 
   def add(self, loss) -> None:
-    self.total, self.steps = self.total + loss, self.steps + 1
+    ok = jnp.isfinite(loss) if self.skip else jnp.bool_(True)
+    self.total = self.total + jnp.where(ok, loss, 0.0)
+    self.finite, self.steps = self.finite + ok.astype(jnp.int32), self.steps + 1
 
-  def mean(self) -> float:
-    value = float(self.total) / max(self.steps, 1)
-    self.total, self.steps = jnp.zeros((), jnp.float32), 0
-    return value
+  def mean(self) -> tuple[float, int]:
+    """(the mean loss over the interval's finite steps (NaN if none), the steps skipped)."""
+    finite = int(self.finite)
+    value = float(self.total) / finite if finite else float("nan")
+    skipped = self.steps - finite
+    self._reset()
+    return value, skipped
 
 
 def restore(run: pathlib.Path, base, *, opt_state=None) -> checkpoint.Restored:
@@ -291,6 +343,7 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   is written at every evaluation, so after Ctrl-C the last one is readable and ``resume=True``
   continues from it."""
   run = pathlib.Path(run)
+  folder = Folder(run, staged=not resume)
   optimizer = optimizer_for(task.options, task.total_steps)
   trainable = task.trainable
   opt_state = jax.jit(optimizer.init)(trainable)
@@ -302,17 +355,20 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
     if primary():
       sys.stderr.write(f"lora-jax: resuming {run} at step {start} of {task.total_steps} with "
                        f"the options it was started with\n")
-  write_json(run / "config.json", {"options": task.options.to_dict(),
+  write_json(folder.path / "config.json", {"options": task.options.to_dict(),
                                    "total_steps": task.total_steps, **task.describe(),
                                    "lora_jax": lora_jax.__version__})
-  metrics = Metrics(run, summary, start=start)
+  metrics = Metrics(folder, summary, start=start)
   state = {"trainable": trainable, "opt_state": opt_state, "step": start}
   try:
-    _loop(task, optimizer, state, metrics, run)
+    _loop(task, optimizer, state, metrics, folder)
   except KeyboardInterrupt:
     step = summary["history"][-1]["step"] if summary["history"] else start
-    sys.stderr.write(f"\ninterrupted: the checkpoint at step {step} is kept; continue with "
-                     f"--resume\n")
+    if folder.staged:
+      sys.stderr.write(f"\ninterrupted before the first checkpoint: {run} is unchanged\n")
+    else:
+      sys.stderr.write(f"\ninterrupted: the checkpoint at step {step} is kept; continue with "
+                       f"--resume\n")
     raise
   finally:
     metrics.close()
@@ -337,7 +393,7 @@ def _counts(task: Task) -> dict:
   return {"trainable": c.trainable, "total": c.total}
 
 
-def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Path) -> None:
+def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder) -> None:
   from tqdm import tqdm
 
   o, history = task.options, metrics.summary["history"]
@@ -345,7 +401,7 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Pat
   key = jax.random.key(o.seed + 1)
   before = history[-1]["elapsed_s"] if history else 0.0  # a resumed run's time so far
   seen, evaluating, began = 0, 0.0, time.perf_counter()
-  interval = _Interval()
+  interval = _Interval(skip_nonfinite=o.skip_nonfinite)
   bar = tqdm(total=task.total_steps, initial=state["step"], disable=not primary(), unit="step",
              dynamic_ncols=True, file=sys.stderr,
              mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file: a line per 10 s
@@ -362,16 +418,20 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Pat
       if done % o.log_every and done % o.eval_every and done != task.total_steps:
         continue
       rate = seen / (time.perf_counter() - began - evaluating)  # training examples/s only
-      logged = interval.mean()
+      logged, skipped = interval.mean()
       _check_finite(logged, done, history)
       record = {"step": done, "train_loss": logged, "examples_per_s": rate}
+      if skipped:
+        record["skipped_steps"] = skipped
       if done % o.eval_every == 0 or done == task.total_steps:
         _check_finite(_finite_tree(trainable), done, history, what="trained parameters")
         paused = time.perf_counter()
         scores = task.evaluate(trainable)
-        checkpoint.save(run / CHECKPOINTS, done, trainable, config=task.lora_config,
-                        base=task.base, opt_state=opt_state, data_position=done,
-                        base_name=task.base_name, keep=KEEP)
+        with _interrupts_deferred():  # Ctrl-C lands after the save, not inside orbax
+          checkpoint.save(folder.path / CHECKPOINTS, done, trainable, config=task.lora_config,
+                          base=task.base, opt_state=opt_state, data_position=done,
+                          base_name=task.base_name, keep=KEEP)
+          folder.promote()  # the new run has started cleanly: it replaces the old one now
         evaluating += time.perf_counter() - paused
         record.update(scores)
         history.append({"step": done, "loss": logged, **scores, "examples_per_s": rate,
@@ -383,6 +443,23 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, run: pathlib.Pat
   finally:
     bar.close()  # the bar's line ends before any message
   metrics.summary["elapsed_s"] = before + time.perf_counter() - began
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Holds SIGINT (Ctrl-C) until the block is done, then raises KeyboardInterrupt: a save is
+  never cut midway (orbax would print its threads' tracebacks)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    raise KeyboardInterrupt
 
 
 def _finite_tree(tree) -> float:
