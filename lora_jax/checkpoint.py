@@ -129,7 +129,8 @@ def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=
   ``keep`` steps (None: all).
 
   ``base`` (concrete or ``jax.eval_shape`` output) is only read for its paths and shapes, to
-  record which model the adapters belong to. Returns the step's folder.
+  record which model the adapters belong to. Saving a step that exists replaces it. Returns
+  the step's folder.
   """
   if not isinstance(step, int) or isinstance(step, bool) or step < 0:
     raise ValueError(f"step must be an integer >= 0, got {step!r}.")
@@ -151,6 +152,8 @@ def save(directory, step: int, adapters, *, config: LoraConfig, base, opt_state=
   items = {k: ocp.args.StandardSave(v) for k, v in arrays.items()}
   items["meta"] = ocp.args.JsonSave(meta)
   with _manager(directory, keep) as manager:
+    if step in manager.all_steps():  # saving a step again replaces it (a damaged one, say)
+      manager.delete(step)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
     manager.wait_until_finished()
     return pathlib.Path(manager.directory) / str(step)

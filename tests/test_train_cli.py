@@ -312,6 +312,23 @@ def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monke
   assert [h["step"] for h in history] == [2, 4]
 
 
+def test_a_damaged_newest_checkpoint_falls_back_for_eval_and_resume(tmp_path):
+  import test_checkpoint
+  out = tmp_path / "r"
+  done = _cli("train", "--steps", "2", "--eval-every", "1", "--out", str(out))
+  assert done.returncode == 0, done.stderr
+  test_checkpoint._damage(out / "checkpoints" / "2" / "trainable", "flip")
+  (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nwonderful\t1\n")
+  done = _cli("eval", str(out), "--data", str(tmp_path / "d.tsv"))
+  assert done.returncode == 0 and done.stdout.startswith("accuracy "), done.stderr
+  assert "lora-jax: restored step 1 of" in done.stderr and "newer steps are damaged" in done.stderr
+  done = _cli("train", "--resume", "--steps", "3", "--out", str(out))
+  assert done.returncode == 0, done.stderr
+  assert "at step 1 of 3" in done.stderr  # it trained on from the intact step
+  history = json.loads((out / "metrics.json").read_text())["history"]
+  assert [h["step"] for h in history] == [1, 2, 3]
+
+
 def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_path):
   """--overwrite trains into a staging folder beside the run, moved into place only once the
   new run has saved its first checkpoint; stopped before that, the old run is untouched."""
@@ -401,10 +418,25 @@ def test_two_processes_train_like_one(run, tmp_path):
     (["--config", "missing.yaml"], "--config file 'missing.yaml' does not exist"),
     (["--config", "bad.yaml"], "ClassifyOptions has no field(s) rnak"),
     (["--pooling", "cls"], "argument --pooling: invalid choice: 'cls' (choose from"),
+    (["--max-length", "1000"], "--max-length must be an integer from 2 to 512 (the model's "
+                               "positions), got 1000."),
+    (["--eval-every", "0"], "--eval-every must be an integer > 0, got 0."),
+    (["--max-train", "0"], "--max-train must be an integer > 0, got 0."),
+    (["--steps", "0"], "--steps must be an integer > 0, got 0."),
+    (["--lr", "nan"], "--lr must be a number > 0, got nan."),
+    (["--dropout", "1.0"], "--dropout must be a number in [0, 1), got 1.0."),
+    (["--lora-dropout", "-0.1"], "--lora-dropout must be a number in [0, 1), got -0.1."),
+    (["--data", "."], "data file '.' is a folder"),
+    (["--data", "gap.tsv"], "gap.tsv: labels must be 0, 1, ..., K-1 with every class in the "
+                            "training data; found 2 classes up to 2, missing 0."),
+    (["--resume", "--out", "broken"], "broken/config.json is damaged (JSONDecodeError"),
 ])
 def test_bad_train_input_is_one_line(tmp_path, argv, message, monkeypatch):
   monkeypatch.chdir(tmp_path)
   (tmp_path / "bad.yaml").write_text("rnak: 4\n")
+  (tmp_path / "gap.tsv").write_text("sentence\tlabel\n" + "good\t2\nbad\t1\n" * 10)
+  (tmp_path / "broken").mkdir()
+  (tmp_path / "broken" / "config.json").write_text('{"options": ')
   done = _cli("train", "--out", str(tmp_path / "x"), *argv)
   assert done.returncode == 2 and message in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

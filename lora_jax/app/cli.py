@@ -95,7 +95,7 @@ def options_from(args, options_cls):
   options = options_cls.from_dict(given_options(args, options_cls))
   files = {name: str(pathlib.Path(getattr(options, name)).resolve())
            for name in ("data", "val") if getattr(options, name, None)
-           and pathlib.Path(getattr(options, name)).exists()}
+           and pathlib.Path(getattr(options, name)).is_file()}
   return dataclasses.replace(options, **files)
 
 
