@@ -323,3 +323,20 @@ def test_ctrl_c_during_a_save_lands_after_it():
       done.append("the block ran to its end")
   assert done == ["the block ran to its end"]
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_lora_dropout_is_the_adapters_and_dropout_the_heads():
+  from lora_jax.app.classify import ClassifyOptions, lora_config
+  assert lora_config(ClassifyOptions()).dropout == 0.0  # PEFT's default lora_dropout
+  assert lora_config(ClassifyOptions(lora_dropout=0.2, dropout=0.3)).dropout == 0.2
+
+
+def test_a_damaged_metrics_file_is_named(tmp_path):
+  from lora_jax.app.runner import RunError, _saved_summary, saved_config
+  (tmp_path / "metrics.json").write_text('{"history": [')
+  with pytest.raises(RunError, match=r"metrics\.json is damaged \(JSONDecodeError"):
+    _saved_summary(tmp_path, 4)
+  (tmp_path / "metrics.json").write_text('{"history": [{"step": 4}, {"step": 6}]}')
+  assert _saved_summary(tmp_path, 4)["history"] == [{"step": 4}]  # cut at the restored step
+  with pytest.raises(RunError, match=r"config\.json is damaged"):
+    saved_config(tmp_path)
