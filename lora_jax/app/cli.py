@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import sys
 import types
@@ -250,10 +251,20 @@ COMMANDS = {"count": _count, "train": _train, "eval": _eval, "merge": _merge,
             "export-peft": _export_peft}
 
 
+def _interrupted() -> int:
+  """Exit 130 at once after Ctrl-C, once the run has cleaned up (metrics closed, lock freed):
+  Python's own shutdown can crash in XLA when Ctrl-C landed in the middle of a compilation
+  (seen as a segmentation fault), so it is skipped."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(130)
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
-    return COMMANDS[args.command](args)
+    code = COMMANDS[args.command](args)
+    return _interrupted() if code == 130 else code
   except OptionError as e:
     return _fail(f"lora-jax {args.command}: {flag(e.field)} {e.message}")
   except (FileNotFoundError, ValueError) as e:
