@@ -1,4 +1,4 @@
-"""Key paths: the one implementation of flatten / nest / get for the library's trees.
+"""Key paths: the one implementation of flatten / nest / join for the library's trees.
 
 Inside the library a tree path is a tuple of string keys, ``("params", "blk/0", "kernel")``,
 so a key that itself holds a '/' stays one key. Paths are joined with '/' only for regular
@@ -52,13 +52,6 @@ def nest(flat: Mapping[Path, Any]) -> dict:
     for key in parents:
       node = node.setdefault(key, {})
     node[last] = value
-  return tree
-
-
-def get(tree, path: Path):
-  """The subtree of a tree of mappings at ``path``."""
-  for key in path:
-    tree = tree[key]
   return tree
 
 

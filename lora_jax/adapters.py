@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from lora_jax import _tree, kernels
 from lora_jax._tree import listing
 from lora_jax.config import LoraConfig
-from lora_jax.targets import Target, base_leaves, resolve, resolve_extras
+from lora_jax.targets import Target, base_leaves, resolve
 
 _LETTERS = string.ascii_uppercase  # one subscript per kernel axis; "r" is the rank axis
 
@@ -228,11 +228,11 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
   Raises:
     ValueError: as ``lora_jax.plan`` does for patterns, ranks and axis roles.
   """
-  targets = resolve(config, params, uses=uses)
+  targets, extras = resolve(config, params, uses=uses)
   flat = {t.keys: LoraWeights.create(config, t, k)
           for t, k in zip(targets, jax.random.split(key, max(len(targets), 1)))}
   leaves = base_leaves(params)
-  for extra in resolve_extras(config, params):
+  for extra in extras:
     flat[extra.keys] = _copy(leaves[extra.keys], extra.path)
   return _tree.nest(flat)
 

@@ -26,6 +26,7 @@ end of the dotted module name (``peft.utils.other.get_pattern_key``); the first 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -43,7 +44,7 @@ from lora_jax import _tree, family
 from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, factor_shapes, split
 from lora_jax.config import LoraConfig, is_real
-from lora_jax.targets import base_leaves, resolve, resolve_extras
+from lora_jax.targets import base_leaves, resolve
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -52,9 +53,13 @@ PEFT_VERSION = "0.21.2"  # the PEFT release whose format this module writes and 
 
 def _stack_re() -> re.Pattern:
   """Matches the layer-stack module of any registered family in a '/'-joined module path."""
-  stacks = sorted({re.escape(f.layer_stack) for f in family.registered().values()}, key=len,
-                  reverse=True) or ["(?!)"]
-  return re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(stacks) + r")(?:_(?P<index>\d+))?(?=/)")
+  return _stack_pattern(frozenset(f.layer_stack for f in family.registered().values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _stack_pattern(stacks: frozenset) -> re.Pattern:
+  names = sorted((re.escape(s) for s in stacks), key=len, reverse=True) or ["(?!)"]
+  return re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(names) + r")(?:_(?P<index>\d+))?(?=/)")
 
 
 # Every field PEFT 0.21's LoraConfig writes, with its default (``inference_mode`` as saved).
@@ -648,8 +653,7 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   extras = _extras(saved, params, name_map, conv1d, weights_file)
   config = _lora_config(data, groups, kernels, extras)
   try:
-    targets = resolve(config, params)
-    resolve_extras(config, params)
+    targets, _ = resolve(config, params)
   except ValueError as e:
     raise ValueError(f"{directory}: {e}") from None
   flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config) for t in targets}

@@ -150,8 +150,10 @@ def _target(config, path, leaf, uses, keys) -> Target:
   return target
 
 
-def resolve(config: LoraConfig, params, *, uses: Mapping | None = None) -> list[Target]:
-  """The kernels of ``params`` that ``config`` adapts, in tree order.
+def resolve(config: LoraConfig, params, *, uses: Mapping | None = None
+            ) -> tuple[list[Target], list["Extra"]]:
+  """The kernels of ``params`` that ``config`` adapts and the leaves it trains in full
+  (``modules_to_save``), each in tree order.
 
   Args:
     config: the LoraConfig.
@@ -161,10 +163,18 @@ def resolve(config: LoraConfig, params, *, uses: Mapping | None = None) -> list[
 
   Raises:
     ValueError: a pattern matches nothing, selects a leaf that is not a matmul kernel, a rank
-      does not fit, or a kernel's axis roles are unknown.
+      does not fit, a kernel's axis roles are unknown, or a leaf is both adapted and saved.
   """
-  keys = {_tree.join(k): k for k in base_leaves(params)}
-  leaves = leaves_by_path(params)
+  flat = base_leaves(params)
+  keys = {_tree.join(k): k for k in flat}
+  leaves = {p: flat[k] for p, k in keys.items()}
+  targets = _targets(config, keys, leaves, uses)
+  extras = _extras(config, keys, leaves)
+  _check_disjoint(targets, extras)
+  return targets, extras
+
+
+def _targets(config: LoraConfig, keys, leaves, uses) -> list[Target]:
   kernels = {p: leaf for p, leaf in leaves.items() if _is_kernel(config, keys[p], leaf)}
   chosen: set[str] = set()
   for pattern in config.target_patterns:
@@ -176,9 +186,7 @@ def resolve(config: LoraConfig, params, *, uses: Mapping | None = None) -> list[
                      f"kernel to adapt; kernels include {listing(kernels)}.")
   for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
     _check_pattern_keys(name, getattr(config, name), targeted)
-  targets = [_target(config, p, leaves[p], uses, keys[p]) for p in targeted]
-  _check_disjoint(targets, resolve_extras(config, params))
-  return targets
+  return [_target(config, p, leaves[p], uses, keys[p]) for p in targeted]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,23 +203,18 @@ class Extra:
     return math.prod(self.shape)
 
 
-def resolve_extras(config: LoraConfig, params) -> list[Extra]:
-  """The leaves of ``params`` that ``config.modules_to_save`` trains in full, in tree order.
-
-  Raises:
-    ValueError: a pattern matches no parameter.
-  """
-  flat = base_leaves(params)
-  joined = {_tree.join(k): k for k in flat}
+def _extras(config: LoraConfig, keys, leaves) -> list[Extra]:
+  """The leaves ``config.modules_to_save`` trains in full; a pattern matching none is an
+  error."""
   chosen = set()
   for pattern in config.save_patterns:
-    matched = {p for p in joined if re.search(pattern, p)}
+    matched = {p for p in leaves if re.search(pattern, p)}
     if not matched:
       raise ValueError(f"modules_to_save pattern {pattern!r} matched no parameter; available "
-                       f"paths include {listing(joined)}.")
+                       f"paths include {listing(leaves)}.")
     chosen |= matched
-  return [Extra(path=p, shape=_shape(flat[k]), dtype=_dtype(flat[k]), keys=k)
-          for p, k in joined.items() if p in chosen]
+  return [Extra(path=p, shape=_shape(x), dtype=_dtype(x), keys=keys[p])
+          for p, x in leaves.items() if p in chosen]
 
 
 def _check_disjoint(targets, extras) -> None:
@@ -314,5 +317,5 @@ def plan(config: LoraConfig, params, *, uses: Mapping | None = None) -> Plan:
   Returns:
     A Plan; ``print(plan)`` shows one row per kernel and the PEFT-style totals.
   """
-  return Plan(targets=tuple(resolve(config, params, uses=uses)), base_params=num_params(params),
-              extras=tuple(resolve_extras(config, params)))
+  targets, extras = resolve(config, params, uses=uses)
+  return Plan(targets=tuple(targets), base_params=num_params(params), extras=tuple(extras))

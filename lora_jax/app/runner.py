@@ -291,29 +291,26 @@ def plot(summary: dict, path) -> None:
 
 
 class _Interval:
-  """The training loss summed on the device over a logging interval. With ``skip_nonfinite``
-  a non-finite loss (a skipped step) is counted apart, not summed."""
+  """The training losses of a logging interval, kept on the device (no per-step sync or extra
+  dispatch) and read once when logged. With ``skip_nonfinite`` a non-finite loss (a skipped
+  step) is counted apart, not averaged."""
 
   def __init__(self, *, skip_nonfinite: bool = False):
-    self.skip = skip_nonfinite
-    self._reset()
+    self.skip, self.losses = skip_nonfinite, []
 
-  def _reset(self) -> None:
-    self.total, self.finite = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
-    self.steps = 0
+  @property
+  def steps(self) -> int:
+    return len(self.losses)
 
   def add(self, loss) -> None:
-    ok = jnp.isfinite(loss) if self.skip else jnp.bool_(True)
-    self.total = self.total + jnp.where(ok, loss, 0.0)
-    self.finite, self.steps = self.finite + ok.astype(jnp.int32), self.steps + 1
+    self.losses.append(loss)
 
   def mean(self) -> tuple[float, int]:
     """(the mean loss over the interval's finite steps (NaN if none), the steps skipped)."""
-    finite = int(self.finite)
-    value = float(self.total) / finite if finite else float("nan")
-    skipped = self.steps - finite
-    self._reset()
-    return value, skipped
+    losses = np.asarray(jnp.stack(self.losses), np.float64) if self.losses else np.zeros(0)
+    self.losses = []
+    kept = losses[np.isfinite(losses)] if self.skip else losses
+    return (float(kept.mean()) if kept.size else float("nan")), losses.size - kept.size
 
 
 def restore(run: pathlib.Path, base, *, opt_state=None) -> checkpoint.Restored:
