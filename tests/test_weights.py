@@ -41,6 +41,17 @@ def test_scanned_and_unrolled_loads_agree(minilm):
   np.testing.assert_allclose(h, h2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_bert_tensors_give_back_the_checkpoint(scan):
+  from safetensors.numpy import load_file
+  checkpoint = load_file(weights.minilm_dir() / "model.safetensors")
+  config, params = weights.load_bert(scan_layers=scan)
+  tensors = weights.bert_tensors(params, config)
+  assert tensors.keys() == checkpoint.keys() - set(weights.BUFFERS)
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(value, checkpoint[name], err_msg=name)
+
+
 def _embed(config, params, batch):
   h, _ = bert.BertModel(config).apply(params, *batch)
   mask = batch[1][..., None]

@@ -354,3 +354,28 @@ def load_chat_tokenizer(path=None) -> ChatTokenizer:
   """
   return chat_tokenizer_from_metadata(read_tokenizer_metadata(
       gguf_file.smollm2_path() if path is None else path))
+
+
+def load_folder_tokenizer(folder) -> ChatTokenizer:
+  """The ``ChatTokenizer`` of a Hugging Face folder: ``tokenizer.json`` plus the special tokens
+  and chat template of ``tokenizer_config.json`` (as ``save_pretrained`` writes them).
+
+  Raises:
+    FileNotFoundError: the folder has no ``tokenizer.json`` (named).
+  """
+  folder = pathlib.Path(folder)
+  if not (folder / "tokenizer.json").is_file():
+    raise FileNotFoundError(f"{folder} has no tokenizer.json; a Hugging Face model folder "
+                            f"needs one (transformers' tokenizer.save_pretrained writes it).")
+  tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+  config_file = folder / "tokenizer_config.json"
+  config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+  token_id = lambda name: (None if not isinstance(config.get(name), str)  # noqa: E731
+                           else tok.token_to_id(config[name]))
+  eos, im_end = token_id("eos_token"), tok.token_to_id(IM_END)
+  return ChatTokenizer(
+      tokenizer=tok, bos_id=token_id("bos_token"), eos_id=eos, unk_id=token_id("unk_token"),
+      pad_id=token_id("pad_token"),
+      stop_ids=tuple(dict.fromkeys(i for i in (eos, im_end) if i is not None)),
+      chat_template=config.get("chat_template"), add_bos=bool(config.get("add_bos_token")),
+      add_eos=bool(config.get("add_eos_token")))
