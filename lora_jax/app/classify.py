@@ -10,6 +10,7 @@ merges and exports it; this module supplies the data, the model, the loss and th
 from __future__ import annotations
 
 import dataclasses
+import typing
 import json
 import math
 import pathlib
@@ -38,6 +39,8 @@ HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClassifyOptions(RunOptions):
   """``lora-jax train``'s options: the run's (``RunOptions``) and the task's."""
+
+  LABEL: typing.ClassVar[str] = "classify"  # in help texts
 
   data: str | None = option(None, "training file (.tsv, .csv, .jsonl); default: the embedded "
                                   "VADER polarity task")
@@ -311,43 +314,12 @@ def evaluate(run, data: str, *, text_column: str, label_column: str) -> float:
 def merge(run, out) -> pathlib.Path:
   """Writes the merged encoder and head as safetensors with the checkpoint's names (into a
   staging folder first; never into a run folder)."""
-  out = _export_folder(run, out)
+  out = runner.export_folder(run, out)
   task, trainable = load(run)
   params = lora_jax.merge(task.base, trainable)
-  with _staged(out) as staging:
+  with runner.staged(out) as staging:
     _write_merged(task, params, staging)
   return out
-
-
-def _export_folder(run, out) -> pathlib.Path:
-  """``out``, unless it is (or is inside) a run folder, which an export must not overwrite."""
-  out, run = pathlib.Path(out), pathlib.Path(run)
-  for folder in (out, *out.resolve().parents):
-    if folder.resolve() == run.resolve() or (folder / runner.CHECKPOINTS).is_dir():
-      raise RunError(f"--out {out} is inside the run folder {folder}; write the export "
-                     f"somewhere else (it would overwrite the run's files).")
-  return out
-
-
-class _staged:
-  """A temporary folder beside ``out`` whose files move into ``out`` only once all are
-  written, so an interrupted export leaves no half-written file in ``out``."""
-
-  def __init__(self, out: pathlib.Path):
-    self.out = out
-
-  def __enter__(self) -> pathlib.Path:
-    import tempfile
-    self.out.parent.mkdir(parents=True, exist_ok=True)
-    self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
-    return self.tmp
-
-  def __exit__(self, kind, *_):
-    if kind is None:
-      self.out.mkdir(parents=True, exist_ok=True)
-      for f in self.tmp.iterdir():
-        f.replace(self.out / f.name)
-    shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _write_merged(task: "Classify", params, out: pathlib.Path) -> None:
@@ -383,7 +355,7 @@ def _hf_config(task: Classify) -> dict:
 def export_peft(run, out) -> pathlib.Path:
   """Writes a LoRA run as a PEFT adapter folder (the head as ``modules_to_save``), which
   ``PeftModel.from_pretrained(BertForSequenceClassification...)`` loads."""
-  out = _export_folder(run, out)
+  out = runner.export_folder(run, out)
   task, trainable = load(run)
   if task.options.full:
     raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")

@@ -41,20 +41,42 @@ def _scalar(hint):
   return hint
 
 
-def add_option_flags(parser: argparse.ArgumentParser, options_cls) -> None:
-  """One flag per field of ``options_cls``; unset flags stay out of the parsed namespace, so a
-  ``--config`` file's values (and then the defaults) fill them."""
-  hints = typing.get_type_hints(options_cls)
-  for field in dataclasses.fields(options_cls):
-    kind = _scalar(hints[field.name])
-    meta = dict(field.metadata)
-    text = f"{meta.pop('help', '')} (default: {field.default})".replace("%", "%%")
-    if kind is bool:
-      parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                          default=argparse.SUPPRESS, help=text)
-    else:
-      parser.add_argument(flag(field.name), dest=field.name, type=kind, default=argparse.SUPPRESS,
-                          help=text, **meta)
+def add_option_flags(parser: argparse.ArgumentParser, options_cls, *, others=(),
+                     skip=()) -> None:
+  """One flag per field of ``options_cls`` (and of the option classes ``others``, for fields
+  ``options_cls`` lacks); unset flags stay out of the parsed namespace, so a ``--config``
+  file's values (and then the defaults) fill them."""
+  seen = set(skip)
+  for cls in (options_cls, *others):
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+      if field.name in seen:
+        continue
+      seen.add(field.name)
+      kind = _scalar(hints[field.name])
+      meta = dict(field.metadata)
+      text = f"{meta.pop('help', '')} (default: {_defaults(field.name, (cls, *others))})"
+      text = text.replace("%", "%%")
+      if kind is bool:
+        parser.add_argument(flag(field.name), dest=field.name,
+                            action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                            help=text)
+      else:
+        parser.add_argument(flag(field.name), dest=field.name, type=kind,
+                            default=argparse.SUPPRESS, help=text, **meta)
+
+
+def _defaults(name: str, classes) -> str:
+  """A field's default, or each class's where they differ (``32 (chat/text: 8)``)."""
+  values = {}
+  for cls in classes:
+    for field in dataclasses.fields(cls):
+      if field.name == name:
+        values.setdefault(repr(field.default) if isinstance(field.default, str)
+                          else str(field.default), []).append(getattr(cls, "LABEL", ""))
+  if len(values) == 1:
+    return next(iter(values))
+  return "; ".join(f"{'/'.join(t for t in tasks if t)}: {v}" for v, tasks in values.items())
 
 
 def read_config_file(path) -> dict:
@@ -82,12 +104,47 @@ def read_config_file(path) -> dict:
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
+TASKS = ("chat", "text")  # lora_jax.app.causal.TASKS (not imported here: keeps --help fast)
+
+
 def given_options(args, options_cls) -> dict:
-  """The option values given: ``--config``'s, then the flags on the command line."""
+  """The option values given: ``--config``'s, then the flags on the command line.
+
+  Raises:
+    OptionError: a flag of another task's options (``--pooling`` with ``--task chat``).
+  """
   names = {f.name for f in dataclasses.fields(options_cls)}
-  values = read_config_file(args.config) if args.config else {}
-  values.update({k: v for k, v in vars(args).items() if k in names})
+  values = read_config_file(args.config) if getattr(args, "config", None) else {}
+  values.update({k: v for k, v in vars(args).items()
+                 if k in names or k in _all_option_names()})
+  task = values.pop("task", "classify")
+  for k in values:
+    if k not in names and k in _all_option_names():
+      owner = "classify" if task in TASKS else "chat and text"
+      raise OptionError(k, f"applies to --task {owner}, not {task}.")
+  if "task" in names:
+    values["task"] = task
   return values
+
+
+def _all_option_names() -> set[str]:
+  from lora_jax.app.causal import CausalOptions
+  from lora_jax.app.classify import ClassifyOptions
+  return {f.name for cls in (ClassifyOptions, CausalOptions) for f in dataclasses.fields(cls)}
+
+
+def task_of(args) -> str:
+  """The task asked for: ``--task``, else the ``--config`` file's, else classify."""
+  if getattr(args, "task", None):
+    return args.task
+  values = read_config_file(args.config) if getattr(args, "config", None) else {}
+  return values.get("task", "classify")
+
+
+def options_class(task: str):
+  from lora_jax.app.causal import CausalOptions
+  from lora_jax.app.classify import ClassifyOptions
+  return ClassifyOptions if task == "classify" else CausalOptions
 
 
 def options_from(args, options_cls):
@@ -95,8 +152,8 @@ def options_from(args, options_cls):
   absolute paths, so ``--resume`` works from any folder."""
   options = options_cls.from_dict(given_options(args, options_cls))
   files = {name: str(pathlib.Path(getattr(options, name)).resolve())
-           for name in ("data", "val") if getattr(options, name, None)
-           and pathlib.Path(getattr(options, name)).is_file()}
+           for name in ("data", "val", "model") if getattr(options, name, None)
+           and pathlib.Path(getattr(options, name)).exists()}
   return dataclasses.replace(options, **files)
 
 
@@ -108,19 +165,42 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   _count_parser(sub)
   _train_parser(sub)
-  ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file")
+  ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file (chat/text: "
+                                   "masked loss, perplexity, exact-match accuracy)")
   ev.add_argument("run", help="the run folder written by lora-jax train")
-  ev.add_argument("--data", required=True, help="a .tsv, .csv or .jsonl file")
+  ev.add_argument("--data", required=True, help="a .tsv, .csv or .jsonl file (chat/text: "
+                                                "the task's .jsonl or .txt)")
   ev.add_argument("--text-column", default="sentence")
   ev.add_argument("--label-column", default="label")
-  merge = sub.add_parser("merge", help="write merged weights as safetensors (original names)")
+  merge = sub.add_parser("merge", help="write merged weights as safetensors (original names; "
+                                       "chat/text: a Hugging Face Llama folder)")
   merge.add_argument("run")
   merge.add_argument("--out", required=True, help="folder for model.safetensors and configs")
   export = sub.add_parser("export-peft", help="write a LoRA run as a Hugging Face PEFT adapter")
   export.add_argument("run")
   export.add_argument("--out", required=True, help="folder for adapter_config.json and "
                                                    "adapter_model.safetensors")
+  _generate_parser(sub)
   return parser
+
+
+def _generate_parser(sub) -> None:
+  gen = sub.add_parser("generate", help="answer prompts with a chat/text run or a model",
+                       description="Greedy (default) or sampled decoding with a key-value "
+                                   "cache; one prompt streams its answer.")
+  gen.add_argument("source", help="a chat/text run folder, smollm2-135m-instruct, a .gguf file "
+                                  "or a Hugging Face Llama folder")
+  gen.add_argument("--prompt", action="append", required=True,
+                   help="a user message (repeat for a batch); rendered with the chat template")
+  gen.add_argument("--raw", action="store_true", help="use the prompt text as is (no template)")
+  gen.add_argument("--max-new-tokens", type=int, default=128)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--seed", type=int, default=0, help="the sampling PRNG key's seed")
+  gen.add_argument("--merged", action="store_true",
+                   help="a run: merge the adapters into the weights first (default: unmerged)")
+  gen.add_argument("--quiet", action="store_true", help="print the answer only at the end")
 
 
 def _variants() -> dict[str, list]:
@@ -157,13 +237,19 @@ def _count_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
+  from lora_jax.app.causal import CausalOptions
   from lora_jax.app.classify import ClassifyOptions
 
   train = sub.add_parser(
-      "train", help="fine-tune all-MiniLM-L6-v2 with LoRA (default) or fully",
-      description="Fine-tunes the bundled all-MiniLM-L6-v2 for text classification. Without "
-                  "--data it trains on the embedded VADER polarity task.")
-  add_option_flags(train, ClassifyOptions)
+      "train", help="LoRA (or full) fine-tuning: classify with MiniLM (default), or chat/text "
+                    "with a Llama-family decoder",
+      description="--task classify (default) fine-tunes the bundled all-MiniLM-L6-v2 for text "
+                  "classification (without --data: the embedded VADER polarity task). --task "
+                  "chat / text fine-tunes a Llama-family decoder (--model, default the bundled "
+                  "SmolLM2-135M-Instruct) on a .jsonl file (--data).")
+  train.add_argument("--task", default=argparse.SUPPRESS, choices=("classify",) + TASKS,
+                     help="classify (default), chat (loss on the assistant's tokens) or text")
+  add_option_flags(train, ClassifyOptions, others=(CausalOptions,), skip=("task",))
   train.add_argument("--config", default=None,
                      help="a .json or .yaml file of options (field names); flags override it")
   train.add_argument("--out", default="runs/minilm-lora", help="run folder")
@@ -200,7 +286,7 @@ def _count(args) -> int:
 
 def _train(args) -> int:
   from lora_jax import sharding
-  from lora_jax.app import classify, runner
+  from lora_jax.app import runner
 
   run = pathlib.Path(args.out)
   if args.distributed or args.coordinator:
@@ -210,12 +296,15 @@ def _train(args) -> int:
     runner.check(run, overwrite=args.overwrite, resume=args.resume)
     if args.resume:
       saved = runner.saved_config(run)
-      options = resumed(classify.ClassifyOptions.from_dict(saved["options"]),
-                        given_options(args, classify.ClassifyOptions),
-                        total_steps=saved["total_steps"])
+      task_name = saved.get("task", "classify")
+      cls = options_class(task_name)
+      given = given_options(args, cls) if task_name == task_of(args) or not getattr(
+          args, "task", None) else _refuse_task(args.task, task_name)
+      options = resumed(cls.from_dict(saved["options"]), given, total_steps=saved["total_steps"])
     else:
-      options = options_from(args, classify.ClassifyOptions)
-    task = classify.Classify(options)  # data, weights and targets checked: nothing deleted yet
+      task_name = task_of(args)
+      options = options_from(args, options_class(task_name))
+    task = _new_task(task_name, options)  # data, weights and targets checked: nothing deleted
     runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
     try:
       runner.train(task, run, resume=args.resume)
@@ -224,7 +313,35 @@ def _train(args) -> int:
   return 0
 
 
+def _refuse_task(asked: str, saved: str):
+  raise OptionError("task", f"{asked!r} differs from the saved run's {saved!r}; --resume "
+                            f"continues a run with the options it started with.")
+
+
+def _new_task(task_name: str, options):
+  if task_name == "classify":
+    from lora_jax.app import classify
+    return classify.Classify(options)
+  from lora_jax.app import causal
+  return causal.CausalLM(options)
+
+
+def _saved_task(run) -> str:
+  """The task of a saved run folder (``classify`` for runs saved before tasks had names)."""
+  from lora_jax.app import runner
+  run = pathlib.Path(run)
+  if not (run / "config.json").is_file():
+    raise runner.RunError(f"{run} is not a run folder (no config.json); train one with "
+                          f"lora-jax train.")
+  return runner.saved_config(run).get("task", "classify")
+
+
 def _eval(args) -> int:
+  if _saved_task(args.run) != "classify":
+    from lora_jax.app import causal
+    scores = causal.evaluate(args.run, args.data)
+    print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {args.data}")
+    return 0
   from lora_jax.app import classify
 
   acc = classify.evaluate(args.run, args.data, text_column=args.text_column,
@@ -234,6 +351,10 @@ def _eval(args) -> int:
 
 
 def _merge(args) -> int:
+  if _saved_task(args.run) != "classify":
+    from lora_jax.app import causal
+    print(f"wrote {causal.merge(args.run, args.out)}")
+    return 0
   from lora_jax.app import classify
 
   print(f"wrote {classify.merge(args.run, args.out) / 'model.safetensors'}")
@@ -241,14 +362,39 @@ def _merge(args) -> int:
 
 
 def _export_peft(args) -> int:
+  if _saved_task(args.run) != "classify":
+    from lora_jax.app import causal
+    print(f"wrote {causal.export_peft(args.run, args.out)}")
+    return 0
   from lora_jax.app import classify
 
   print(f"wrote {classify.export_peft(args.run, args.out)}")
   return 0
 
 
+def _generate(args) -> int:
+  from lora_jax.app import causal
+
+  stream = sys.stdout if len(args.prompt) == 1 and not args.quiet else None
+  result = causal.generate_text(
+      args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+      top_k=args.top_k, top_p=args.top_p, seed=args.seed, merged=args.merged, raw=args.raw,
+      stream=stream)
+  if stream is None:
+    for prompt, text in zip(args.prompt, result.texts):
+      print(f"{prompt}\n-> {text}\n")
+  else:
+    print()
+  print(f"{result.generation.new_tokens} new tokens in "
+        f"{result.generation.prefill_s + result.generation.decode_s:.2f} s "
+        f"({result.generation.tokens_per_s:.1f} tokens/s, batch {len(args.prompt)}, "
+        f"{'merged' if args.merged else 'unmerged adapters' if result.adapted else 'base'})",
+        file=sys.stderr)
+  return 0
+
+
 COMMANDS = {"count": _count, "train": _train, "eval": _eval, "merge": _merge,
-            "export-peft": _export_peft}
+            "export-peft": _export_peft, "generate": _generate}
 
 
 def _interrupted() -> int:

@@ -287,6 +287,40 @@ def plot(summary: dict, path) -> None:
   plt.close(fig)
 
 
+# ----------------------------------------------------------------------- exports
+
+
+def export_folder(run, out) -> pathlib.Path:
+  """``out``, unless it is (or is inside) a run folder, which an export must not overwrite."""
+  out, run = pathlib.Path(out), pathlib.Path(run)
+  for folder in (out, *out.resolve().parents):
+    if folder.resolve() == run.resolve() or (folder / CHECKPOINTS).is_dir():
+      raise RunError(f"--out {out} is inside the run folder {folder}; write the export "
+                     f"somewhere else (it would overwrite the run's files).")
+  return out
+
+
+class staged:
+  """A temporary folder beside ``out`` whose files move into ``out`` only once all are
+  written, so an interrupted export leaves no half-written file in ``out``."""
+
+  def __init__(self, out: pathlib.Path):
+    self.out = out
+
+  def __enter__(self) -> pathlib.Path:
+    import tempfile
+    self.out.parent.mkdir(parents=True, exist_ok=True)
+    self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+    return self.tmp
+
+  def __exit__(self, kind, *_):
+    if kind is None:
+      self.out.mkdir(parents=True, exist_ok=True)
+      for f in self.tmp.iterdir():
+        f.replace(self.out / f.name)
+    shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------- the loop
 
 

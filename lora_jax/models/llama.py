@@ -59,7 +59,7 @@ def rope(x, positions, theta: float):
   rotating the two halves (as Hugging Face)."""
   half = x.shape[-1] // 2
   freq = 1.0 / theta ** (jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[:, :, None, None].astype(jnp.float32) * freq[None, None, None]  # (b, t, 1, half)
+  angle = positions[:, :, None, None].astype(jnp.float32) * freq[None, None, None]  # b,t,1,half
   cos, sin = jnp.cos(angle), jnp.sin(angle)
   x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)

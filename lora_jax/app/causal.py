@@ -1,0 +1,624 @@
+"""Causal-LM tasks on a Llama-family decoder: ``chat`` (the loss on the assistant's tokens
+only) and ``text`` (every token), for ``lora-jax train --task chat|text``.
+
+The model is the bundled SmolLM2-135M-Instruct GGUF (``--model smollm2-135m-instruct``), any
+Llama-architecture ``.gguf`` file, or a Hugging Face Llama folder (``config.json``,
+``model.safetensors``, ``tokenizer.json``). Chat rows are ``{"messages": [{"role", "content"},
+...]}`` or ``{"prompt": ..., "response": ...}``; they are rendered with the model's chat
+template, and a token is a target when it lies inside an assistant turn's text (its content
+and its end-of-turn token). Text rows are ``{"text": ...}`` (``.jsonl``) or the blank-line
+separated paragraphs of a ``.txt`` file.
+
+Batches are padded to a few bucketed lengths, or (``--packing``) examples are packed into rows
+of ``--max-length`` tokens with segment ids and restarting positions, so packed examples never
+attend to each other and no loss crosses their boundary. Evaluation reports the masked loss and
+perplexity and, when every validation answer is a short label, the exact-match accuracy of the
+greedy answers (compared lower-cased, without surrounding spaces and final punctuation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+import functools
+import json
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import lora_jax
+from lora_jax import generate as generate_lib
+from lora_jax import sharding
+from lora_jax.app import runner
+from lora_jax.app.options import OptionError, RunOptions, option
+from lora_jax.app.runner import RunError
+from lora_jax.models import llama
+
+TASKS = ("chat", "text")
+DEFAULT_MODEL = "smollm2-135m-instruct"
+BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+LABEL_TOKENS = 8  # answers this short (in tokens) count as labels: accuracy is reported
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CausalOptions(RunOptions):
+  """``lora-jax train --task chat|text``'s options: the run's and the task's."""
+
+  LABEL: typing.ClassVar[str] = "chat/text"  # in help texts
+
+  task: str = option("chat", "chat: loss on the assistant's tokens; text: on every token",
+                     choices=TASKS)
+  model: str = option(DEFAULT_MODEL, "smollm2-135m-instruct (the bundled GGUF), a Llama "
+                                     ".gguf file, or a Hugging Face Llama folder")
+  data: str | None = option(None, "training .jsonl (chat: messages or prompt/response rows; "
+                                  "text: text rows) or .txt (text)")
+  val: str | None = option(None, "validation file; default: 10% of --data")
+  max_length: int = option(512, "tokens per example (longer ones are cut) or per packed row")
+  packing: bool = option(False, "pack examples into rows of --max-length tokens (masks keep "
+                                "them apart) instead of padding each")
+  max_train: int | None = option(None, "use only the first N training examples")
+  eval_examples: int = option(256, "validation examples scored at each evaluation (0: all)")
+  max_new_tokens: int = option(16, "the longest greedy answer scored for accuracy")
+  dtype: str = option("float32", "the frozen base's and the computation's dtype",
+                      choices=tuple(DTYPES))
+  batch_size: int = option(8, "examples (packed: rows) per step")
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.task not in TASKS:
+      raise OptionError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}.")
+    if self.dtype not in DTYPES:
+      raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+    if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
+            and self.max_length >= 8):
+      raise OptionError("max_length", f"must be an integer >= 8, got {self.max_length!r}.")
+    for name in ("max_train",):
+      value = getattr(self, name)
+      if value is not None and not (isinstance(value, int) and value > 0):
+        raise OptionError(name, f"must be an integer > 0, got {value!r}.")
+    if not (isinstance(self.eval_examples, int) and self.eval_examples >= 0):
+      raise OptionError("eval_examples", f"must be an integer >= 0, got "
+                                         f"{self.eval_examples!r}.")
+    if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+      raise OptionError("max_new_tokens", f"must be an integer >= 1, got "
+                                          f"{self.max_new_tokens!r}.")
+
+
+# ----------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A loaded decoder: its config, parameters, tokenizer and name."""
+
+  config: llama.LlamaConfig
+  params: dict
+  tokenizer: object  # lora_jax.models.chat.ChatTokenizer
+  name: str
+
+
+def load_model(name: str, *, dtype: str = "float32", **overrides) -> Model:
+  """The named bundled model, a ``.gguf`` file or a Hugging Face Llama folder.
+
+  Raises:
+    ValueError: none of those (the message says what is accepted).
+  """
+  from lora_jax.models import chat, gguf, weights
+
+  jdtype = DTYPES[dtype]
+  path = pathlib.Path(name)
+  if name == DEFAULT_MODEL or name.endswith(".gguf"):
+    file = gguf.read(gguf.smollm2_path() if name == DEFAULT_MODEL else path)
+    config = gguf.llama_config(file, dtype=jdtype, param_dtype=jdtype, **overrides)
+    params = weights.llama_params(gguf.hf_tensors(file, config), config)
+    return Model(config, params, chat.load_chat_tokenizer(file), name)
+  if path.is_dir():
+    config, params = weights.load_llama(path, dtype=jdtype, **overrides)
+    return Model(config, params, chat.load_folder_tokenizer(path), str(path))
+  raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a .gguf "
+                   f"file, or a Hugging Face Llama folder (config.json, model.safetensors, "
+                   f"tokenizer.json).")
+
+
+# ----------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """Token ids and, per token, whether it is a target of the loss."""
+
+  ids: tuple[int, ...]
+  targets: tuple[bool, ...]
+  answer: str | None = None  # a chat example's last assistant turn (for exact match)
+  prompt: tuple[int, ...] | None = None  # its tokens before that answer
+
+
+def _read_rows(path: str):
+  """``(line number, row)`` of a .jsonl file, or (text) ``(paragraph number, {"text": ...})``
+  of a .txt file."""
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"data file {path} does not exist.")
+  if file.suffix.lower() == ".txt":
+    parts = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n")]
+    return [(i + 1, {"text": p}) for i, p in enumerate(parts) if p]
+  if file.suffix.lower() != ".jsonl":
+    raise ValueError(f"{path}: unknown format {file.suffix!r}; use .jsonl (or .txt for text).")
+  rows = []
+  for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} line {n} is not valid JSON: {e.msg}.") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}.")
+    rows.append((n, row))
+  if not rows:
+    raise ValueError(f"{path} holds no examples.")
+  return rows
+
+
+def messages_of(row: dict, where: str) -> list[dict]:
+  """A chat row's messages: ``messages``, or ``prompt`` + ``response``.
+
+  Raises:
+    ValueError: neither form, or no assistant turn (there would be nothing to learn).
+  """
+  if "messages" in row:
+    messages = row["messages"]
+  elif "prompt" in row and "response" in row:
+    messages = [{"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["response"]}]
+  else:
+    raise ValueError(f"{where}: a chat row needs \"messages\" (a list of role/content turns) or "
+                     f"\"prompt\" and \"response\"; found keys {sorted(row)}.")
+  if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+    raise ValueError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} "
+                     f"objects.")
+  if not any(m.get("role") == "assistant" for m in messages):
+    raise ValueError(f"{where}: the conversation has no assistant turn, so nothing would be "
+                     f"learned from it; add the assistant's reply.")
+  if messages[0].get("role") == "assistant":
+    raise ValueError(f"{where}: the conversation starts with an assistant turn; put the user's "
+                     f"turn first.")
+  return messages
+
+
+def chat_example(tok, messages: list[dict], *, where: str = "messages") -> Example:
+  """The rendered conversation's tokens; targets: the tokens inside assistant turns (content
+  and end-of-turn token, not the template's text before them)."""
+  text = tok.render(messages)
+  spans = []
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    before = tok.render(messages[:i], add_generation_prompt=True)
+    through = tok.render(messages[:i + 1]).rstrip()
+    if not (through.startswith(before) and text.startswith(through)):
+      raise ValueError(f"{where}: the chat template does not render the conversation turn by "
+                       f"turn (a prefix changes), so the assistant's tokens cannot be found.")
+    spans.append((len(before), len(through)))
+  encoding = tok.tokenizer.encode(text)
+  targets = tuple(any(a <= start < b for a, b in spans) for start, _ in encoding.offsets)
+  last = len(messages) - 1
+  answer = prompt = None
+  if messages[last]["role"] == "assistant":
+    answer = messages[last]["content"]
+    prompt = tuple(tok.encode(tok.render(messages[:last], add_generation_prompt=True)))
+  return Example(tuple(encoding.ids), targets, answer, prompt)
+
+
+def text_examples(tok, text: str, max_length: int) -> list[Example]:
+  """A document's tokens plus the end-of-sequence token, cut into rows of ``max_length``;
+  every token but a row's first is a target."""
+  ids = tok.encode(text) + ([tok.eos_id] if tok.eos_id is not None else [])
+  rows = [ids[i:i + max_length] for i in range(0, len(ids), max_length)]
+  return [Example(tuple(r), (False,) + (True,) * (len(r) - 1)) for r in rows if len(r) > 1]
+
+
+def read_examples(path: str, tok, *, task: str, max_length: int) -> list[Example]:
+  """A file's examples for ``task``; chat examples longer than ``max_length`` are cut, and
+  dropped (counted on stderr) if no target token is left.
+
+  Raises:
+    ValueError: a malformed row (named by file and line), or no usable example.
+  """
+  examples, dropped = [], 0
+  for n, row in _read_rows(path):
+    where = f"{path} line {n}"
+    if task == "text":
+      if not isinstance(row.get("text"), str):
+        raise ValueError(f"{where}: a text row needs a string \"text\"; found keys "
+                         f"{sorted(row)}.")
+      examples += text_examples(tok, row["text"], max_length)
+      continue
+    example = chat_example(tok, messages_of(row, where), where=where)
+    if len(example.ids) > max_length:
+      example = dataclasses.replace(example, ids=example.ids[:max_length],
+                                    targets=example.targets[:max_length])
+    if any(example.targets[1:]):
+      examples.append(example)
+    else:
+      dropped += 1
+  if dropped and runner.primary():
+    sys.stderr.write(f"lora-jax: {path}: {dropped} conversation(s) longer than --max-length "
+                     f"have no assistant token left and are skipped.\n")
+  if not examples:
+    raise ValueError(f"{path}: no example has a token to learn (raise --max-length?).")
+  return examples
+
+
+def _bucket(n: int, max_length: int) -> int:
+  return next((b for b in BUCKETS if n <= b <= max_length), max_length)
+
+
+def padded_batch(examples: list[Example], max_length: int) -> dict:
+  """Right-padded rows (length bucketed): input ids, attention mask and target mask."""
+  length = _bucket(max(len(e.ids) for e in examples), max_length)
+  ids = np.zeros((len(examples), length), np.int32)
+  mask = np.zeros((len(examples), length), np.int32)
+  targets = np.zeros((len(examples), length), bool)
+  for row, e in enumerate(examples):
+    ids[row, :len(e.ids)] = e.ids
+    mask[row, :len(e.ids)] = 1
+    targets[row, :len(e.ids)] = e.targets
+  return {"input_ids": ids, "attention_mask": mask, "targets": targets}
+
+
+def pack(examples: list[Example], max_length: int) -> list[list[Example]]:
+  """Examples in order into rows of at most ``max_length`` tokens (a new row when the next
+  does not fit)."""
+  rows, row, used = [], [], 0
+  for e in examples:
+    if row and used + len(e.ids) > max_length:
+      rows.append(row)
+      row, used = [], 0
+    row.append(e)
+    used += len(e.ids)
+  return rows + ([row] if row else [])
+
+
+def packed_batch(rows: list[list[Example]], max_length: int) -> dict:
+  """Packed rows: ids, segment ids (1, 2, ... per example; 0 is padding), positions that
+  restart at each example, and the target mask (an example's first token never is one)."""
+  shape = (len(rows), max_length)
+  ids, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  positions, targets = np.zeros(shape, np.int32), np.zeros(shape, bool)
+  for r, row in enumerate(rows):
+    at = 0
+    for s, e in enumerate(row, 1):
+      n = len(e.ids)
+      ids[r, at:at + n], segments[r, at:at + n] = e.ids, s
+      positions[r, at:at + n] = np.arange(n)
+      targets[r, at:at + n] = e.targets
+      targets[r, at] = False
+      at += n
+  return {"input_ids": ids, "segment_ids": segments, "positions": positions,
+          "attention_mask": (segments > 0).astype(np.int32), "targets": targets}
+
+
+def masked_loss(logits, batch):
+  """Mean next-token cross-entropy over the target tokens: the logits at position t predict
+  token t+1, counted where token t+1 is a target."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  labels, weights = batch["input_ids"][:, 1:], batch["targets"][:, 1:].astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def normalize(answer: str) -> str:
+  return answer.strip().rstrip(".!").strip().lower()
+
+
+# ----------------------------------------------------------------------- the task
+
+
+def lora_config(o: CausalOptions, config: llama.LlamaConfig) -> lora_jax.LoraConfig:
+  if o.full:
+    return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
+  return lora_jax.LoraConfig(targets=llama.FAMILY.targets(o.targets, config), rank=o.rank,
+                             alpha=o.alpha, dropout=o.lora_dropout)
+
+
+class CausalLM:
+  """The task for ``lora_jax.app.runner``: a decoder, its examples, the masked loss, and
+  evaluation by loss, perplexity and (short answers) exact-match accuracy.
+
+  ``with_data=False`` (a saved run) loads the model only.
+  """
+
+  def __init__(self, o: CausalOptions, *, with_data: bool = True, total_steps: int | None = None,
+               model: Model | None = None):
+    if with_data and o.data is None:
+      raise OptionError("data", f"is required for --task {o.task}: a .jsonl file of "
+                                f"{'chat rows' if o.task == 'chat' else 'text rows'}.")
+    self.options = o
+    self.mesh = sharding.mesh(o.mesh) if o.mesh else None
+    if self.mesh is not None and o.batch_size % self.mesh.shape["data"]:
+      raise OptionError("batch_size", f"{o.batch_size} does not split over the mesh's data axis "
+                                      f"of {self.mesh.shape['data']} devices; use a multiple "
+                                      f"of it.")
+    self.model = model or load_model(o.model, dtype=o.dtype, remat=o.remat)
+    self.base_name = self.model.name
+    self.module = llama.LlamaForCausalLM(self.model.config)
+    self.lora_config = lora_config(o, self.model.config)
+    self.total_steps = total_steps
+    if with_data:
+      self._read_data()
+    self._build(jax.random.key(o.seed))
+
+  @property
+  def tokenizer(self):
+    return self.model.tokenizer
+
+  @property
+  def headline(self) -> str:
+    return "val_accuracy" if getattr(self, "labelled", False) else "val_loss"
+
+  def _read_data(self) -> None:
+    o = self.options
+    read = functools.partial(read_examples, tok=self.tokenizer, task=o.task,
+                             max_length=o.max_length)
+    train = read(o.data)
+    if o.max_train is not None:
+      train = train[:o.max_train]
+    if o.val is not None:
+      val = read(o.val)
+    else:
+      order = np.random.default_rng(o.seed).permutation(len(train))
+      cut = max(1, len(train) // 10)
+      val, train = [train[i] for i in order[:cut]], [train[i] for i in order[cut:]]
+    if o.eval_examples:
+      val = val[:o.eval_examples]
+    self.train, self.val = train, val
+    self.labelled = labelled(self.tokenizer, val)
+    rows = len(pack(train, o.max_length)) if o.packing else len(train)
+    self.steps_per_epoch = math.ceil(rows / o.batch_size)
+    self.total_steps = o.steps or max(1, math.ceil(o.epochs * self.steps_per_epoch))
+
+  def _build(self, key) -> None:
+    params = self.model.params
+    example = jnp.ones((1, 8), jnp.int32)
+    uses = lora_jax.analyze(self.module.apply, params, example)
+    trainable = lora_jax.init(self.lora_config, params, key=key, uses=uses)
+    self.base, self.trainable = self._placed(params, trainable)
+
+  # ---- the mesh
+
+  def _specs(self, tree):
+    return sharding.named_shardings(sharding.tensor_parallel_specs(
+        tree, llama.FAMILY.partition_rules, mesh=self.mesh), self.mesh)
+
+  def _placed(self, base, trainable):
+    if self.mesh is None:
+      return base, trainable
+    specs = self._specs(base)
+    return (sharding.put(base, specs),
+            sharding.put(trainable, sharding.adapter_shardings(trainable, specs)))
+
+  def place(self, trainable):
+    if self.mesh is None:
+      return trainable
+    return sharding.put(trainable, sharding.adapter_shardings(trainable, self._specs(self.base)))
+
+  def _batch_placed(self, batch):
+    if self.mesh is None:
+      return batch
+    spec = P("data") if len(batch["input_ids"]) % self.mesh.shape["data"] == 0 else P()
+    return sharding.put(batch, NamedSharding(self.mesh, spec))
+
+  # ---- what the runner calls
+
+  def logits(self, params, batch):
+    return self.module.apply(params, batch["input_ids"], positions=batch.get("positions"),
+                             attention_mask=batch["attention_mask"],
+                             segment_ids=batch.get("segment_ids"))
+
+  def loss(self, params, batch):
+    return masked_loss(self.logits(params, batch), batch)
+
+  def _epoch_rows(self, epoch: int):
+    o = self.options
+    order = np.random.default_rng(o.seed + epoch).permutation(len(self.train))
+    examples = [self.train[i] for i in order]
+    return pack(examples, o.max_length) if o.packing else [[e] for e in examples]
+
+  def batch(self, step: int, key) -> dict:
+    o = self.options
+    epoch, position = divmod(step, self.steps_per_epoch)
+    rows = self._epoch_rows(epoch)
+    chosen = [rows[i % len(rows)] for i in range(position * o.batch_size,
+                                                 (position + 1) * o.batch_size)]
+    if o.packing:
+      batch = packed_batch(chosen, o.max_length)
+    else:
+      batch = padded_batch([r[0] for r in chosen], o.max_length)
+    return self._batch_placed(batch)
+
+  def batch_size(self, batch) -> int:
+    return len(batch["input_ids"])
+
+  def evaluate(self, trainable) -> dict[str, float]:
+    scores = {"val_loss": self.mean_loss(trainable, self.val)}
+    scores["val_perplexity"] = float(np.exp(min(scores["val_loss"], 50.0)))
+    if self.labelled:
+      scores["val_accuracy"] = self.accuracy(trainable, self.val)
+    return scores
+
+  @functools.cached_property
+  def _loss_sum(self):
+    def loss_sum(base, trainable, batch):
+      logits = lora_jax.lora(self.logits)(base, trainable, batch)
+      weights = batch["targets"][:, 1:].sum()
+      return masked_loss(logits, batch) * weights, weights
+    return jax.jit(loss_sum)
+
+  def mean_loss(self, trainable, examples: list[Example], *, batch: int = 16) -> float:
+    total = count = 0.0
+    for start in range(0, len(examples), batch):
+      b = self._batch_placed(padded_batch(examples[start:start + batch], self.options.max_length))
+      loss, n = self._loss_sum(self.base, trainable, b)
+      total, count = total + float(loss), count + float(n)
+    return total / max(count, 1.0)
+
+  def answers(self, trainable, prompts, *, max_new_tokens: int, batch: int = 32) -> list[str]:
+    """Greedy answers through the unmerged adapters."""
+    tok, out = self.tokenizer, []
+    for start in range(0, len(prompts), batch):
+      result = generate_lib.generate(
+          lora_jax.lora(self.module.apply), (self.base, trainable),
+          [list(p) for p in prompts[start:start + batch]], adapted=True,
+          init_cache=functools.partial(llama.init_cache, self.model.config),
+          max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,
+          context=self.model.config.max_position_embeddings)
+      out += [tok.decode(t) for t in result.tokens]
+    return out
+
+  def accuracy(self, trainable, examples: list[Example]) -> float:
+    longest = max(len(self.tokenizer.encode(e.answer)) for e in examples)
+    new = min(self.options.max_new_tokens, longest + 1)
+    said = self.answers(trainable, [e.prompt for e in examples], max_new_tokens=new)
+    return float(np.mean([normalize(s) == normalize(e.answer) for s, e in zip(said, examples)]))
+
+  def counts(self) -> lora_jax.ParamCount:
+    if self.options.full:
+      total = lora_jax.targets.num_params(self.base)
+      return lora_jax.ParamCount(trainable=total, total=total)
+    return lora_jax.count(self.base, self.trainable)
+
+  def describe(self) -> dict:
+    return {"task": self.options.task, "labelled": self.labelled}
+
+  def sizes(self) -> dict:
+    return {"train_examples": len(self.train), "val_examples": len(self.val)}
+
+
+def labelled(tok, examples: list[Example]) -> bool:
+  """Whether every example ends with a short assistant answer (a label to match exactly)."""
+  return bool(examples) and all(
+      e.answer is not None and len(tok.encode(e.answer)) <= LABEL_TOKENS for e in examples)
+
+
+# ----------------------------------------------------------------------- saved runs
+
+
+def load(run) -> tuple[CausalLM, object]:
+  """A saved run's task (model only, no data) and its restored trainable tree."""
+  run = pathlib.Path(run)
+  saved = runner.saved_config(run)
+  task = CausalLM(CausalOptions.from_dict(saved["options"]), with_data=False,
+                  total_steps=saved["total_steps"])
+  task.labelled = saved.get("labelled", False)
+  restored = runner.restore(run, task.base)
+  return task, task.place(restored.adapters)
+
+
+def evaluate(run, data: str) -> dict[str, float]:
+  """Masked loss, perplexity and (short answers) exact-match accuracy on a file."""
+  task, trainable = load(run)
+  o = task.options
+  examples = read_examples(data, task.tokenizer, task=o.task, max_length=o.max_length)
+  scores = {"loss": task.mean_loss(trainable, examples)}
+  scores["perplexity"] = float(np.exp(min(scores["loss"], 50.0)))
+  if labelled(task.tokenizer, examples):
+    scores["accuracy"] = task.accuracy(trainable, examples)
+  return scores
+
+
+HUB_NAMES = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def merge(run, out) -> pathlib.Path:
+  """Writes the merged model as a Hugging Face Llama folder (``config.json``,
+  ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``) that
+  ``LlamaForCausalLM.from_pretrained`` loads; staged, never into a run folder."""
+  from lora_jax.models import weights
+
+  out = runner.export_folder(run, out)
+  task, trainable = load(run)
+  params = jax.device_get(lora_jax.merge(task.base, trainable))
+  tok = task.tokenizer
+  files = {"tokenizer.json": tok.tokenizer.to_str(),
+           "tokenizer_config.json": json.dumps(tok.tokenizer_config(), indent=2,
+                                               ensure_ascii=False) + "\n"}
+  with runner.staged(out) as staging:
+    weights.save_llama(staging, task.model.config, params, bos_token_id=tok.bos_id,
+                       eos_token_id=tok.eos_id, extra_files=files)
+  return out
+
+
+def export_peft(run, out) -> pathlib.Path:
+  """Writes a LoRA run as a PEFT adapter folder for ``LlamaForCausalLM`` (task CAUSAL_LM)."""
+  out = runner.export_folder(run, out)
+  task, trainable = load(run)
+  if task.options.full:
+    raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
+  lora_jax.peft.export_peft(out, jax.device_get(trainable), config=task.lora_config,
+                            base_model_name_or_path=HUB_NAMES.get(task.options.model,
+                                                                  task.options.model),
+                            task_type="CAUSAL_LM")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+  texts: list[str]
+  generation: generate_lib.Generation
+  adapted: bool
+
+
+def generate_text(source: str, prompts: list[str], *, max_new_tokens: int = 128,
+                  temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                  seed: int = 0, merged: bool = False, raw: bool = False,
+                  stream=None) -> Answers:
+  """Answers ``prompts`` (user messages, rendered with the chat template unless ``raw``) with a
+  chat/text run (its adapters unmerged through ``lora_jax.lora``, or ``merged``) or a model.
+  With ``stream`` (a text file) and one prompt, the answer is written as it is decoded.
+
+  Raises:
+    ValueError: a prompt too long for the model's context, bad sampling settings, or a
+      source that is neither a chat/text run nor a model.
+  """
+  folder = pathlib.Path(source)
+  if (folder / "config.json").is_file() and (folder / runner.CHECKPOINTS).is_dir():
+    task, trainable = load(folder)
+    if task.options.task == "text":
+      raw = True
+    model, base = task.model, task.base
+  else:
+    model, trainable = load_model(source), None
+    base = model.params
+  tok = model.tokenizer
+  texts = prompts if raw else [tok.render([{"role": "user", "content": p}],
+                                          add_generation_prompt=True) for p in prompts]
+  ids = [tok.encode(t) for t in texts]
+  sampling = generate_lib.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  module = llama.LlamaForCausalLM(model.config)
+  if trainable is None or merged:
+    fn, params = module.apply, base if trainable is None else lora_jax.merge(base, trainable)
+  else:
+    fn, params = lora_jax.lora(module.apply), (base, trainable)
+  shown = []
+  on_tokens = None
+  if stream is not None and len(prompts) == 1:
+    def on_tokens(tokens, running):
+      if running[0]:
+        shown.append(int(tokens[0]))
+        text = tok.decode(shown)
+        stream.write(text[len(tok.decode(shown[:-1])):])
+        stream.flush()
+  result = generate_lib.generate(
+      fn, params, ids, init_cache=functools.partial(llama.init_cache, model.config),
+      max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,
+      sampling=sampling, key=jax.random.key(seed), context=model.config.max_position_embeddings,
+      adapted=trainable is not None and not merged, on_tokens=on_tokens)
+  return Answers([tok.decode(t) for t in result.tokens], result, trainable is not None)
