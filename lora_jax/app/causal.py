@@ -122,8 +122,8 @@ def load_model(name: str, *, dtype: str = "float32", **overrides) -> Model:
   if path.is_dir():
     config, params = weights.load_llama(path, dtype=jdtype, **overrides)
     return Model(config, params, chat.load_folder_tokenizer(path), str(path))
-  raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a .gguf "
-                   f"file, or a Hugging Face Llama folder (config.json, model.safetensors, "
+  raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a "
+                   f".gguf file, or a Hugging Face Llama folder (config.json, model.safetensors, "
                    f"tokenizer.json).")
 
 
