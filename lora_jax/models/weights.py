@@ -153,7 +153,8 @@ def check_checkpoint(tensors: Mapping, expected: Shapes, *, model: str, ignore=(
 def params_from_checkpoint(tensors: Mapping, family: Family, tree, *, layers: int, scan: bool,
                            dtype=np.float32) -> dict:
   """The ``{"params": ...}`` tree of the model whose parameters ``tree`` describes, from
-  checkpoint tensors already checked (``check_checkpoint``), cast to ``dtype``."""
+  checkpoint tensors already checked (``check_checkpoint``), cast to ``dtype``, as device
+  arrays."""
   flat: dict[str, np.ndarray | list[np.ndarray]] = {}
   for e in entries(family, shapes(tree), layers=layers, scan=scan):
     value = np.asarray(tensors[e.name], dtype)
@@ -162,8 +163,11 @@ def params_from_checkpoint(tensors: Mapping, family: Family, tree, *, layers: in
       flat[e.path] = value
     else:  # entries list a row's layers in order
       flat.setdefault(e.path, []).append(value)
-  return {"params": _tree.nest({tuple(p.split("/")): np.stack(v) if isinstance(v, list) else v
-                                for p, v in flat.items()})}
+  # On the device once here: NumPy leaves (transposed views among them) would otherwise be
+  # copied to the device at every jitted call that takes them.
+  return jax.device_put({"params": _tree.nest({
+      tuple(p.split("/")): np.stack(v) if isinstance(v, list) else np.ascontiguousarray(v)
+      for p, v in flat.items()})})
 
 
 def checkpoint_from_params(params, family: Family, tree, *, layers: int, scan: bool,
