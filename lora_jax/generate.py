@@ -193,6 +193,7 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     raise ValueError("sampling (temperature > 0) needs an explicit PRNG key: pass "
                      "key=jax.random.key(seed).")
   key = jax.random.key(0) if key is None else key
+  params = jax.device_put(params)  # once: host (NumPy) leaves would be copied at every step
   steps = _steps(apply_fn, sampling, adapted)
   tokens, prompt_mask = left_pad(prompts, pad_id=pad_id)
   batch, length = tokens.shape
