@@ -190,8 +190,10 @@ class JaxLoRA:
     self.adapted = lora_jax.lora(self.module.apply)  # one function: generate's jit cache hits
 
   def loss(self, params, batch):
-    logits = self.module.apply(params, batch["input_ids"], attention_mask=batch["attention_mask"])
-    return causal.masked_loss(logits, batch)
+    """``CausalLM.loss``: the masked loss; over a shared prefix's cache and the selected
+    positions' logits when the batch was prepared for them (the same value)."""
+    return causal.loss_of(self.module.apply, params, batch,
+                          init_cache=functools.partial(llama.init_cache, self.model.config))
 
   def answers(self, trainable, examples: list[causal.Example]) -> list[str]:
     tok, config, out = self.model.tokenizer, self.model.config, []
@@ -210,12 +212,15 @@ class JaxLoRA:
     return {"accuracy": accuracy(said, examples), "eval_s": time.perf_counter() - t0,
             "answers_sample": said[:8]}
 
-  def train(self, batches: list[dict]) -> tuple[dict, Any]:
+  def train(self, batches: list[dict], *, prepare: bool = True) -> tuple[dict, Any]:
+    """Trains on ``batches``; ``prepare``: as ``lora-jax train`` does (``share_prefix``, then
+    ``select_targets``), else on the plain padded batches (full logits, every token)."""
     base = self.model.params
     optimizer = runner.optimizer_for(self.options, len(batches))
     step = lora_jax.train_step(self.loss, optimizer)
     trainable, opt_state = self.initial, optimizer.init(self.initial)
-    placed = [jax.device_put(b) for b in batches]
+    ready = [causal.select_targets(causal.share_prefix(b)) if prepare else b for b in batches]
+    placed = [jax.device_put(b) for b in ready]
     jax.block_until_ready(placed)
     t0 = time.perf_counter()
     compiled = {}
@@ -387,7 +392,7 @@ def print_table(rows: dict) -> None:
     if "error" in r:
       print(f"{name:<16}error: {r['error'][:60]}")
       continue
-    cells = [f"{r['accuracy']:>9.3f}"]
+    cells = [f"{r['accuracy']:>9.3f}" if "accuracy" in r else f"{'-':>9}"]
     if "median_step_s" in r:
       cells += [f"{1e3 * r['median_step_s']:>10.1f}", f"{r['tokens_per_s']:>10.1f}",
                 f"{r['examples_per_s']:>8.2f}", f"{r['compile_s']:>11.1f}",
@@ -418,6 +423,9 @@ def parse(argv=None):
   parser.add_argument("--pad-multiple", type=int, default=0,
                       help="pad each batch to its longest row rounded up to a multiple of this "
                            "(default 0: padded_batch's buckets 32, 64, 128, ...)")
+  parser.add_argument("--plain-steps", type=int, default=20,
+                      help="also time this many steps of lora_jax on the plain padded batches "
+                           "(no shared-prefix cache, logits at every position); 0: skip")
   parser.add_argument("--no-peft", dest="peft", action="store_false",
                       help="skip the transformers + PEFT rows")
   parser.add_argument("--compile", action="store_true",
@@ -460,6 +468,9 @@ def main(argv=None) -> dict:
   print("lora_jax ...", flush=True)
   trained, trainable = ours.train(batches)
   rows["lora_jax"] = {**trained, **ours.evaluate(trainable, dev)}
+  if args.plain_steps:
+    print("lora_jax_plain ...", flush=True)  # the same step without the batch preparation
+    rows["lora_jax_plain"] = ours.train(batches[:args.plain_steps], prepare=False)[0]
 
   have_torch = all(importlib.util.find_spec(m) is not None for m in TORCH)
   skipped = {}
@@ -483,9 +494,10 @@ def main(argv=None) -> dict:
 
   summary = {}
   for name in ("peft_eager", "peft_compiled"):
-    if "tokens_per_s" in rows.get(name, {}):
-      summary[f"tokens_per_s_lora_jax_over_{name}"] = (rows["lora_jax"]["tokens_per_s"] /
-                                                       rows[name]["tokens_per_s"])
+    for ours_name in ("lora_jax", "lora_jax_plain"):
+      if "tokens_per_s" in rows.get(name, {}) and ours_name in rows:
+        summary[f"tokens_per_s_{ours_name}_over_{name}"] = (rows[ours_name]["tokens_per_s"] /
+                                                            rows[name]["tokens_per_s"])
   report = {
       "benchmark": "llm_sst2",
       "settings": {"model": args.model, "data": str(data), "steps": args.steps,

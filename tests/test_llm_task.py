@@ -59,6 +59,40 @@ def test_masked_loss_equals_a_hand_computed_loss_and_prompts_get_no_gradient():
   assert np.all(grad[~carries] == 0) and np.all(np.abs(grad[carries]).sum(-1) > 0)
 
 
+def test_the_head_on_selected_positions_gives_the_same_loss_and_gradients():
+  module, params, _ = _tiny()
+  examples = [_example([5, 9, 3, 7, 11, 2, 4, 8, 1, 3, 6, 2, 9, 9, 5, 7, 2], 15),
+              _example([8, 1, 6, 2, 4, 4, 4, 1, 2, 3, 4, 5, 6, 7, 8, 9], 14)]
+  full = causal.padded_batch(examples, 64)
+  selected = causal.select_targets(full)
+  assert selected["select"].shape == (2, 8) and selected["select_weights"].sum() == 4
+  loss = lambda p, b: causal.loss_of(module.apply, p, b)  # noqa: E731
+  (a, ga), (b, gb) = (jax.value_and_grad(loss)(params, x) for x in (full, selected))
+  np.testing.assert_allclose(a, b, rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_a_shared_prefix_run_once_gives_the_same_loss_and_gradients(scan):
+  module, params, _ = _tiny(scan)
+  start = [7, 3, 9, 1, 4, 4, 2, 8, 6, 5, 3]  # 11 shared tokens: 8 of them split off
+  examples = [_example(start + [5, 9, 3, 7, 11, 2], 13), _example(start + [8, 1, 6, 2], 12),
+              _example(start + [3, 3, 1, 2, 9, 9, 9, 4, 2], 14)]
+  full = causal.padded_batch(examples, 64)
+  shared = causal.share_prefix(full)
+  assert shared["prefix_ids"].tolist() == [start[:8]] and shared["input_ids"].shape == (3, 16)
+  cache = functools.partial(llama.init_cache, module.config)
+  loss = lambda p, b: causal.loss_of(module.apply, p, b, init_cache=cache)  # noqa: E731
+  for batch in (shared, causal.select_targets(shared)):
+    (a, ga), (b, gb) = (jax.value_and_grad(loss)(params, x) for x in (full, batch))
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+      np.testing.assert_allclose(x, y, atol=1e-5)
+  assert causal.share_prefix(causal.padded_batch(examples[:1] + [_example([1] * 9, 3)], 64)) \
+      .keys() == full.keys()  # no shared start of 8 tokens: unchanged
+
+
 @needs_smollm2
 def test_chat_targets_are_the_assistant_turns_only():
   from lora_jax.models import chat

@@ -63,6 +63,9 @@ class CausalOptions(RunOptions):
   max_length: int = option(512, "tokens per example (longer ones are cut) or per packed row")
   packing: bool = option(False, "pack examples into rows of --max-length tokens (masks keep "
                                 "them apart) instead of padding each")
+  share_prefix: bool = option(True, "run the tokens every row of a padded batch starts with "
+                                    "(system prompt, instruction) once, as a key-value cache "
+                                    "the rows attend to (the same loss, fewer FLOPs)")
   max_train: int | None = option(None, "use only the first N training examples")
   eval_examples: int = option(256, "validation examples scored at each evaluation (0: all)")
   max_new_tokens: int = option(16, "the longest greedy answer scored for accuracy")
@@ -315,6 +318,79 @@ def masked_loss(logits, batch):
   return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
 
+def select_targets(batch: dict) -> dict:
+  """Adds ``select`` (batch, k): the positions whose next token is a target, with their
+  ``select_labels`` and ``select_weights`` (k rounded up to a multiple of 8), when they are at
+  most half the positions; the loss then runs the head on those positions only."""
+  follows = batch["targets"][:, 1:]
+  k = -(-int(follows.sum(1).max()) // 8) * 8
+  if k > follows.shape[1] // 2:
+    return batch
+  shape = (len(follows), k)
+  select, labels = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+  weights = np.zeros(shape, np.float32)
+  for row, flags in enumerate(follows):
+    at = np.flatnonzero(flags)
+    select[row, :len(at)], weights[row, :len(at)] = at, 1.0
+    labels[row, :len(at)] = batch["input_ids"][row, at + 1]
+  return {**batch, "select": select, "select_labels": labels, "select_weights": weights}
+
+
+def share_prefix(batch: dict, *, multiple: int = 8) -> dict:
+  """Splits a padded batch's shared start off: the tokens every row begins with (a system
+  prompt, an instruction), rounded down to a multiple of ``multiple`` and ending before any
+  target. ``loss_of`` then runs them once (batch 1) into a key-value cache that every row's
+  remaining tokens attend to: the same loss, for a fraction of the token-FLOPs. The rest is
+  re-padded to its longest row (a multiple of ``multiple``). Batches without such a start (or
+  packed ones) come back unchanged."""
+  ids, mask, targets = batch["input_ids"], batch["attention_mask"], batch["targets"]
+  if "segment_ids" in batch or "select" in batch:
+    return batch
+  same = np.all(ids == ids[:1], axis=0) & np.all(mask > 0, axis=0)
+  shared = len(same) if same.all() else int(np.argmin(same))
+  first_target = int(np.argmax(targets.any(0))) if targets.any() else len(same)
+  shared = min(shared, first_target - 1)
+  shared -= shared % multiple
+  if shared < multiple:
+    return batch
+  rest = int(mask.sum(1).max()) - shared
+  rest = -(-rest // multiple) * multiple
+  cut = slice(shared, shared + rest)
+  return {"prefix_ids": ids[:1, :shared], "input_ids": ids[:, cut], "targets": targets[:, cut],
+          "attention_mask": np.concatenate([mask[:, :shared], mask[:, cut]], 1)}
+
+
+def _with_prefix(apply, params, batch, init_cache, kw):
+  """``kw`` for the rows' pass over the cache of their shared prefix (``share_prefix``)."""
+  prefix, ids = batch["prefix_ids"], batch["input_ids"]
+  shared, (rows, length) = prefix.shape[1], ids.shape
+  _, cache = apply(params, prefix, cache=init_cache(1, shared + length), cache_index=0,
+                   logits_at=jnp.zeros((1, 1), jnp.int32))
+  cache = jax.tree.map(lambda a: jnp.broadcast_to(a, (a.shape[0], rows) + a.shape[2:]), cache)
+  positions = jnp.broadcast_to(shared + jnp.arange(length, dtype=jnp.int32), (rows, length))
+  return dict(kw, positions=positions, cache=cache, cache_index=shared)
+
+
+def loss_of(apply, params, batch, *, init_cache=None):
+  """The task's loss: ``masked_loss`` of ``apply``'s logits; the same value computed at the
+  selected positions only when the batch has a ``select`` (``select_targets``), and over the
+  cache of a shared prefix when it has ``prefix_ids`` (``share_prefix``; needs
+  ``init_cache(batch, length)``)."""
+  kw = dict(positions=batch.get("positions"), attention_mask=batch["attention_mask"],
+            segment_ids=batch.get("segment_ids"))
+  if "prefix_ids" in batch:
+    kw = _with_prefix(apply, params, batch, init_cache, kw)
+  if "select" not in batch:
+    logits = apply(params, batch["input_ids"], **kw)
+    return masked_loss(logits[0] if "cache" in kw else logits, batch)
+  logits = apply(params, batch["input_ids"], logits_at=batch["select"], **kw)
+  logits = logits[0] if "cache" in kw else logits
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           batch["select_labels"])
+  weights = batch["select_weights"]
+  return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
 def normalize(answer: str) -> str:
   return answer.strip().rstrip(".!").strip().lower()
 
@@ -414,17 +490,19 @@ class CausalLM:
     if self.mesh is None:
       return batch
     spec = P("data") if len(batch["input_ids"]) % self.mesh.shape["data"] == 0 else P()
-    return sharding.put(batch, NamedSharding(self.mesh, spec))
+    return {k: sharding.put(v, NamedSharding(self.mesh, P() if k == "prefix_ids" else spec))
+            for k, v in batch.items()}
 
   # ---- what the runner calls
 
-  def logits(self, params, batch):
-    return self.module.apply(params, batch["input_ids"], positions=batch.get("positions"),
-                             attention_mask=batch["attention_mask"],
-                             segment_ids=batch.get("segment_ids"))
-
   def loss(self, params, batch):
-    return masked_loss(self.logits(params, batch), batch)
+    return loss_of(self.module.apply, params, batch,
+                   init_cache=functools.partial(llama.init_cache, self.model.config))
+
+  def _prepared(self, batch: dict) -> dict:
+    if self.options.share_prefix:
+      batch = share_prefix(batch)
+    return self._batch_placed(select_targets(batch))
 
   def _epoch_rows(self, epoch: int):
     o = self.options
@@ -442,7 +520,7 @@ class CausalLM:
       batch = packed_batch(chosen, o.max_length)
     else:
       batch = padded_batch([r[0] for r in chosen], o.max_length)
-    return self._batch_placed(batch)
+    return self._prepared(batch)
 
   def batch_size(self, batch) -> int:
     return len(batch["input_ids"])
@@ -457,15 +535,14 @@ class CausalLM:
   @functools.cached_property
   def _loss_sum(self):
     def loss_sum(base, trainable, batch):
-      logits = lora_jax.lora(self.logits)(base, trainable, batch)
       weights = batch["targets"][:, 1:].sum()
-      return masked_loss(logits, batch) * weights, weights
+      return lora_jax.lora(self.loss)(base, trainable, batch) * weights, weights
     return jax.jit(loss_sum)
 
   def mean_loss(self, trainable, examples: list[Example], *, batch: int = 16) -> float:
     total = count = 0.0
     for start in range(0, len(examples), batch):
-      b = self._batch_placed(padded_batch(examples[start:start + batch], self.options.max_length))
+      b = self._prepared(padded_batch(examples[start:start + batch], self.options.max_length))
       loss, n = self._loss_sum(self.base, trainable, b)
       total, count = total + float(loss), count + float(n)
     return total / max(count, 1.0)

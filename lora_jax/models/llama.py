@@ -107,6 +107,10 @@ class LlamaAttention(nn.Module):
       k = lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), at)
       v = lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), at)
       cache = {"k": k, "v": v}
+    groups = c.num_attention_heads // c.num_key_value_heads
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+      # (repeated here: XLA's CPU attention is ~2x slower on the grouped form)
+      k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
     return _dense(c, c.hidden_size, "o_proj")(out.reshape(b, t, c.hidden_size)), cache
 
@@ -174,16 +178,20 @@ class LlamaForCausalLM(nn.Module):
     cache, cache_index: a key-value cache (``init_cache``) and the slot of the chunk's first
       token; the call then returns ``(logits, updated cache)``.
     inputs_embeds: (batch, seq, hidden) replacing the token lookup (as in transformers).
+    logits_at: (batch, k) positions: the logits there only, (batch, k, vocab) (a loss on a
+      few tokens per row need not pay for the vocabulary-sized head at every position).
   """
 
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, input_ids, *, positions=None, attention_mask=None, segment_ids=None,
-               cache=None, cache_index=0, inputs_embeds=None):
+               cache=None, cache_index=0, inputs_embeds=None, logits_at=None):
     x, embed, new_cache = LlamaModel(self.config, name="model")(
         input_ids, positions=positions, attention_mask=attention_mask, segment_ids=segment_ids,
         cache=cache, cache_index=cache_index, inputs_embeds=inputs_embeds)
+    if logits_at is not None:  # the head on these positions only (its cost is vocab-sized)
+      x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
     if self.config.tie_word_embeddings:
       logits = embed.attend(x)
     else:
