@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 import optax
+import numpy as np
 import pytest
 
 from tests._llm import tiny_llama_folder
@@ -78,8 +79,11 @@ def test_llm_bench_writes_rows(folder, tmp_path):
   _run(folder, out, "--no-peft")
   report = json.loads(out.read_text())
   rows = report["rows"]
-  assert list(rows) == ["base_zero_shot", "lora_jax"]
+  assert list(rows) == ["base_zero_shot", "lora_jax", "lora_jax_plain"]
   assert report["skipped"] == {"peft_eager": "--no-peft"} and report["summary"] == {}
+  # the plain padded batches (no shared-prefix cache, logits everywhere): the same losses
+  np.testing.assert_allclose(rows["lora_jax_plain"]["losses"], rows["lora_jax"]["losses"],
+                             rtol=1e-5)
   assert 0.0 <= rows["base_zero_shot"]["accuracy"] <= 1.0
   _check_training_row(rows["lora_jax"], _expected_trainable(folder, 8))
   settings = report["settings"]
@@ -98,7 +102,7 @@ def test_llm_bench_peft_first_loss_matches(folder, tmp_path):
   _run(folder, out)
   report = json.loads(out.read_text())
   rows = report["rows"]
-  assert list(rows) == ["base_zero_shot", "lora_jax", "peft_eager"]
+  assert list(rows) == ["base_zero_shot", "lora_jax", "lora_jax_plain", "peft_eager"]
   _check_training_row(rows["peft_eager"], _expected_trainable(folder, 8))
   # the same batch and B = 0 in both: the first loss is the base model's masked loss
   assert rows["peft_eager"]["first_loss"] == pytest.approx(rows["lora_jax"]["first_loss"],

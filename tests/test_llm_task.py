@@ -327,3 +327,18 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys):
     code, _, err = _main(capsys, *argv, "--out", tmp_path / "r")
     assert code == 2 and err.count("\n") == 1 and message in err, (argv, err)
   assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_a_chat_run_resumes_and_extends(chat_run, tmp_path, capsys):
+  import shutil
+  run = tmp_path / "run"
+  shutil.copytree(chat_run, run)
+  code, _, err = _main(capsys, "train", "--resume", "--steps", "6", "--out", run)
+  assert code == 0, err
+  history = json.loads((run / "metrics.json").read_text())["history"]
+  assert [h["step"] for h in history] == [2, 4, 6]
+  code, _, err = _main(capsys, "train", "--resume", "--steps", "8", "--task", "text", "--out",
+                       run)
+  assert code == 2 and "--task 'text' differs from the saved run's 'chat'" in err

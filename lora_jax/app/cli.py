@@ -117,12 +117,13 @@ def given_options(args, options_cls) -> dict:
   values = read_config_file(args.config) if getattr(args, "config", None) else {}
   values.update({k: v for k, v in vars(args).items()
                  if k in names or k in _all_option_names()})
-  task = values.pop("task", "classify")
+  task = values.pop("task", None)
+  shown = task or ("chat" if "task" in names else "classify")
   for k in values:
     if k not in names and k in _all_option_names():
-      owner = "classify" if task in TASKS else "chat and text"
-      raise OptionError(k, f"applies to --task {owner}, not {task}.")
-  if "task" in names:
+      owner = "classify" if "task" in names else "chat and text"
+      raise OptionError(k, f"applies to --task {owner}, not {shown}.")
+  if "task" in names and task is not None:
     values["task"] = task
   return values
 
@@ -252,7 +253,8 @@ def _train_parser(sub) -> None:
   add_option_flags(train, ClassifyOptions, others=(CausalOptions,), skip=("task",))
   train.add_argument("--config", default=None,
                      help="a .json or .yaml file of options (field names); flags override it")
-  train.add_argument("--out", default="runs/minilm-lora", help="run folder")
+  train.add_argument("--out", default=None, help="run folder (default: runs/minilm-lora; "
+                                                 "--task chat/text: runs/llm-chat, runs/llm-text)")
   train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
   train.add_argument("--resume", action="store_true", help="continue the run in --out")
   train.add_argument("--distributed", action="store_true",
@@ -288,7 +290,8 @@ def _train(args) -> int:
   from lora_jax import sharding
   from lora_jax.app import runner
 
-  run = pathlib.Path(args.out)
+  default = "runs/minilm-lora" if task_of(args) == "classify" else f"runs/llm-{task_of(args)}"
+  run = pathlib.Path(args.out or default)
   if args.distributed or args.coordinator:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
