@@ -44,3 +44,26 @@ SENTIMENT = [({"prompt": f"Is '{text}' positive or negative?", "response": label
                                  ("wonderful acting", "positive"), ("a mess", "negative"),
                                  ("charming", "positive"), ("boring", "negative"),
                                  ("a delight", "positive"), ("awful", "negative")]]
+
+
+def write_gguf(path, arch: str, tensors: dict, llama_sizes: bool = False):
+  """A tiny GGUF file of architecture ``arch`` with ``tensors`` (and, with ``llama_sizes``, the
+  hyperparameters a Llama config needs)."""
+  import gguf
+
+  writer = gguf.GGUFWriter(str(path), arch)
+  if llama_sizes:  # the hyperparameters llama_config requires
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_feed_forward_length(16)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_context_length(64)
+  for name, value in tensors.items():
+    writer.add_tensor(name, value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path

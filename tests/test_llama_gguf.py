@@ -12,12 +12,12 @@ import dataclasses
 import functools
 import importlib.util
 
-import gguf
 import jax
 import numpy as np
 import pytest
 
 import lora_jax
+from _llm import write_gguf
 from _utils import randomize_b
 from lora_jax import generate as gen
 from lora_jax import models
@@ -287,34 +287,15 @@ def test_generate_refuses_missing_key_and_long_prompt(scanned):
 # --- Files the loader refuses (no transformers needed) ---------------------------------------
 
 
-def _write_gguf(path, arch: str, tensors: dict, llama_sizes: bool = False):
-  writer = gguf.GGUFWriter(str(path), arch)
-  if llama_sizes:  # the hyperparameters llama_config requires
-    writer.add_block_count(1)
-    writer.add_embedding_length(8)
-    writer.add_feed_forward_length(16)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_context_length(64)
-  for name, value in tensors.items():
-    writer.add_tensor(name, value)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
-
-
 def test_refuses_another_architecture(tmp_path):
-  path = _write_gguf(tmp_path / "gpt2.gguf", "gpt2",
+  path = write_gguf(tmp_path / "gpt2.gguf", "gpt2",
                      {"token_embd.weight": np.ones((16, 8), np.float32)})
   with pytest.raises(ValueError, match="holds a 'gpt2' model"):
     gguf_file.load_llama(path)
 
 
 def test_refuses_an_unsupported_tensor_type(tmp_path):
-  path = _write_gguf(tmp_path / "i32.gguf", "llama",
+  path = write_gguf(tmp_path / "i32.gguf", "llama",
                      {"token_embd.weight": np.ones((16, 8), np.int32)}, llama_sizes=True)
   assert gguf_file.read(path).tensors["token_embd.weight"].tensor_type.name == "I32"
   with pytest.raises(ValueError, match=r"token_embd\.weight is stored as I32, which this loader "

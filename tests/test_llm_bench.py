@@ -11,7 +11,7 @@ import optax
 import numpy as np
 import pytest
 
-from tests._llm import tiny_llama_folder
+from _llm import tiny_llama_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -72,15 +72,21 @@ def test_lr_factor_is_optimizer_fors_schedule():
                                     "Answer with one word.\n\nReview: a gem")
 
 
+@pytest.fixture(scope="module")
+def report(folder, tmp_path_factory):
+  """One run for both tests: with PEFT when torch, transformers and peft are installed."""
+  out = tmp_path_factory.mktemp("llm_bench_out") / "x.json"
+  _run(folder, out, *([] if HAVE_TORCH else ["--no-peft"]))
+  return json.loads(out.read_text())
+
+
 @pytest.mark.slow
 @needs_data
-def test_llm_bench_writes_rows(folder, tmp_path):
-  out = tmp_path / "x.json"
-  _run(folder, out, "--no-peft")
-  report = json.loads(out.read_text())
+def test_llm_bench_writes_rows(folder, report):
   rows = report["rows"]
-  assert list(rows) == ["base_zero_shot", "lora_jax", "lora_jax_plain"]
-  assert report["skipped"] == {"peft_eager": "--no-peft"} and report["summary"] == {}
+  assert list(rows)[:3] == ["base_zero_shot", "lora_jax", "lora_jax_plain"]
+  if not HAVE_TORCH:
+    assert report["skipped"] == {"peft_eager": "--no-peft"} and report["summary"] == {}
   # the plain padded batches (no shared-prefix cache, logits everywhere): the same losses
   np.testing.assert_allclose(rows["lora_jax_plain"]["losses"], rows["lora_jax"]["losses"],
                              rtol=1e-5)
@@ -97,10 +103,7 @@ def test_llm_bench_writes_rows(folder, tmp_path):
 @pytest.mark.interop
 @needs_data
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch, transformers and peft")
-def test_llm_bench_peft_first_loss_matches(folder, tmp_path):
-  out = tmp_path / "x.json"
-  _run(folder, out)
-  report = json.loads(out.read_text())
+def test_llm_bench_peft_first_loss_matches(folder, report):
   rows = report["rows"]
   assert list(rows) == ["base_zero_shot", "lora_jax", "lora_jax_plain", "peft_eager"]
   _check_training_row(rows["peft_eager"], _expected_trainable(folder, 8))

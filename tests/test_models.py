@@ -30,6 +30,8 @@ PUBLISHED = {
     "roberta-base": (124_645_632, HF.format(cls="RobertaModel") + ", roberta-base"),
     "roberta-large": (355_359_744, HF.format(cls="RobertaModel") + ", roberta-large"),
     "bert-base-uncased": (109_482_240, HF.format(cls="BertModel") + ", bert-base-uncased"),
+    "smollm2-135m-instruct": (134_515_008, "transformers' LlamaForCausalLM from the bundled "
+                              "SmolLM2-135M-Instruct GGUF (tied head; QUANT_FORMATS.md)"),
     "minilm-l6-h384": (22_713_216, HF.format(cls="BertModel") + ", sentence-transformers/"
                        "all-MiniLM-L6-v2 (22.7M on its model card)"),
 }

@@ -152,9 +152,11 @@ def options_from(args, options_cls):
   """The options: defaults, then ``--config``'s values, then the flags given; data files as
   absolute paths, so ``--resume`` works from any folder."""
   options = options_cls.from_dict(given_options(args, options_cls))
-  files = {name: str(pathlib.Path(getattr(options, name)).resolve())
-           for name in ("data", "val", "model") if getattr(options, name, None)
-           and pathlib.Path(getattr(options, name)).exists()}
+  given = lambda name: getattr(options, name, None)  # noqa: E731
+  files = {name: str(pathlib.Path(given(name)).resolve()) for name in ("data", "val")
+           if given(name) and pathlib.Path(given(name)).is_file()}
+  if given("model") and pathlib.Path(given("model")).exists():  # a .gguf file or a folder
+    files["model"] = str(pathlib.Path(given("model")).resolve())
   return dataclasses.replace(options, **files)
 
 
