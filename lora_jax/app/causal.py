@@ -483,10 +483,13 @@ class CausalLM:
     return self._batch_placed(select_targets(batch))
 
   def _epoch_rows(self, epoch: int):
-    o = self.options
-    order = np.random.default_rng(o.seed + epoch).permutation(len(self.train))
-    examples = [self.train[i] for i in order]
-    return pack(examples, o.max_length) if o.packing else [[e] for e in examples]
+    """The epoch's shuffled (and packed) rows, built once per epoch, not once per step."""
+    if getattr(self, "_rows", (None,))[0] != epoch:
+      o = self.options
+      order = np.random.default_rng(o.seed + epoch).permutation(len(self.train))
+      examples = [self.train[i] for i in order]
+      self._rows = (epoch, pack(examples, o.max_length) if o.packing else [[e] for e in examples])
+    return self._rows[1]
 
   def batch(self, step: int, key) -> dict:
     o = self.options
@@ -545,10 +548,7 @@ class CausalLM:
     return float(np.mean([normalize(s) == normalize(e.answer) for s, e in zip(said, examples)]))
 
   def counts(self) -> lora_jax.ParamCount:
-    if self.options.full:
-      total = lora_jax.targets.num_params(self.base)
-      return lora_jax.ParamCount(trainable=total, total=total)
-    return lora_jax.count(self.base, self.trainable)
+    return runner.counts(self.options, self.base, self.trainable)
 
   def describe(self) -> dict:
     return {"task": self.options.task, "labelled": self.labelled}

@@ -243,10 +243,7 @@ class Classify:
     return {"val_accuracy": self.accuracy(trainable, self.val_ids, self.val_labels)}
 
   def counts(self) -> lora_jax.ParamCount:
-    if self.options.full:
-      total = lora_jax.targets.num_params(self.base)
-      return lora_jax.ParamCount(trainable=total, total=total)
-    return lora_jax.count(self.base, self.trainable)
+    return runner.counts(self.options, self.base, self.trainable)
 
   def describe(self) -> dict:
     return {"num_labels": self.num_labels}

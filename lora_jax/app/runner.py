@@ -288,6 +288,14 @@ def plot(summary: dict, path) -> None:
   plt.close(fig)
 
 
+def counts(o: RunOptions, base, trainable) -> lora_jax.ParamCount:
+  """A task's counts: every parameter with ``full``, else PEFT's count of the trainable tree."""
+  if o.full:
+    total = lora_jax.targets.num_params(base)
+    return lora_jax.ParamCount(trainable=total, total=total)
+  return lora_jax.count(base, trainable)
+
+
 # ----------------------------------------------------------------------- placement
 
 
