@@ -67,7 +67,7 @@ def add_option_flags(parser: argparse.ArgumentParser, options_cls, *, others=(),
 
 
 def _defaults(name: str, classes) -> str:
-  """A field's default, or each class's where they differ (``32 (chat/text: 8)``)."""
+  """A field's default, or each class's where they differ (``classify: 32; chat/text: 8``)."""
   values = {}
   for cls in classes:
     for field in dataclasses.fields(cls):
@@ -115,12 +115,12 @@ def given_options(args, options_cls) -> dict:
   """
   names = {f.name for f in dataclasses.fields(options_cls)}
   values = read_config_file(args.config) if getattr(args, "config", None) else {}
-  values.update({k: v for k, v in vars(args).items()
-                 if k in names or k in _all_option_names()})
+  every = _all_option_names()
+  values.update({k: v for k, v in vars(args).items() if k in names or k in every})
   task = values.pop("task", None)
   shown = task or ("chat" if "task" in names else "classify")
   for k in values:
-    if k not in names and k in _all_option_names():
+    if k not in names and k in every:
       owner = "classify" if "task" in names else "chat and text"
       raise OptionError(k, f"applies to --task {owner}, not {shown}.")
   if "task" in names and task is not None:
