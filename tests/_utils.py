@@ -40,3 +40,15 @@ def flat_adapters(trainable):
   """``{'/'-joined path: LoraWeights}`` of a trainable tree (extras left out)."""
   lora, _ = lora_jax.adapters.split(trainable)
   return {"/".join(p): lw for p, lw in lora.items()}
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+  """``lora-jax ARGV`` run in this process (no interpreter start-up): exit code, stdout, stderr
+  (argparse's errors exit through ``SystemExit``)."""
+  from lora_jax.app import cli
+  try:
+    code = cli.main(list(argv))
+  except SystemExit as e:
+    code = e.code
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err

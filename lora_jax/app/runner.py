@@ -448,9 +448,10 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   write_json(folder.path / "config.json", {"options": task.options.to_dict(),
                                    "total_steps": task.total_steps, **task.describe(),
                                    "lora_jax": lora_jax.__version__})
-  metrics = Metrics(folder, summary, start=start)
   state = {"trainable": trainable, "opt_state": opt_state, "step": start}
-  try:
+  metrics = None
+  try:  # Ctrl-C while the writers open (tensorboardX's import takes seconds) is reported too
+    metrics = Metrics(folder, summary, start=start)
     _loop(task, optimizer, state, metrics, folder)
   except KeyboardInterrupt:
     step = summary["history"][-1]["step"] if summary["history"] else start
@@ -461,7 +462,8 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
                        f"--resume\n")
     raise
   finally:
-    metrics.close()
+    if metrics is not None:
+      metrics.close()
   _finish(task, metrics, run)
   return summary
 
