@@ -10,10 +10,18 @@ in this order, on the same data:
                   (LoraConfig -> analyze -> init -> train_step), then its accuracy. Each batch
                   shape is compiled ahead of time (``compile_s``), so every timed step is a step.
   peft_eager      transformers' LlamaForCausalLM + ``peft.get_peft_model``, eager, the same
-                  LoRA config, batches, learning-rate schedule and loss; then its accuracy with
-                  ``model.generate``. The untimed warm-up is one forward and backward pass per
-                  batch shape (``compile_s``: nothing compiles, the first passes allocate).
+                  LoRA config, batches, learning-rate schedule and loss. The untimed warm-up
+                  is one forward and backward pass per batch shape (``compile_s``: nothing
+                  compiles, the first passes allocate). Its accuracy: its adapter, saved by
+                  PEFT and read by ``lora_jax.peft.import_peft``, scored by the same evaluator
+                  as lora_jax's (one evaluator for both, and fast enough for all of dev.tsv);
+                  ``model.generate``'s own answers on the first ``--hf-check-rows`` rows are
+                  reported beside it (``hf_generate_agreement``: the fraction that match).
   peft_compiled   (``--compile``) the same under ``torch.compile``; the warm-up compiles.
+
+Accuracy: greedy answers (``MAX_NEW_TOKENS``), exact match after ``causal.normalize``, through
+``lora_jax.generate`` with the adapters unmerged; prompts batched by length, each batch's shared
+start (system prompt + instruction) run once into the key-value cache (``share_prefix``).
 
 The task: each SST-2 row is one user turn (``prompt(sentence)``) and the assistant's answer
 "positive" or "negative"; the loss is on the answer's tokens only (its text and end-of-turn
@@ -27,7 +35,7 @@ numpy arrays and used by every row. ``tokens_per_s`` counts the non-pad tokens o
 mean over the steps) over the median step time.
 
 Usage (from the repository root; the data is ../shared/data/sst2):
-  python benchmarks/llm_sst2.py                                   # 150 steps, 500 eval rows
+  python benchmarks/llm_sst2.py                                   # 150 steps, all 872 dev rows
   python benchmarks/llm_sst2.py --compile --json benchmarks/results/llm_sst2_compiled.json
   python benchmarks/llm_sst2.py --model path/to/hf_llama_folder --steps 2 --batch 4 \
       --eval-rows 4 --train-rows 8 --no-peft --json /tmp/x.json   # a smoke test
@@ -45,6 +53,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -63,10 +72,11 @@ JSON = ROOT / "benchmarks" / "results" / "llm_sst2.json"
 
 MODEL = causal.DEFAULT_MODEL  # the bundled SmolLM2-135M-Instruct GGUF (dequantized to float32)
 STEPS, BATCH, LR, SEED = 150, 16, 5e-4, 0
-EVAL_ROWS, MAX_LENGTH = 500, 256
+MAX_LENGTH = 256
 RANK, ALPHA, WEIGHT_DECAY = 8, 16.0, 0.01
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_NEW_TOKENS = 3  # greedy answer length scored for accuracy
+HF_CHECK_ROWS = 256  # PEFT's own model.generate on these first eval rows, against the evaluator
 EVAL_BATCH = 32  # prompts per generate call
 FINAL_LOSS_STEPS = 10  # final_loss: the mean of the last this many steps' losses
 LABELS = {1: "positive", 0: "negative"}
@@ -171,6 +181,17 @@ def chunks(items: list, size: int):
   return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def answer_in_batches(examples: list[causal.Example], answer) -> list[str]:
+  """``answer(part) -> texts`` over batches of ``EVAL_BATCH`` prompts of similar length (sorted
+  by length: little padding); the texts come back in the examples' order."""
+  order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+  said: list[str] = [""] * len(examples)
+  for part in chunks(order, EVAL_BATCH):
+    for i, text in zip(part, answer([examples[i] for i in part])):
+      said[i] = text
+  return said
+
+
 # ---------------------------------------------------------------------------- lora_jax
 
 
@@ -184,9 +205,9 @@ class JaxLoRA:
                                         batch_size=args.batch, steps=args.steps, seed=args.seed,
                                         max_length=args.max_length)
     self.config = causal.lora_config(self.options, model.config)
-    uses = lora_jax.analyze(self.module.apply, model.params, jnp.ones((1, 8), jnp.int32))
+    self.uses = lora_jax.analyze(self.module.apply, model.params, jnp.ones((1, 8), jnp.int32))
     self.initial = lora_jax.init(self.config, model.params, key=jax.random.key(args.seed),
-                                 uses=uses)
+                                 uses=self.uses)
     self.adapted = lora_jax.lora(self.module.apply)  # one function: generate's jit cache hits
 
   def loss(self, params, batch):
@@ -196,21 +217,28 @@ class JaxLoRA:
                           init_cache=functools.partial(llama.init_cache, self.model.config))
 
   def answers(self, trainable, examples: list[causal.Example]) -> list[str]:
-    tok, config, out = self.model.tokenizer, self.model.config, []
-    for part in chunks(examples, EVAL_BATCH):
+    """Greedy answers with ``lora_jax.generate`` through ``lora(apply)`` (unmerged adapters);
+    each batch's shared start (system prompt + instruction) runs once into the cache."""
+    tok, config = self.model.tokenizer, self.model.config
+
+    def answer(part):
       result = generate_lib.generate(
           self.adapted, (self.model.params, trainable), [list(e.prompt) for e in part],
           adapted=True, init_cache=functools.partial(llama.init_cache, config),
           max_new_tokens=MAX_NEW_TOKENS, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,
           context=config.max_position_embeddings)
-      out += [tok.decode(t) for t in result.tokens]
-    return out
+      return [tok.decode(t) for t in result.tokens]
+
+    return answer_in_batches(examples, answer)
 
   def evaluate(self, trainable, examples) -> dict:
+    return self.scored(trainable, examples)[0]
+
+  def scored(self, trainable, examples) -> tuple[dict, list[str]]:
     t0 = time.perf_counter()
     said = self.answers(trainable, examples)
     return {"accuracy": accuracy(said, examples), "eval_s": time.perf_counter() - t0,
-            "answers_sample": said[:8]}
+            "answers_sample": said[:8]}, said
 
   def train(self, batches: list[dict], *, prepare: bool = True) -> tuple[dict, Any]:
     """Trains on ``batches``; ``prepare``: as ``lora-jax train`` does (``share_prefix``, then
@@ -270,8 +298,12 @@ def load_hf(name: str):
   return transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
 
 
-def peft_row(args, tok, batches: list[dict], eval_examples, *, compile: bool) -> dict:
-  """transformers + PEFT LoRA, trained on ``batches`` and scored on ``eval_examples``."""
+def peft_row(args, tok, batches: list[dict], eval_examples, *, compile: bool,
+             scorer: JaxLoRA) -> dict:
+  """transformers + PEFT LoRA, trained on ``batches``; scored on ``eval_examples`` by the same
+  evaluator as lora_jax (its adapter saved by PEFT and read with ``lora_jax.peft.import_peft``),
+  and its ``model.generate`` answers compared with that evaluator's on the first
+  ``--hf-check-rows`` rows."""
   import peft
   import torch
   import transformers
@@ -325,10 +357,17 @@ def peft_row(args, tok, batches: list[dict], eval_examples, *, compile: bool) ->
   wall = time.perf_counter() - start
 
   model.eval()
+  with tempfile.TemporaryDirectory() as folder:
+    model.save_pretrained(folder)
+    _, adapters = lora_jax.peft.import_peft(folder, scorer.model.params, uses=scorer.uses)
+  scored, said = scorer.scored(adapters, eval_examples)
+  check = eval_examples[:args.hf_check_rows]
   t0 = time.perf_counter()
-  said = peft_answers(model, tok, eval_examples, device)
-  scored = {"accuracy": accuracy(said, eval_examples), "eval_s": time.perf_counter() - t0,
-            "answers_sample": said[:8]}
+  hf_said = peft_answers(model, tok, check, device)
+  scored.update(hf_generate_s=time.perf_counter() - t0, hf_generate_rows=len(check),
+                hf_generate_accuracy=accuracy(hf_said, check) if check else None,
+                hf_generate_agreement=(sum(a == b for a, b in zip(hf_said, said)) / len(check)
+                                       if check else None))
   return {"load_s": load_s, "compile_s": compile_s, "compiled_shapes": len(seen),
           "load_average_before": load,
           "train_wall_s": wall, "train_wall_with_compile_s": wall + compile_s,
@@ -337,7 +376,7 @@ def peft_row(args, tok, batches: list[dict], eval_examples, *, compile: bool) ->
           "total": sum(p.numel() for p in model.parameters()), "device": device,
           "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
           "peft": peft.__version__, "torch": torch.__version__,
-          **({"eval_note": "accuracy from the eager module (generate is not compiled)"}
+          **({"eval_note": "hf_generate_* from the eager module (generate is not compiled)"}
              if compile else {})}
 
 
@@ -345,8 +384,9 @@ def peft_answers(model, tok, examples, device) -> list[str]:
   """Greedy answers with ``model.generate``: the same prompt ids, left-padded; each row cut at
   its first stop token and decoded without special tokens, as lora_jax's are."""
   import torch
-  pad, stops, out = tok.pad_id or 0, set(tok.stop_ids), []
-  for part in chunks(examples, EVAL_BATCH):
+  pad, stops = tok.pad_id or 0, set(tok.stop_ids)
+
+  def answer(part):
     ids, mask = generate_lib.left_pad([list(e.prompt) for e in part], pad_id=pad, bucket=1)
     with torch.no_grad():
       generated = model.generate(
@@ -354,10 +394,10 @@ def peft_answers(model, tok, examples, device) -> list[str]:
           attention_mask=torch.from_numpy(mask).long().to(device),
           max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad,
           eos_token_id=list(tok.stop_ids))
-    for row in generated[:, ids.shape[1]:].tolist():
-      cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-      out.append(tok.decode(row[:cut]))
-  return out
+    cut = lambda row: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))  # noqa
+    return [tok.decode(row[:cut(row)]) for row in generated[:, ids.shape[1]:].tolist()]
+
+  return answer_in_batches(examples, answer)
 
 
 # ---------------------------------------------------------------------------- report
@@ -417,9 +457,12 @@ def parse(argv=None):
   parser.add_argument("--train-rows", type=int, default=None,
                       help="shuffled training rows tokenized (default: steps x batch; fewer "
                            "are cycled)")
-  parser.add_argument("--eval-rows", type=int, default=EVAL_ROWS,
-                      help="the first N rows of dev.tsv scored for accuracy")
+  parser.add_argument("--eval-rows", type=int, default=None,
+                      help="score only the first N rows of dev.tsv (default: all 872)")
   parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
+  parser.add_argument("--hf-check-rows", type=int, default=HF_CHECK_ROWS,
+                      help="the first N eval rows also answered with PEFT's model.generate "
+                           "(its agreement with the shared evaluator is reported)")
   parser.add_argument("--pad-multiple", type=int, default=0,
                       help="pad each batch to its longest row rounded up to a multiple of this "
                            "(default 0: padded_batch's buckets 32, 64, 128, ...)")
@@ -433,8 +476,10 @@ def parse(argv=None):
   parser.add_argument("--json", default=str(JSON), help="where the JSON report is written")
   args = parser.parse_args(argv)
   for name in ("steps", "batch", "eval_rows", "max_length"):
-    if getattr(args, name) < 1:
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')}: expected an integer >= 1")
+  if args.hf_check_rows < 0:
+    parser.error("--hf-check-rows: expected an integer >= 0")
   if args.pad_multiple < 0:
     parser.error("--pad-multiple: expected an integer >= 0")
   if args.train_rows is not None and args.train_rows < 1:
@@ -493,11 +538,11 @@ def main(argv=None) -> dict:
       continue
     print(f"{name} ...", flush=True)
     if not compile:
-      rows[name] = peft_row(args, tok, batches, dev, compile=False)
+      rows[name] = peft_row(args, tok, batches, dev, compile=False, scorer=ours)
       _partial(args, rows)
       continue
     try:
-      rows[name] = peft_row(args, tok, batches, dev, compile=True)
+      rows[name] = peft_row(args, tok, batches, dev, compile=True, scorer=ours)
     except Exception as e:  # noqa: BLE001  recorded, not fatal: torch.compile may fail
       rows[name] = {"error": f"{type(e).__name__}: {e}"}
 

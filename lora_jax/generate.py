@@ -8,7 +8,10 @@ adapters)`` and ``adapted=True``) or on merged parameters.
 Prompts are left-padded to a common length (rounded up to a multiple of 16, so a few compiled
 shapes serve many prompt lengths); each row's positions count its own tokens only, and the
 attention mask hides the padding. One jitted call fills the cache with the prompts (prefill);
-then one jitted call per new token (decode) writes one slot of the cache. Rows stop at a stop
+then one jitted call per new token (decode) writes one slot of the cache. When the prompts of a
+batch begin alike (a system prompt, an instruction), that shared start (whole multiples of 16
+tokens) runs once, at batch 1, into the cache that every row's remaining tokens then attend to:
+the same tokens, for a fraction of the prefill's work (``share_prefix``). Rows stop at a stop
 token (end of sequence, ``<|im_end|>``) or at ``max_new_tokens``; the loop ends when all have
 stopped. ``on_tokens`` sees every step's tokens as they come (streaming).
 """
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Generation", "Sampling", "generate", "sample"]
+__all__ = ["Generation", "Sampling", "generate", "sample", "shared_start"]
 
 PROMPT_BUCKET = 16
 
@@ -128,6 +131,7 @@ def _check(prompts, max_new_tokens, context):
 class _Steps:
   """The jitted prefill and decode step for one ``apply_fn`` and sampling."""
 
+  prefix: Callable
   prefill: Callable
   decode: Callable
 
@@ -143,9 +147,12 @@ def _steps(apply_fn, sampling: Sampling, adapted: bool) -> _Steps:
   def call(params, tokens, **kw):
     return apply_fn(*params, tokens, **kw) if adapted else apply_fn(params, tokens, **kw)
 
-  def prefill(params, tokens, positions, mask, cache, key):
+  def prefix(params, tokens, mask, cache):  # one row: the batch's shared start, slots 0..
+    return call(params, tokens, attention_mask=mask, cache=cache, cache_index=jnp.int32(0))[1]
+
+  def prefill(params, tokens, positions, mask, cache, index, key):
     logits, cache = call(params, tokens, positions=positions, attention_mask=mask, cache=cache,
-                         cache_index=jnp.int32(0))
+                         cache_index=index)
     return sample(logits[:, -1], key, sampling), cache
 
   def decode(params, token, position, mask, cache, index, key):
@@ -153,17 +160,46 @@ def _steps(apply_fn, sampling: Sampling, adapted: bool) -> _Steps:
                          attention_mask=mask, cache=cache, cache_index=index)
     return sample(logits[:, -1], key, sampling), cache
 
-  steps = _Steps(jax.jit(prefill, donate_argnums=4), jax.jit(decode, donate_argnums=4))
+  steps = _Steps(jax.jit(prefix, donate_argnums=3), jax.jit(prefill, donate_argnums=4),
+                 jax.jit(decode, donate_argnums=4))
   if len(_STEPS) > 32:
     _STEPS.clear()
   _STEPS[key] = steps
   return steps
 
 
+def shared_start(prompts: Sequence[Sequence[int]], *, multiple: int = PROMPT_BUCKET) -> int:
+  """The tokens every prompt begins with, in whole ``multiple``s, leaving each prompt at least
+  one token of its own (0 for a single prompt: nothing to share)."""
+  if len(prompts) < 2:
+    return 0
+  shortest = min(len(p) for p in prompts)
+  first, same = prompts[0], 0
+  while same < shortest - 1 and all(p[same] == first[same] for p in prompts):
+    same += 1
+  return same - same % multiple
+
+
+def _batch_axes(init_cache):
+  """Per leaf of ``init_cache(batch, length)``: its batch axis (where batch 1 and 2 differ)."""
+  one, two = (jax.eval_shape(lambda: init_cache(batch, 1)) for batch in (1, 2))
+  return jax.tree.map(lambda a, b: [x != y for x, y in zip(a.shape, b.shape)].index(True),
+                      one, two)
+
+
+def _shared_cache(steps, params, prefix, init_cache, *, batch: int, slots: int):
+  """The cache of ``batch`` rows whose slots 0..len(prefix)-1 hold ``prefix`` (run once)."""
+  one = steps.prefix(params, jnp.asarray([prefix], jnp.int32),
+                     jnp.ones((1, slots), jnp.int32), init_cache(1, slots))
+  return jax.tree.map(lambda a, axis: jnp.repeat(a, batch, axis=axis), one,
+                      _batch_axes(init_cache))
+
+
 def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
              init_cache: Callable[[int, int], object], max_new_tokens: int,
              stop_ids: Sequence[int] = (), pad_id: int = 0, sampling: Sampling = GREEDY,
              key=None, context: int | None = None, adapted: bool = False,
+             share_prefix: bool = True,
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generation:
   """Decodes up to ``max_new_tokens`` tokens after each prompt.
 
@@ -181,6 +217,8 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     sampling: greedy (default) or ``Sampling(temperature=..., top_k=..., top_p=...)``.
     key: a ``jax.random`` key, required when sampling.
     context: the model's context length; a longer prompt plus ``max_new_tokens`` is refused.
+    share_prefix: run the prompts' shared start (``shared_start``) once, at batch 1, into the
+      cache every row attends to (the same tokens; False: every row runs its whole prompt).
     on_tokens: called after each step with the step's tokens (batch,) and which rows were
       still running before it (batch,) bool: stream them to a terminal.
 
@@ -195,15 +233,22 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
   key = jax.random.key(0) if key is None else key
   params = jax.device_put(params)  # once: host (NumPy) leaves would be copied at every step
   steps = _steps(apply_fn, sampling, adapted)
-  tokens, prompt_mask = left_pad(prompts, pad_id=pad_id)
+  shared = shared_start(prompts) if share_prefix else 0
+  tokens, prompt_mask = left_pad([p[shared:] for p in prompts], pad_id=pad_id)
   batch, length = tokens.shape
-  slots = length + max_new_tokens
-  mask = np.concatenate([prompt_mask, np.ones((batch, max_new_tokens), np.int32)], 1)
-  positions = np.maximum(np.cumsum(prompt_mask, 1) - 1, 0).astype(np.int32)
+  slots = shared + length + max_new_tokens
+  mask = np.concatenate([np.ones((batch, shared), np.int32), prompt_mask,
+                         np.ones((batch, max_new_tokens), np.int32)], 1)
+  positions = (shared + np.maximum(np.cumsum(prompt_mask, 1) - 1, 0)).astype(np.int32)
   start = time.perf_counter()
+  if shared:
+    cache = _shared_cache(steps, params, list(prompts[0][:shared]), init_cache, batch=batch,
+                          slots=slots)
+  else:
+    cache = init_cache(batch, slots)
   key, sub = jax.random.split(key)
   token, cache = steps.prefill(params, jnp.asarray(tokens), jnp.asarray(positions),
-                               jnp.asarray(mask), init_cache(batch, slots), sub)
+                               jnp.asarray(mask), cache, jnp.int32(shared), sub)
   token = np.asarray(token)
   prefill_s = time.perf_counter() - start
   stops = np.asarray(list(stop_ids), np.int32)
@@ -222,6 +267,6 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     key, sub = jax.random.split(key)
     token, cache = steps.decode(params, jnp.asarray(np.where(running, token, pad_id)),
                                 jnp.asarray(position + step), jnp.asarray(mask), cache,
-                                jnp.int32(length + step), sub)
+                                jnp.int32(shared + length + step), sub)
     token = np.asarray(token)
-  return Generation(out, int(prompt_mask.sum()), prefill_s, time.perf_counter() - start)
+  return Generation(out, sum(len(p) for p in prompts), prefill_s, time.perf_counter() - start)

@@ -72,6 +72,21 @@ def test_lr_factor_is_optimizer_fors_schedule():
                                     "Answer with one word.\n\nReview: a gem")
 
 
+def test_answers_come_back_in_the_examples_order():
+  bench = _bench()
+  from lora_jax.app import causal
+  lengths = [5, 1, 40, 3, 3, 17] * 11  # 66 prompts: three batches of up to 32
+  examples = [causal.Example((), (), prompt=tuple(range(n))) for n in lengths]
+  batches = []
+
+  def answer(part):
+    batches.append([len(e.prompt) for e in part])
+    return [f"{len(e.prompt)} tokens" for e in part]
+
+  assert bench.answer_in_batches(examples, answer) == [f"{n} tokens" for n in lengths]
+  assert [len(b) for b in batches] == [32, 32, 2] and sum(batches, []) == sorted(lengths)
+
+
 @pytest.fixture(scope="module")
 def report(folder, tmp_path_factory):
   """One run for both tests: with PEFT when torch, transformers and peft are installed."""
@@ -110,6 +125,11 @@ def test_llm_bench_peft_first_loss_matches(folder, report):
   # the same batch and B = 0 in both: the first loss is the base model's masked loss
   assert rows["peft_eager"]["first_loss"] == pytest.approx(rows["lora_jax"]["first_loss"],
                                                            abs=1e-3)
+  # PEFT's adapter, read by import_peft, scored by lora_jax's evaluator; its own generate
+  # answers the same on every checked row (the same weights, greedy)
+  peft_row = rows["peft_eager"]
+  assert peft_row["hf_generate_rows"] == 4 and peft_row["hf_generate_agreement"] == 1.0
+  assert peft_row["hf_generate_accuracy"] == peft_row["accuracy"]
   ratio = report["summary"]["tokens_per_s_lora_jax_over_peft_eager"]
   assert ratio == pytest.approx(rows["lora_jax"]["tokens_per_s"] /
                                 rows["peft_eager"]["tokens_per_s"])

@@ -159,6 +159,37 @@ def test_cached_greedy_decoding_equals_recomputing_without_a_cache():
     assert got == seq[len(prompt):]
 
 
+def test_a_shared_start_runs_once_at_batch_1_and_decodes_the_same_tokens():
+  """The prompts' common start (whole multiples of 16 tokens) fills the cache once, at batch 1;
+  greedy and sampled tokens equal those of every row running its whole prompt."""
+  module, params, apply = _tiny()
+  start = list(range(3, 23))  # 20 shared tokens: 16 of them run once
+  prompts = [start + [5, 9], start + [8, 1, 6, 2, 4], start + [12]]
+  assert gen.shared_start(prompts) == 16 and gen.shared_start(prompts[:1]) == 0
+  assert gen.shared_start([start[:16], start]) == 0  # every row keeps a token of its own
+  seen = []
+
+  def traced(params, tokens, **kw):  # records the token shapes each jitted step is traced for
+    seen.append(tokens.shape)
+    return module.apply(params, tokens, **kw)
+
+  cache = functools.partial(llama.init_cache, module.config)
+  hot = gen.Sampling(temperature=1.0, top_k=20)
+  for sampling in (gen.GREEDY, hot):
+    runs = [gen.generate(traced, params, prompts, max_new_tokens=6, init_cache=cache,
+                         sampling=sampling, key=jax.random.key(3), share_prefix=share)
+            for share in (True, False)]
+    assert runs[0].tokens == runs[1].tokens
+    assert runs[0].prompt_tokens == runs[1].prompt_tokens == sum(map(len, prompts))
+  assert seen[:3] == [(1, 16), (3, 16), (3, 1)] and (3, 32) in seen  # shared; whole prompts
+  for prompt, got in zip(prompts, runs[0].tokens[:1]):  # and the plain argmax loop's tokens
+    seq = list(prompt)
+    for _ in range(6):
+      seq.append(int(jnp.argmax(apply(params, jnp.asarray([seq]))[0, -1])))
+  greedy = gen.generate(module.apply, params, prompts, max_new_tokens=6, init_cache=cache)
+  assert greedy.tokens[0] == seq[len(prompts[0]):]
+
+
 def test_generation_stops_and_sampling_is_keyed():
   module, params, apply = _tiny()
   cache = functools.partial(llama.init_cache, module.config)
