@@ -71,7 +71,7 @@ DATA = ROOT.parent / "shared" / "data" / "sst2"  # train.tsv, dev.tsv; never cop
 JSON = ROOT / "benchmarks" / "results" / "llm_sst2.json"
 
 MODEL = causal.DEFAULT_MODEL  # the bundled SmolLM2-135M-Instruct GGUF (dequantized to float32)
-STEPS, BATCH, LR, SEED = 150, 16, 5e-4, 0
+STEPS, BATCH, LR, SEED = 150, 16, 1e-3, 0
 MAX_LENGTH = 256
 RANK, ALPHA, WEIGHT_DECAY = 8, 16.0, 0.01
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
