@@ -35,7 +35,7 @@ numpy arrays and used by every row. ``tokens_per_s`` counts the non-pad tokens o
 mean over the steps) over the median step time.
 
 Usage (from the repository root; the data is ../shared/data/sst2):
-  python benchmarks/llm_sst2.py                                   # 150 steps, all 872 dev rows
+  python benchmarks/llm_sst2.py                                   # 150 steps, all 6,735 dev rows
   python benchmarks/llm_sst2.py --compile --json benchmarks/results/llm_sst2_compiled.json
   python benchmarks/llm_sst2.py --model path/to/hf_llama_folder --steps 2 --batch 4 \
       --eval-rows 4 --train-rows 8 --no-peft --json /tmp/x.json   # a smoke test
@@ -458,7 +458,7 @@ def parse(argv=None):
                       help="shuffled training rows tokenized (default: steps x batch; fewer "
                            "are cycled)")
   parser.add_argument("--eval-rows", type=int, default=None,
-                      help="score only the first N rows of dev.tsv (default: all 872)")
+                      help="score only the first N rows of dev.tsv (default: all 6,735)")
   parser.add_argument("--max-length", type=int, default=MAX_LENGTH)
   parser.add_argument("--hf-check-rows", type=int, default=HF_CHECK_ROWS,
                       help="the first N eval rows also answered with PEFT's model.generate "
