@@ -3,8 +3,8 @@ eight simulated CPU devices exist for the sharding tests.
 
 One persistent XLA compilation cache serves the whole session, this process and the ``lora-jax``
 processes the tests start (they inherit its environment variables): the same train step
-compiled by twenty command-line runs is compiled once. It is a fresh folder per session (or the
-user's own ``JAX_COMPILATION_CACHE_DIR``), removed at exit.
+compiled by twenty command-line runs is compiled once. It is a fresh folder per session,
+removed at exit (a ``JAX_COMPILATION_CACHE_DIR`` the user set is used as it is, and kept).
 """
 
 import atexit

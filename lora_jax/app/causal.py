@@ -84,9 +84,6 @@ class CausalOptions(RunOptions):
       value = getattr(self, name)
       if value is not None and not (isinstance(value, int) and value > 0):
         raise OptionError(name, f"must be an integer > 0, got {value!r}.")
-    if not (isinstance(self.eval_examples, int) and self.eval_examples >= 0):
-      raise OptionError("eval_examples", f"must be an integer >= 0, got "
-                                         f"{self.eval_examples!r}.")
     if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
       raise OptionError("max_new_tokens", f"must be an integer >= 1, got "
                                           f"{self.max_new_tokens!r}.")

@@ -53,7 +53,6 @@ class ClassifyOptions(RunOptions):
                                "adapters')")
   max_length: int = option(64, "tokens per example (longer ones are truncated)")
   max_train: int | None = option(None, "use only the first N training examples")
-  eval_examples: int = option(0, "validation examples scored at each evaluation (0: all)")
 
   def __post_init__(self):
     super().__post_init__()
@@ -69,10 +68,6 @@ class ClassifyOptions(RunOptions):
     if self.max_train is not None and not (isinstance(self.max_train, int)
                                            and self.max_train > 0):
       raise OptionError("max_train", f"must be an integer > 0, got {self.max_train!r}.")
-    if not (isinstance(self.eval_examples, int) and not isinstance(self.eval_examples, bool)
-            and self.eval_examples >= 0):
-      raise OptionError("eval_examples", f"must be an integer >= 0, got "
-                                         f"{self.eval_examples!r}.")
 
 
 # ----------------------------------------------------------------------- data

@@ -53,6 +53,7 @@ class RunOptions(Serializable):
   epochs: float = option(3.0, "passes over the training data (--steps overrides)")
   steps: int | None = option(None, "training steps (overrides --epochs)")
   eval_every: int = option(100, "evaluate and checkpoint every N steps")
+  eval_examples: int = option(0, "validation examples scored at each evaluation (0: all)")
   log_every: int = option(10, "log the mean training loss over every N steps")
   seed: int = option(0, "data order, head and A initialisation")
   remat: bool = option(False, "gradient checkpointing: recompute each layer in the backward pass")
@@ -68,6 +69,10 @@ class RunOptions(Serializable):
     for name in ("batch_size", "eval_every", "log_every"):
       _positive(name, getattr(self, name), integer=True)
     _positive("steps", self.steps, integer=True, allow_none=True)
+    if not (isinstance(self.eval_examples, int) and not isinstance(self.eval_examples, bool)
+            and self.eval_examples >= 0):
+      raise OptionError("eval_examples", f"must be an integer >= 0, got "
+                                         f"{self.eval_examples!r}.")
     _positive("epochs", self.epochs)
     _positive("lr", self.lr, allow_none=True)
     if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
