@@ -325,6 +325,30 @@ def test_ctrl_c_during_a_save_lands_after_it():
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_ctrl_c_dropped_inside_a_garbage_collector_callback_is_still_seen():
+  """Python runs a signal handler inside whatever code is running, a gc callback too (JAX
+  registers one), where the KeyboardInterrupt is printed and dropped: a Ctrl-C during a run's
+  start-up was lost that way. The run's handler also remembers it for the loop to act on."""
+  import gc
+  import signal
+  from lora_jax.app.runner import _interrupts_kept
+
+  def callback(phase, info):
+    if phase == "start":
+      signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+
+  with _interrupts_kept() as interrupted:
+    assert not interrupted()
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()  # the KeyboardInterrupt raised inside the callback does not come out here
+    finally:
+      gc.callbacks.remove(callback)
+    assert interrupted()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_lora_dropout_is_the_adapters_and_dropout_the_heads():
   from lora_jax.app.classify import ClassifyOptions, lora_config
   assert lora_config(ClassifyOptions()).dropout == 0.0  # PEFT's default lora_dropout

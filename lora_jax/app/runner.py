@@ -451,8 +451,9 @@ def train(task: Task, run, *, resume: bool = False) -> dict:
   state = {"trainable": trainable, "opt_state": opt_state, "step": start}
   metrics = None
   try:  # Ctrl-C while the writers open (tensorboardX's import takes seconds) is reported too
-    metrics = Metrics(folder, summary, start=start)
-    _loop(task, optimizer, state, metrics, folder)
+    with _interrupts_kept() as interrupted:
+      metrics = Metrics(folder, summary, start=start)
+      _loop(task, optimizer, state, metrics, folder, interrupted=interrupted)
   except KeyboardInterrupt:
     step = summary["history"][-1]["step"] if summary["history"] else start
     if folder.staged:
@@ -485,7 +486,8 @@ def _counts(task: Task) -> dict:
   return {"trainable": c.trainable, "total": c.total}
 
 
-def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder) -> None:
+def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder, *,
+          interrupted=lambda: False) -> None:
   from tqdm import tqdm
 
   o, history = task.options, metrics.summary["history"]
@@ -500,6 +502,8 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder) 
   trainable, opt_state = state["trainable"], state["opt_state"]
   try:
     for step in range(state["step"], task.total_steps):
+      if interrupted():  # a Ctrl-C that a garbage-collector callback swallowed
+        raise KeyboardInterrupt
       step_key = jax.random.fold_in(key, step)
       batch = task.batch(step, step_key)
       trainable, opt_state, loss, _ = step_fn(task.base, trainable, opt_state, batch, key=step_key)
@@ -535,6 +539,28 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder) 
   finally:
     bar.close()  # the bar's line ends before any message
   metrics.summary["elapsed_s"] = before + time.perf_counter() - began
+
+
+@contextlib.contextmanager
+def _interrupts_kept():
+  """Raises KeyboardInterrupt on SIGINT as Python does, and also remembers it: yields a
+  function telling whether one arrived. Python runs signal handlers between any two bytecodes,
+  also inside a garbage-collector callback (JAX registers one) where the exception is printed
+  and dropped, so a Ctrl-C during start-up could be lost; the loop checks before each step."""
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  received = []
+
+  def handler(*_):
+    received.append(True)
+    raise KeyboardInterrupt
+
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield lambda: bool(received)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
