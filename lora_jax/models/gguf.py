@@ -198,11 +198,12 @@ def hf_tensors(file: GGUFFile, config: LlamaConfig) -> dict[str, np.ndarray]:
   return tensors
 
 
-def load_llama(path=None, *, dtype=jnp.float32, **overrides):
+def load_llama(path=None, *, dtype=jnp.float32, quantize: str | None = None, **overrides):
   """``(config, {"params": ...})`` of a Llama-architecture GGUF (default: the bundled SmolLM2).
 
   ``dtype`` (float32 or bfloat16) is the parameters' and the computation's dtype; ``overrides``
-  replace other ``LlamaConfig`` fields (``scan_layers``, ``remat``).
+  replace other ``LlamaConfig`` fields (``scan_layers``, ``remat``). With ``quantize`` (a
+  ``lora_jax.quant`` format) the projection kernels stay quantized (``quantized_params``).
 
   Raises:
     FileNotFoundError: no file (or the bundled package is not installed).
@@ -213,4 +214,76 @@ def load_llama(path=None, *, dtype=jnp.float32, **overrides):
 
   file = read(smollm2_path() if path is None else path)
   config = llama_config(file, dtype=dtype, param_dtype=dtype, **overrides)
+  if quantize is not None:
+    return config, quantized_params(file, config, quantize)
   return config, weights.llama_params(hf_tensors(file, config), config)
+
+
+def _hf_shape(tensor) -> tuple[int, ...]:
+  return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists shapes innermost-first
+
+
+def _quantized_kernel(file: GGUFFile, name: str, target: str, config: LlamaConfig, format: str):
+  """One projection as a kernel kind: the file's own Q4_1 / Q8_0 blocks when ``format`` is
+  that type (bytes unchanged, rows reordered for q/k), otherwise dequantized and quantized."""
+  from lora_jax import quant
+
+  tensor = file.tensors[name]
+  heads = (config.num_attention_heads if target.endswith("q_proj.weight") else
+           config.num_key_value_heads if target.endswith("k_proj.weight") else None)
+  stored = tensor.tensor_type.name
+  if stored.lower() == format:
+    data = np.asarray(tensor.data).reshape(_hf_shape(tensor)[0], -1)
+    k = quant.from_gguf(unpermute(data, heads) if heads else data, stored, dtype=config.dtype)
+    return k
+  w = dequantize(file, name)
+  w = unpermute(w, heads) if heads else w
+  return jax.tree_util.tree_map(np.asarray, quant.quantize_kernel(
+      w.T, format, roles="io", dtype=config.dtype, path=target))
+
+
+def quantized_params(file: GGUFFile, config: LlamaConfig, format: str) -> dict:
+  """The reference Llama's ``{"params": ...}`` with every projection kernel (q, k, v, o, gate,
+  up, down; not the embedding or a separate head) as a ``lora_jax.quant`` kind of ``format``.
+  A projection stored in that very format keeps its bytes (GGUF Q4_1 or Q8_0: nothing is
+  dequantized); others are dequantized one tensor at a time and quantized. Embedding and norms
+  are dense in ``config.param_dtype``.
+
+  Raises:
+    ValueError: an unknown format, or tensors that do not fit the config (listed).
+  """
+  import jax
+
+  from lora_jax import _tree, quant
+  from lora_jax.config import HEAD_PATTERN
+  from lora_jax.models import llama, weights
+
+  quant.check_format(format)
+  tree = weights._llama_tree(config)
+  names = {hf_name(n) or n: n for n in file.tensors}
+  weights._check_llama({hf: jax.ShapeDtypeStruct(_hf_shape(file.tensors[n]), np.float32)
+                        for hf, n in names.items()}, config, tree)
+  dtype = jnp.dtype(config.param_dtype)
+  flat: dict[str, list] = {}
+  stacked = set()
+  for e in weights.entries(llama.FAMILY, weights.shapes(tree), **weights._layout(config)):
+    if e.index is not None:
+      stacked.add(e.path)
+    if e.linear and not re.search(HEAD_PATTERN, e.path):
+      value = _quantized_kernel(file, names[e.name], e.name, config, format)
+    else:
+      value = dequantize(file, names[e.name]).astype(dtype)
+      value = value.T if e.linear else value
+    flat.setdefault(e.path, []).append(value)
+  leaves = {tuple(p.split("/")): _one_or_stacked(v, stacked=p in stacked)
+            for p, v in flat.items()}
+  return jax.device_put({"params": _tree.nest(leaves)})
+
+
+def _one_or_stacked(values: list, *, stacked: bool):
+  from lora_jax import kernels, quant
+
+  if not stacked:
+    v = values[0]
+    return v if kernels.is_kind(v) else np.ascontiguousarray(v)
+  return quant.stack(values) if kernels.is_kind(values[0]) else np.stack(values)
