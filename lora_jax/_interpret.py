@@ -18,6 +18,41 @@ from jax.extend import core
 from lora_jax import kernels
 
 @jax.tree_util.register_pytree_node_class
+class Lazy:
+  """A kernel-kind instance and the unary equations (casts, transposes, reshapes) ``fn``
+  applied to it, not yet run: they run on its dense value only where a product needs it, so a
+  quantized kernel stays quantized until then (and the product can recompute it)."""
+
+  def __init__(self, kind, ops=()):
+    self.kind, self.ops = kind, tuple(ops)
+
+  @classmethod
+  def of(cls, w) -> "Lazy":
+    return w if isinstance(w, Lazy) else cls(w)
+
+  def then(self, eqn) -> "Lazy":
+    return Lazy(self.kind, self.ops + (eqn,))
+
+  def dense(self):
+    w = kernels.dense(self.kind)
+    for eqn in self.ops:
+      (w,) = bind(eqn, [w])
+    return w
+
+  def tree_flatten(self):
+    return (self.kind,), self.ops
+
+  @classmethod
+  def tree_unflatten(cls, ops, children):
+    return cls(children[0], ops)
+
+
+def is_quantized(w) -> bool:
+  """Whether ``w`` (a ``Kernel``'s base) is a kernel kind, possibly with pending unary ops."""
+  return isinstance(w, Lazy) or kernels.is_kind(w)
+
+
+@jax.tree_util.register_pytree_node_class
 class Kernel:
   """A targeted kernel inside the interpreter.
 
@@ -37,7 +72,7 @@ class Kernel:
 
   def dense(self):
     """The base kernel as a dense array."""
-    return kernels.dense(self.w)
+    return self.w.dense() if isinstance(self.w, Lazy) else kernels.dense(self.w)
 
   def replace(self, **changes) -> "Kernel":
     fields = dict(w=self.w, adapter=self.adapter, path=self.path, axes=self.axes) | changes

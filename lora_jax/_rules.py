@@ -58,6 +58,8 @@ class Apply:
 
   def unstack(self, k: Kernel, consumer: str):
     """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
+    if isinstance(k.w, _interpret.Lazy) and k.w.ops:  # ops on the stack: not sliceable
+      k = k.replace(w=k.dense())
     if k.adapter is None:  # a kernel kind without adapter: sliced like any stacked array
       return k.replace(axes=k.axes[1:])
     stacked = [j for j in k.axes if k.roles[j] == "l"]
@@ -183,8 +185,17 @@ def _kernel_operand(eqn, invals, ctx):
 
 
 def _base_dot(eqn, k: Kernel, x, kernel_is_lhs: bool):
-  w = k.dense()
-  return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
+  """``dot_general(x, W)``. A quantized W is made dense inside a ``jax.checkpoint`` that saves
+  nothing: the backward pass dequantizes it again rather than keeping every layer's dense
+  kernel as a residual (which would undo the memory the format saves)."""
+  def product(x, w):
+    w = w.dense() if isinstance(w, _interpret.Lazy) else w
+    return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
+
+  if _interpret.is_quantized(k.w):
+    policy = jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(product, policy=policy)(x, _interpret.Lazy.of(k.w))
+  return product(x, k.dense())
 
 
 def _apply_dot(eqn, invals, ctx: Apply):
@@ -192,6 +203,8 @@ def _apply_dot(eqn, invals, ctx: Apply):
   if operand is None:
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
   k, x, kernel_is_lhs = operand
+  if k.adapter is None:  # a quantized kernel that is not adapted
+    return [_base_dot(eqn, k, x, kernel_is_lhs)]
   extra = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
   if extra is None:
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
@@ -238,14 +251,23 @@ def _apply_reshape(eqn, invals, ctx: Apply):
   the adapter is reshaped alike (e.g. (d, heads * head_dim) -> (d, heads, head_dim))."""
   k = invals[0]
   new_shape = eqn.outvars[0].aval.shape
+  if k.adapter is None:  # a quantized kernel that is not adapted: reshaped when made dense
+    return [k.replace(w=_interpret.Lazy.of(k.w).then(eqn), axes=range(len(new_shape)))]
   current = "".join(k.roles[j] for j in k.axes)
   ordered = list(k.axes) == sorted(k.axes) and eqn.params.get("dimensions") is None
   roles = _reshape_roles(k.dense().shape, current, new_shape) if ordered else None
   if roles is None:
     return _interpret.fallback(eqn, invals, ctx)
-  (w,) = _interpret.bind(eqn, [k.dense()])
+  w = _lazy_or_bound(eqn, k)
   return [Kernel(w, k.adapter.reshaped(roles, new_shape), path=k.path,
                  axes=range(len(new_shape)))]
+
+
+def _lazy_or_bound(eqn, k: Kernel):
+  """A unary ``eqn`` on ``k``'s base: deferred for a quantized base, else run now."""
+  if _interpret.is_quantized(k.w):
+    return _interpret.Lazy.of(k.w).then(eqn)
+  return _interpret.bind(eqn, [k.w])[0]
 
 
 def _passthrough(axes_of):
@@ -253,8 +275,7 @@ def _passthrough(axes_of):
 
   def rule(eqn, invals, ctx):
     (k,) = invals
-    (w,) = _interpret.bind(eqn, [k.dense()])
-    return [k.replace(w=w, axes=axes_of(eqn, k))]
+    return [k.replace(w=_lazy_or_bound(eqn, k), axes=axes_of(eqn, k))]
 
   return rule
 
@@ -272,7 +293,8 @@ def _adapted_only(rule):
   """A kernel-kind operand without an adapter is only made dense where it is used."""
 
   def checked(eqn, invals, ctx):
-    if all(x.adapter is None for x in invals if isinstance(x, Kernel)):
+    if all(x.adapter is None and not _interpret.is_quantized(x.w)
+           for x in invals if isinstance(x, Kernel)):
       return _interpret.fallback(eqn, invals, ctx)
     return rule(eqn, invals, ctx)
 
