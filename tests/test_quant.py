@@ -290,3 +290,11 @@ def test_smollm2_loads_with_its_q4_1_blocks_and_gives_the_dequantized_models_log
                             key=jax.random.key(0), uses=lora_jax.analyze(model.apply, qparams, ids))
   got = jax.jit(lora_jax.lora(model.apply))(qparams, trainable, ids)
   np.testing.assert_allclose(got, jax.jit(model.apply)(dense, ids), atol=2e-4, rtol=0)
+  # another format: each projection dequantized (q/k rows reordered) and quantized on its own
+  _, int8 = g.load_llama(quantize="int8")
+  q = int8["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert isinstance(q, quant.Int8Kernel) and q.shape == (30, 576, 576)
+  w = dense["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"][3]
+  np.testing.assert_array_equal(
+      kernels.dense(jax.tree_util.tree_map(lambda x: x[3], q)),
+      kernels.dense(quant.quantize_kernel(w, "int8", roles="io")))

@@ -23,6 +23,7 @@ import dataclasses
 import pathlib
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
