@@ -336,6 +336,24 @@ def test_text_task_with_packing(folder, tmp_path, capsys):
 
 @pytest.mark.slow
 @needs_smollm2
+def test_a_qlora_run_trains_on_a_quantized_base_and_evaluates(folder, tmp_path, capsys):
+  """--quantize q4_1: the projections stay Q4_1 blocks; the run saves, evaluates and merges
+  (into the dequantized float base) like any other."""
+  root, model, data = folder
+  code, _, err = _main(capsys, "train", "--task", "chat", "--model", model, "--data", data,
+                       "--quantize", "q4_1", "--steps", "2", "--eval-every", "2",
+                       "--batch-size", "4", "--max-length", "64", "--out", tmp_path / "q")
+  assert code == 0, err
+  config = json.loads((tmp_path / "q" / "config.json").read_text())
+  assert config["options"]["quantize"] == "q4_1"
+  code, out, err = _main(capsys, "eval", tmp_path / "q", "--data", data)
+  assert code == 0 and out.startswith("loss ") and "perplexity" in out, err
+  code, _, err = _main(capsys, "merge", tmp_path / "q", "--out", tmp_path / "m")
+  assert code == 0 and (tmp_path / "m" / "model.safetensors").is_file(), err
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys):
   root, model, data = folder
   no_answer = write_jsonl(tmp_path / "bad.jsonl", [
@@ -354,6 +372,10 @@ def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys):
        "not found: expected smollm2-135m-instruct"),
       (["train", "--task", "text", "--model", model, "--data", data],
        "a text row needs a string \"text\""),
+      (["train", "--task", "chat", "--model", model, "--data", data, "--quantize", "nf4"],
+       "has input size 32, not a multiple of nf4's block of 64"),
+      (["train", "--task", "chat", "--model", model, "--data", data, "--quantize", "q4_1",
+        "--mesh", "2x4"], "--quantize with --mesh is not supported yet"),
   ]
   for argv, message in cases:
     code, _, err = _main(capsys, *argv, "--out", tmp_path / "r")

@@ -43,6 +43,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 LABEL_TOKENS = 8  # answers this short (in tokens) count as labels: accuracy is reported
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+QUANTIZE = ("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -70,6 +71,10 @@ class CausalOptions(RunOptions):
   dtype: str = option("float32", "the frozen base's and the computation's dtype",
                       choices=tuple(DTYPES))
   batch_size: int = option(8, "examples (packed: rows) per step")
+  quantize: str = option("none", "keep the frozen projection kernels quantized (QLoRA): q4_1 "
+                                 "(a Q4_1 GGUF's own blocks, as stored), q8_0, nf4, nf4-dq "
+                                 "(double-quantized scales), int8, or none (dense --dtype)",
+                         choices=("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8"))
 
   def __post_init__(self):
     super().__post_init__()
@@ -77,6 +82,12 @@ class CausalOptions(RunOptions):
       raise OptionError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}.")
     if self.dtype not in DTYPES:
       raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+    if self.quantize not in QUANTIZE:
+      raise OptionError("quantize", f"must be one of {', '.join(QUANTIZE)}, got "
+                                    f"{self.quantize!r}.")
+    if self.quantize != "none" and self.mesh is not None:
+      raise OptionError("quantize", "with --mesh is not supported yet: quantized kernels are "
+                                    "not sharded; drop one of the two.")
     if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
             and self.max_length >= 8):
       raise OptionError("max_length", f"must be an integer >= 8, got {self.max_length!r}.")
@@ -102,27 +113,46 @@ class Model:
   name: str
 
 
-def load_model(name: str, *, dtype: str = "float32", **overrides) -> Model:
-  """The named bundled model, a ``.gguf`` file or a Hugging Face Llama folder.
+def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
+               **overrides) -> Model:
+  """The named bundled model, a ``.gguf`` file or a Hugging Face Llama folder; with
+  ``quantize`` (not "none") its projection kernels are ``lora_jax.quant`` kinds (a GGUF's
+  tensors stored in that format keep their bytes).
 
   Raises:
-    ValueError: none of those (the message says what is accepted).
+    ValueError: none of those (the message says what is accepted), or kernels the format
+      cannot hold (an input size that is not a multiple of its block).
   """
+  from lora_jax import quant
   from lora_jax.models import chat, gguf, weights
 
   jdtype = DTYPES[dtype]
   path = pathlib.Path(name)
+  fmt, double = (None, False) if quantize == "none" else (quantize.removesuffix("-dq"),
+                                                          quantize.endswith("-dq"))
   if name == DEFAULT_MODEL or name.endswith(".gguf"):
     file = gguf.read(gguf.smollm2_path() if name == DEFAULT_MODEL else path)
     config = gguf.llama_config(file, dtype=jdtype, param_dtype=jdtype, **overrides)
+    if fmt is not None and not double:
+      return Model(config, gguf.quantized_params(file, config, fmt),
+                   chat.load_chat_tokenizer(file), name)
     params = weights.llama_params(gguf.hf_tensors(file, config), config)
-    return Model(config, params, chat.load_chat_tokenizer(file), name)
-  if path.is_dir():
+    model = Model(config, params, chat.load_chat_tokenizer(file), name)
+  elif path.is_dir():
     config, params = weights.load_llama(path, dtype=jdtype, **overrides)
-    return Model(config, params, chat.load_folder_tokenizer(path), str(path))
-  raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a "
-                   f".gguf file, or a Hugging Face Llama folder (config.json, model.safetensors, "
-                   f"tokenizer.json).")
+    model = Model(config, params, chat.load_folder_tokenizer(path), str(path))
+  else:
+    raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a "
+                     f".gguf file, or a Hugging Face Llama folder (config.json, "
+                     f"model.safetensors, tokenizer.json).")
+  if fmt is None:
+    return model
+  module = llama.LlamaForCausalLM(model.config)
+  example = jnp.ones((1, 8), jnp.int32)
+  uses = lora_jax.analyze(module.apply, model.params, example)
+  params = jax.jit(lambda p: quant.quantize(p, fmt, double_quant=double, uses=uses))(
+      model.params)
+  return dataclasses.replace(model, params=params)
 
 
 # ----------------------------------------------------------------------- data
@@ -416,7 +446,8 @@ class CausalLM:
     self.placement = runner.Placement(o.mesh, llama.FAMILY.partition_rules,
                                       batch_size=o.batch_size)
     self.mesh = self.placement.mesh
-    self.model = model or load_model(o.model, dtype=o.dtype, remat=o.remat)
+    self.model = model or load_model(o.model, dtype=o.dtype, quantize=o.quantize,
+                                     remat=o.remat)
     self.base_name = self.model.name
     self.module = llama.LlamaForCausalLM(self.model.config)
     self.lora_config = lora_config(o, self.model.config)

@@ -236,6 +236,9 @@ def _count_parser(sub) -> None:
     count.add_argument(flag(name), dest=name, action="store_true",
                        help=f"a config variant ({shown})")
   count.add_argument("--use-rslora", action="store_true")
+  count.add_argument("--quantize", default="none", choices=QUANTIZE,
+                     help="also print the frozen base's resident bytes with its matmul kernels "
+                          "(but the head) in this format (nf4-dq: NF4 with double quantization)")
   count.add_argument("--summary", action="store_true", help="print only the totals")
 
 
@@ -285,7 +288,26 @@ def _count(args) -> int:
                       use_rslora=args.use_rslora)
   shown = models.plan_model(args.model, config, **overrides)
   print(shown.counts if args.summary else shown)
+  if args.quantize != "none":
+    fmt, dq = quantize_format(args.quantize)
+    print(base_line(models.base_bytes(args.model, fmt, double_quant=dq, **overrides),
+                    args.quantize))
   return 0
+
+
+QUANTIZE = ("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8")
+
+
+def quantize_format(name: str) -> tuple[str | None, bool]:
+  """(lora_jax.quant format or None, double_quant) of a --quantize value."""
+  return (None, False) if name == "none" else (name.removesuffix("-dq"), name.endswith("-dq"))
+
+
+def base_line(b: dict, name: str) -> str:
+  gib = lambda n: f"{n / 2**30:.3f} GiB"  # noqa: E731
+  return (f"frozen base ({name}): {gib(b['total'])} resident; quantized kernels "
+          f"{b['quantized_weights']:,} weights in {gib(b['kernels'])} "
+          f"({b['bits_per_weight']:.3f} bits/weight), other leaves {gib(b['dense'])}")
 
 
 def _train(args) -> int:

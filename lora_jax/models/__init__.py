@@ -117,7 +117,22 @@ def plan_model(name: str, config: LoraConfig, **overrides) -> Plan:
   return plan(config, params, uses=analyze(model.apply, params, example_input()))
 
 
+def base_bytes(name: str, format: str | None = None, *, double_quant: bool = False,
+               **overrides) -> dict:
+  """``lora_jax.quant.base_bytes`` of a named config's frozen base, its matmul kernels (but
+  the head) in ``format`` (None: as initialized), from abstract shapes (nothing allocated)."""
+  from lora_jax import quant
+
+  model = get(name, **overrides)
+  params = jax.eval_shape(model.init, jax.random.key(0), example_input())
+  if format is not None:
+    uses = analyze(model.apply, params, example_input())
+    params = jax.eval_shape(lambda p: quant.quantize(p, format, double_quant=double_quant,
+                                                     uses=uses), params)
+  return quant.base_bytes(params)
+
+
 __all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "CONFIGS", "FAMILIES",
            "GPT2Config", "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "Spec",
-           "abstract_params", "configs", "default_targets", "example_input", "get", "plan_model",
+           "abstract_params", "base_bytes", "configs", "default_targets", "example_input", "get", "plan_model",
            "spec_of", "targets_for", "variant"]
