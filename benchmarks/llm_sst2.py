@@ -473,6 +473,11 @@ def parse(argv=None):
                       help="skip the transformers + PEFT rows")
   parser.add_argument("--compile", action="store_true",
                       help="also the peft_compiled row (torch.compile)")
+  parser.add_argument("--quantize", default="none", choices=causal.QUANTIZE,
+                      help="lora_jax's frozen base kept in this lora_jax.quant format (QLoRA; "
+                           "q4_1: the GGUF's own blocks); PEFT's stays float32")
+  parser.add_argument("--no-zero-shot", dest="zero_shot", action="store_false",
+                      help="skip scoring the base model (the base_zero_shot row)")
   parser.add_argument("--json", default=str(JSON), help="where the JSON report is written")
   args = parser.parse_args(argv)
   for name in ("steps", "batch", "eval_rows", "max_length"):
@@ -498,7 +503,7 @@ def main(argv=None) -> dict:
   args = parse(argv)
   data = pathlib.Path(args.data)
   t0 = time.perf_counter()
-  model = causal.load_model(args.model)
+  model = causal.load_model(args.model, quantize=args.quantize)
   tok = model.tokenizer
   load_s = time.perf_counter() - t0
   wanted = args.train_rows or args.steps * args.batch
@@ -515,8 +520,9 @@ def main(argv=None) -> dict:
 
   rows: dict[str, dict] = {}
   ours = JaxLoRA(model, args)
-  print("base_zero_shot ...", flush=True)
-  rows["base_zero_shot"] = ours.evaluate(ours.initial, dev)
+  if args.zero_shot:
+    print("base_zero_shot ...", flush=True)
+    rows["base_zero_shot"] = ours.evaluate(ours.initial, dev)
   print("lora_jax ...", flush=True)
   trained, trainable = ours.train(batches)
   rows["lora_jax"] = {**trained, **ours.evaluate(trainable, dev)}
@@ -560,7 +566,8 @@ def main(argv=None) -> dict:
                    "max_length": args.max_length, "rank": RANK, "alpha": ALPHA,
                    "lora_dropout": 0.0, "targets": list(PROJECTIONS),
                    "weight_decay": WEIGHT_DECAY, "schedule": "10% linear warm-up, cosine to 0",
-                   "dtype": "float32", "max_new_tokens": MAX_NEW_TOKENS,
+                   "dtype": "float32", "quantize": args.quantize,
+                   "max_new_tokens": MAX_NEW_TOKENS,
                    "eval_batch": EVAL_BATCH, "prompt": prompt("{sentence}"),
                    "answers": sorted(LABELS.values()),
                    "padding": (f"longest row rounded up to a multiple of {args.pad_multiple}"

@@ -15,6 +15,8 @@ Training rows, all on the same model, batch and AdamW:
   lora          lora_jax's public path: LoraConfig -> analyze -> init -> train_step.
   merged        W + s·A@B formed each step and differentiated by autodiff (what LoRA avoids).
   full          full fine-tuning.
+  qlora_nf4     lora with the frozen projections in NF4 (lora_jax.quant), dequantized per layer.
+  qlora_int8    the same in int8 (per-output-channel scales).
   qwix          qwix.apply_lora_to_model on the same Flax model (if qwix is installed).
   peft_eager    transformers LlamaForCausalLM (SDPA) + PEFT LoRA, eager (if torch and peft are
   peft_compiled installed); the same + torch.compile.
@@ -298,6 +300,31 @@ def full(x: Setup):
   """Full fine-tuning: the base is the trained tree."""
   step = x.descend(lambda params, _, b: x.loss(params, b))
   return x.train(step, None, x.params, n_params(x.params))
+
+
+def qlora(x: Setup, format: str):
+  """lora_jax's LoRA on the seven projections kept in ``format`` (lora_jax.quant)."""
+  import jax
+
+  import lora_jax
+  from lora_jax import quant
+  uses = lora_jax.analyze(x.apply, x.params, x.batch["inputs"])
+  to = lambda p: quant.quantize(p, format, targets=TARGETS, uses=uses)  # noqa: E731
+  frozen = jax.eval_shape(to, x.params) if x.abstract else jax.jit(to)(x.params)
+  return lora(dataclasses.replace(x, params=frozen))
+
+
+@row("qlora_nf4")
+def qlora_nf4(x: Setup):
+  """QLoRA: the frozen projections in NF4 (blocks of 64, float32 absmax), dequantized per
+  layer inside the step; adapters as in ``lora``."""
+  return qlora(x, "nf4")
+
+
+@row("qlora_int8")
+def qlora_int8(x: Setup):
+  """The frozen projections in int8 with per-output-channel scales; adapters as in ``lora``."""
+  return qlora(x, "int8")
 
 
 @row("qwix", needs=("qwix",))

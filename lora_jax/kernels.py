@@ -28,20 +28,43 @@ from typing import Any
 import jax
 
 _KINDS: dict[type, Callable[[Any], jax.Array]] = {}
+_SHARD: dict[type, Callable[[Any, Any], Any]] = {}
 
 
-def register(kind: type, *, to_dense: Callable[[Any], jax.Array]) -> type:
+def register(kind: type, *, to_dense: Callable[[Any], jax.Array],
+             shard: Callable[[Any, Any], Any] | None = None) -> type:
   """Registers ``kind`` (a pytree node type with ``shape`` and ``dtype`` attributes giving the
   dense kernel's) as a kernel kind whose dense operand is ``to_dense(instance)``.
 
+  ``shard(instance, spec)`` (optional) lays the kind's leaves out like a dense kernel whose
+  PartitionSpec is ``spec``: it returns the instance's structure with a PartitionSpec per leaf
+  (codes and scales split along the axes W is split along). Without it, a kind's leaves are
+  replicated on a mesh.
+
   Raises:
-    TypeError: ``to_dense`` is not callable.
+    TypeError: ``to_dense`` (or ``shard``) is not callable.
   """
   if not callable(to_dense):
     raise TypeError(f"to_dense must be a function of a {kind.__name__} returning the dense "
                     f"kernel, got {to_dense!r}.")
+  if shard is not None and not callable(shard):
+    raise TypeError(f"shard must be a function (instance, PartitionSpec) -> PartitionSpecs, "
+                    f"got {shard!r}.")
   _KINDS[kind] = to_dense
+  if shard is not None:
+    _SHARD[kind] = shard
   return kind
+
+
+def leaf_specs(x, spec):
+  """The PartitionSpecs of a kind instance's leaves for a dense kernel laid out by ``spec``
+  (the instance's structure, a PartitionSpec per leaf)."""
+  from jax.sharding import PartitionSpec
+
+  shard = _SHARD.get(type(x))
+  if shard is not None:
+    return shard(x, spec)
+  return jax.tree_util.tree_map(lambda _: PartitionSpec(), x)
 
 
 def is_kind(x) -> bool:

@@ -115,9 +115,34 @@ class _Kind:
             f"{self.bits_per_weight:.3f} bits/weight)")
 
 
+def _shard(k, spec):
+  """Codes and scales split like the dense kernel W (``spec``): their rows axis is W's output
+  axis, their last axis W's input axis (blocks along it), leading axes W's stacked ones."""
+  from jax.sharding import PartitionSpec as P
+
+  lead = len(k.shape) - len(k.kernel_shape)
+  axes = tuple(spec) + (None,) * (len(k.shape) - len(tuple(spec)))
+  outs = _out_axes(k)
+  ins, o_axes = axes[lead:len(k.shape) - outs], axes[len(k.shape) - outs:]
+  only = lambda s: s[0] if len(s) == 1 else None  # noqa: E731  (several axes: not split)
+  i, o, stacked = only(ins), only(o_axes), axes[:lead]
+  rows = P(*stacked, o, i)
+  fields = {"codes": rows}
+  if isinstance(k, (Q4_1Kernel, Q8_0Kernel)):
+    fields["scale"] = rows
+  if isinstance(k, Q4_1Kernel):
+    fields["minimum"] = rows
+  if isinstance(k, Int8Kernel):
+    fields["scale"] = P(*stacked, o)
+  if isinstance(k, NF4Kernel):
+    fields["absmax"] = (ScaleCodes(rows, P(*stacked, None), P(*stacked))
+                        if isinstance(k.absmax, ScaleCodes) else rows)
+  return dataclasses.replace(k, **fields)
+
+
 def _register(cls, data: list[str], dense):
   jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=["kernel_shape", "dtype"])
-  kernels.register(cls, to_dense=dense)
+  kernels.register(cls, to_dense=dense, shard=_shard)
   return cls
 
 

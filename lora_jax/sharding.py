@@ -266,10 +266,43 @@ def initialize(*, coordinator: str | None = None, num_processes: int | None = No
                              process_id=process_id)
 
 
+def leaf_shardings(tree, shardings):
+  """``shardings`` (NamedShardings matching ``tree``, a kernel kind's position holding its
+  dense kernel's) with each kernel-kind position expanded to one NamedSharding per leaf of the
+  kind (``kernels.leaf_specs``: codes and scales split like W). An axis a leaf cannot split
+  evenly (a 4-bit kernel's packed input axis over a large mesh axis) stays whole."""
+  flat = _tree.flatten(tree, is_leaf=kernels.is_kind)
+  if isinstance(shardings, Sharding) or not any(kernels.is_kind(x) for x in flat.values()):
+    return shardings
+  given = _by_path(shardings)
+
+  def one(keys, leaf):
+    s = given[keys]
+    if not kernels.is_kind(leaf) or not isinstance(s, NamedSharding):
+      return s
+    specs = kernels.leaf_specs(leaf, s.spec)
+    return jax.tree_util.tree_map(lambda x, p: NamedSharding(s.mesh, _fitting(x, p, s.mesh)),
+                                  leaf, specs, is_leaf=lambda p: isinstance(p, PartitionSpec))
+
+  return _tree.map_with_path(one, tree, is_leaf=kernels.is_kind)
+
+
+def _fitting(x, spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  axes = list(spec) + [None] * (np.ndim(x) - len(spec))
+  for d, name in enumerate(axes):
+    names = name if isinstance(name, tuple) else (name,)
+    size = int(np.prod([mesh.shape[n] for n in names if n is not None]))
+    if size > 1 and np.shape(x)[d] % size:
+      axes[d] = None
+  return PartitionSpec(*axes)
+
+
 def put(tree, shardings):
   """``jax.device_put(tree, shardings)`` that also works across processes: every process
   holds the same host values and supplies its own devices' shards (``shardings``: one
-  Sharding, or a tree matching ``tree``)."""
+  Sharding, or a tree matching ``tree``; at a kernel kind, its dense kernel's sharding, which
+  ``leaf_shardings`` expands over the kind's codes and scales)."""
+  shardings = leaf_shardings(tree, shardings)
   if jax.process_count() == 1:
     return jax.device_put(tree, shardings)
 

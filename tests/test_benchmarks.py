@@ -21,15 +21,19 @@ def _bench():
 
 def test_train_step_benchmark_writes_rows_and_ratios(tmp_path):
   out = tmp_path / "bench.json"
-  _bench().main(["--size", "tiny", "--rows", "frozen_bound,lora,merged,infer", "--iters", "2",
-                 "--warmup", "1", "--paired", "--json", str(out)])
+  _bench().main(["--size", "tiny", "--rows", "frozen_bound,lora,merged,qlora_nf4,infer",
+                 "--iters", "2", "--warmup", "1", "--paired", "--json", str(out)])
   report = json.loads(out.read_text())
-  assert set(report["paired"]) == {"scan/lora", "scan/merged"}  # each against the bound
+  assert set(report["paired"]) == {"scan/lora", "scan/merged", "scan/qlora_nf4"}
   lora_pairs = report["paired"]["scan/lora"]
   assert len(lora_pairs["ratios"]) == 2 and all(r > 0 for r in lora_pairs["ratios"])
   assert lora_pairs["ratio_to_bound"] == pytest.approx(sum(lora_pairs["ratios"]) / 2)
   rows = report["rows"]
-  assert set(rows) == {"scan/frozen_bound", "scan/lora", "scan/merged", "scan/infer"}
+  assert set(rows) == {"scan/frozen_bound", "scan/lora", "scan/merged", "scan/qlora_nf4",
+                       "scan/infer"}
+  qlora = rows["scan/qlora_nf4"]  # the same adapters and loss on the NF4 base (not the same
+  assert qlora["trainable"] == rows["scan/lora"]["trainable"]  # weights: rounded)
+  assert qlora["loss"] == pytest.approx(rows["scan/lora"]["loss"], rel=0.05)
   assert rows["scan/frozen_bound"]["ratio_to_bound"] == 1.0
   # r (in + out) per projection: four d x d, three d x ffn, 2 layers (d 64, ffn 128, r 16)
   assert rows["scan/lora"]["trainable"] == 2 * (4 * 16 * (64 + 64) + 3 * 16 * (64 + 128))

@@ -298,3 +298,37 @@ def test_smollm2_loads_with_its_q4_1_blocks_and_gives_the_dequantized_models_log
   np.testing.assert_array_equal(
       kernels.dense(jax.tree_util.tree_map(lambda x: x[3], q)),
       kernels.dense(quant.quantize_kernel(w, "int8", roles="io")))
+
+
+def test_a_quantized_base_on_a_mesh_splits_codes_like_w_and_gives_one_devices_step():
+  """Tensor-parallel rules written for dense kernels lay out the codes and scales: a
+  column-parallel kernel's codes split along their rows (W's output axis), a row-parallel one's
+  along the packed input axis; a scale axis that does not divide stays whole."""
+  from jax.sharding import PartitionSpec as P
+
+  from lora_jax import sharding
+  from lora_jax.models import llama
+
+  model, params, ids, uses = _llama(scan=True)
+  qparams = quant.quantize(params, "nf4", double_quant=True, uses=uses)
+  trainable = randomize_b(lora_jax.init(lora_jax.LoraConfig(targets="all-linear", rank=4),
+                                        qparams, key=jax.random.key(2), uses=uses),
+                          jax.random.key(3), scale=0.05)
+  mesh = sharding.mesh("2x4")
+  specs = sharding.named_shardings(sharding.tensor_parallel_specs(
+      qparams, llama.FAMILY.partition_rules, mesh=mesh), mesh)
+  placed = sharding.put(qparams, specs)
+  layers = placed["params"]["model"]["layers"]
+  q, down = layers["self_attn"]["q_proj"]["kernel"], layers["mlp"]["down_proj"]["kernel"]
+  assert q.codes.sharding.spec == P(None, "model", None)  # column: W (l, in, out) splits out
+  assert q.absmax.codes.sharding.spec == P(None, "model", None)
+  assert down.codes.sharding.spec == P(None, None, "model")  # row: W splits in
+  assert down.absmax.codes.sharding.spec == P(None, None, None)  # 128 / 64 = 2 blocks: whole
+  assert down.codes.addressable_shards[0].data.shape == (2, 64, 16)  # a quarter of 64 bytes
+  adapters = sharding.put(trainable, sharding.adapter_shardings(trainable, specs))
+  loss = lambda p, ids: jnp.mean(model.apply(p, ids) ** 2)  # noqa: E731
+  step = jax.jit(lora_jax.value_and_grad(loss))
+  (value, grads), (want_value, want_grads) = step(placed, adapters, ids), step(qparams,
+                                                                               trainable, ids)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)

@@ -85,9 +85,6 @@ class CausalOptions(RunOptions):
     if self.quantize not in QUANTIZE:
       raise OptionError("quantize", f"must be one of {', '.join(QUANTIZE)}, got "
                                     f"{self.quantize!r}.")
-    if self.quantize != "none" and self.mesh is not None:
-      raise OptionError("quantize", "with --mesh is not supported yet: quantized kernels are "
-                                    "not sharded; drop one of the two.")
     if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
             and self.max_length >= 8):
       raise OptionError("max_length", f"must be an integer >= 8, got {self.max_length!r}.")
