@@ -4,8 +4,9 @@ Two models: the bundled SmolLM2-135M-Instruct (real weights; ``q4_1`` keeps the 
 blocks, the other formats quantize each projection) and the ``1b`` shape of
 ``benchmarks/train_step.py`` (BENCHMARKS.md's GPU shape, a Llama of d 2048 and 16 layers, from
 abstract shapes: nothing allocated). Bytes are the leaves' own: "projections" are the seven
-projection kernels (dense, or codes and scales), "other" the rest (embedding, norms, head). Also the dequantization error of each format on SmolLM2's projections, against the
-float32 values of the file.
+projection kernels (dense, or codes and scales), "other" the rest (embedding, norms, head).
+Also the dequantization error of each format on SmolLM2's projections, against the float32
+values of the file.
 
 Usage:
   python benchmarks/quant_bytes.py --json benchmarks/results/quant_bytes.json
@@ -35,7 +36,6 @@ def bytes_of(params) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from lora_jax import kernels
   from lora_jax.targets import leaves_by_path
 
   size = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize  # noqa: E731
@@ -58,7 +58,7 @@ def smollm2(formats) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from lora_jax import kernels, quant
+  from lora_jax import kernels
   from lora_jax.app.causal import load_model
 
   out = {}

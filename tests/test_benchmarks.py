@@ -121,3 +121,17 @@ def test_train_step_benchmark_rejects_zero_rounds(capsys):
   with pytest.raises(SystemExit) as e:
     _bench().main(["--size", "tiny", "--rounds", "0"])
   assert e.value.code == 2 and "--rounds: expected an integer >= 1" in capsys.readouterr().err
+
+
+def test_quant_bytes_counts_the_1b_shape_from_abstract_shapes():
+  spec = importlib.util.spec_from_file_location("quant_bytes", ROOT / "benchmarks" /
+                                                "quant_bytes.py")
+  qb = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(qb)
+  rows = qb.one_b(["nf4", "nf4-dq"])
+  weights = 16 * (4 * 2048 * 2048 + 3 * 2048 * 5632)  # the seven projections of 16 layers
+  assert rows["bfloat16"]["projection_weights"] == weights
+  assert rows["bfloat16"]["projections"] == 2 * weights
+  assert rows["nf4"]["projections"] == weights * 9 // 16  # 4 bits + a float32 per 64
+  assert rows["nf4-dq"]["bits_per_weight"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
+  assert rows["nf4-dq+head"]["other"] < rows["nf4-dq"]["other"]  # the head in NF4 too

@@ -134,5 +134,5 @@ def base_bytes(name: str, format: str | None = None, *, double_quant: bool = Fal
 
 __all__ = ["BertConfig", "BertForSequenceClassification", "BertModel", "CONFIGS", "FAMILIES",
            "GPT2Config", "GPT2LMHeadModel", "LlamaConfig", "LlamaForCausalLM", "Spec",
-           "abstract_params", "base_bytes", "configs", "default_targets", "example_input", "get", "plan_model",
-           "spec_of", "targets_for", "variant"]
+           "abstract_params", "base_bytes", "configs", "default_targets", "example_input", "get",
+           "plan_model", "spec_of", "targets_for", "variant"]
