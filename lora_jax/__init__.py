@@ -22,8 +22,9 @@ from lora_jax.transform import lora as lora
 
 from lora_jax import checkpoint as checkpoint  # noqa: E402  save / restore (orbax)
 from lora_jax import family as family  # noqa: E402  model-family records (the registry)
-from lora_jax import kernels as kernels  # noqa: E402  kernel kinds (dense; quantized later)
+from lora_jax import kernels as kernels  # noqa: E402  kernel kinds (dense, quantized)
 from lora_jax import peft as peft  # noqa: E402  export_peft / import_peft (Hugging Face PEFT)
+from lora_jax import quant as quant  # noqa: E402  QLoRA: quantized frozen kernels
 from lora_jax import sharding as sharding  # noqa: E402  meshes, adapter shardings, sharded step
 
 __version__ = "0.1.0"

@@ -38,8 +38,8 @@ import numpy as np
 from lora_jax import _tree, kernels
 
 __all__ = ["FORMATS", "NF4", "Int8Kernel", "NF4Kernel", "Q4_1Kernel", "Q8_0Kernel",
-           "QuantizationWarning", "ScaleCodes", "base_bytes", "dequantize", "quantize",
-           "requantize"]
+           "QuantizationWarning", "ScaleCodes", "base_bytes", "check_format", "dequantize",
+           "from_gguf", "quantize", "quantize_kernel", "requantize", "stack"]
 
 # The 16 NormalFloat levels (QLoRA, Dettmers et al. 2023, §3 and Appendix E; the same float32
 # values as bitsandbytes' NF4 table). tests/test_quant.py rebuilds them from normal quantiles.

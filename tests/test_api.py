@@ -40,3 +40,4 @@ def test_submodules_for_checkpoints_and_peft():
   assert callable(lora_jax.checkpoint.save) and callable(lora_jax.checkpoint.restore)
   assert callable(lora_jax.peft.export_peft) and callable(lora_jax.peft.import_peft)
   assert callable(lora_jax.sharding.adapter_shardings) and callable(lora_jax.sharding.mesh)
+  assert callable(lora_jax.quant.quantize) and callable(lora_jax.quant.dequantize)
