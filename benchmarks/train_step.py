@@ -18,6 +18,7 @@ Training rows, all on the same model, batch and AdamW:
   qlora_nf4     lora with the frozen projections in NF4 (lora_jax.quant), dequantized per layer.
   qlora_int8    the same in int8 (per-output-channel scales).
   qwix          qwix.apply_lora_to_model on the same Flax model (if qwix is installed).
+  qwix_qlora_nf4  qwix's QLoRA (NF4 base by qwix.quantize_params; unrolled layers only).
   peft_eager    transformers LlamaForCausalLM (SDPA) + PEFT LoRA, eager (if torch and peft are
   peft_compiled installed); the same + torch.compile.
 Inference rows (``infer``): the base model, the merged model and the unmerged (transformed)
@@ -345,6 +346,40 @@ def qwix_lora(x: Setup):
     tree = tu.unflatten_dict({**tu.flatten_dict(frozen), **tu.flatten_dict(lp)})
     return cross_entropy(qmodel.apply({"params": tree}, b["inputs"]), b["targets"])
   return x.train(x.descend(qloss), x.params, lora_params, n_params(lora_params))
+
+
+@row("qwix_qlora_nf4", needs=("qwix",))
+def qwix_qlora(x: Setup):
+  """qwix's QLoRA: LoraProvider(weight_qtype="nf4", tile_size=64), the base quantized by
+  qwix.quantize_params (one 4-bit value per byte), its LoRA params trained. Unrolled layers
+  only: qwix 0.1.8's PTQ tiles a scanned (stacked) kernel along its layer axis and fails."""
+  import flax.traverse_util as tu
+  import jax
+  import jax.numpy as jnp
+  import qwix
+  if "layers" in x.params["model"]:
+    raise ValueError("qwix 0.1.8 cannot quantize scanned (stacked) kernels; use --layers unroll")
+  qmodel = qwix.apply_lora_to_model(
+      x.model, qwix.LoraProvider(module_path=".*(" + "|".join(PROJECTIONS) + ")", rank=RANK,
+                                 alpha=ALPHA, weight_qtype="nf4", tile_size=64))
+  flat = tu.flatten_dict(jax.eval_shape(
+      lambda: qmodel.init(jax.random.key(1), x.batch["inputs"])["params"]))
+  is_lora = lambda k: k[-1].endswith(("_lora_a", "_lora_b"))  # noqa: E731
+  base = tu.unflatten_dict({k: v for k, v in flat.items() if not is_lora(k)})
+  lora_abs = {k: v for k, v in flat.items() if is_lora(k)}
+  if x.abstract:
+    frozen, lora_params = base, tu.unflatten_dict(lora_abs)
+  else:  # A small random, B zero (as qwix initializes them)
+    frozen = qwix.quantize_params(x.params, base)
+    lora_params = tu.unflatten_dict({
+        k: (jax.random.normal(jax.random.key(3), v.shape, v.dtype) * 0.01
+            if k[-1].endswith("_lora_a") else jnp.zeros(v.shape, v.dtype))
+        for k, v in lora_abs.items()})
+
+  def qloss(lp, frozen, b):
+    tree = tu.unflatten_dict({**tu.flatten_dict(frozen), **tu.flatten_dict(lp)})
+    return cross_entropy(qmodel.apply({"params": tree}, b["inputs"]), b["targets"])
+  return x.train(x.descend(qloss), frozen, lora_params, n_params(lora_params))
 
 
 def place(args, *, mesh, fsdp: bool):
