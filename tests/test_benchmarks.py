@@ -1,5 +1,6 @@
 """benchmarks/train_step.py runs end to end on a tiny shape and writes its JSON."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
@@ -19,10 +20,13 @@ def _bench():
   return module
 
 
-def test_train_step_benchmark_writes_rows_and_ratios(tmp_path):
+def test_train_step_benchmark_writes_rows_and_ratios(tmp_path, monkeypatch):
   out = tmp_path / "bench.json"
-  _bench().main(["--size", "tiny", "--rows", "frozen_bound,lora,merged,qlora_nf4,infer",
-                 "--iters", "2", "--warmup", "1", "--paired", "--json", str(out)])
+  bench = _bench()  # rows in this process (the mesh run below spawns them as the script does)
+  monkeypatch.setattr(bench, "spawn", lambda key, args: bench.run_one(
+      argparse.Namespace(**{**vars(args), "one": key})))
+  bench.main(["--size", "tiny", "--rows", "frozen_bound,lora,merged,qlora_nf4,infer",
+              "--iters", "2", "--warmup", "1", "--paired", "--json", str(out)])
   report = json.loads(out.read_text())
   assert set(report["paired"]) == {"scan/lora", "scan/merged", "scan/qlora_nf4"}
   lora_pairs = report["paired"]["scan/lora"]

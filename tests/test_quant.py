@@ -2,6 +2,7 @@
 NumPy code and the QLoRA paper, and a quantized base under lora(fn) checked against LoRA on
 its dequantized base."""
 
+import functools
 import math
 import warnings
 
@@ -127,6 +128,7 @@ def test_dequantize_inverts_quantize_up_to_the_formats_rounding():
 # ----------------------------------------------------------------------- under lora(fn)
 
 
+@functools.lru_cache(maxsize=None)  # one model per shape: jitted functions below are reused
 def _llama(*, scan: bool, layers: int = 2, width: int = 64, ffn: int = 128):
   config = LlamaConfig(vocab_size=128, hidden_size=width, intermediate_size=ffn,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
@@ -137,17 +139,23 @@ def _llama(*, scan: bool, layers: int = 2, width: int = 64, ffn: int = 128):
   return model, params, ids, lora_jax.analyze(model.apply, params, ids)
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted(fn):
+  """(the adapted function, its loss's value and gradients), jitted once per model: the dense
+  reference compiles once for every format."""
+  loss = lambda p, x: jnp.mean(fn(p, x) ** 2)  # noqa: E731
+  return jax.jit(lora_jax.lora(fn)), jax.jit(lora_jax.value_and_grad(loss))
+
+
 def _check_equal_to_lora_on_the_dequantized_base(fn, qparams, x, uses, config):
   dense = quant.dequantize(qparams)
   trainable = randomize_b(lora_jax.init(config, qparams, key=jax.random.key(2), uses=uses),
                           jax.random.key(3), scale=0.05)
-  got = jax.jit(lora_jax.lora(fn))(qparams, trainable, x)
-  want = jax.jit(lora_jax.lora(fn))(dense, trainable, x)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  loss = lambda p, x: jnp.mean(fn(p, x) ** 2)  # noqa: E731
-  grads = jax.jit(lora_jax.value_and_grad(loss))(qparams, trainable, x)[1]
-  want_grads = jax.jit(lora_jax.value_and_grad(loss))(dense, trainable, x)[1]
-  assert_trees_close(grads, want_grads, rtol=1e-4, atol=1e-6)
+  adapted, value_and_grad = _jitted(fn)
+  np.testing.assert_allclose(adapted(qparams, trainable, x), adapted(dense, trainable, x),
+                             rtol=1e-5, atol=1e-5)
+  assert_trees_close(value_and_grad(qparams, trainable, x)[1],
+                     value_and_grad(dense, trainable, x)[1], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("scan,format,double_quant",
