@@ -15,7 +15,10 @@ DESCRIPTIONS = {  # the README table's wording of each training row
     "lora": "**LoRA with lora_jax** (`LoraConfig` → `analyze` → `init` → `train_step`)",
     "merged": "W + s·A@B formed each step, autodiff (what LoRA avoids)",
     "full": "full fine-tuning",
+    "qlora_nf4": "QLoRA with lora_jax: the frozen projections in NF4 (`lora_jax.quant`)",
+    "qlora_int8": "lora_jax with the frozen projections in int8 (per-channel scales)",
     "qwix": "LoRA with qwix (`qwix.apply_lora_to_model`, same Flax model)",
+    "qwix_qlora_nf4": "QLoRA with qwix (`LoraProvider(weight_qtype=\"nf4\")`, unrolled only)",
     "peft_eager": "PyTorch: transformers Llama + PEFT LoRA, eager",
     "peft_compiled": "PyTorch: transformers Llama + PEFT LoRA, `torch.compile`",
 }
