@@ -140,9 +140,12 @@ def _shard(k, spec):
   return dataclasses.replace(k, **fields)
 
 
-def _register(cls, data: list[str], dense):
+def _register(cls, data: list[str], rows):
+  """Registers a format: a dataclass pytree (``kernel_shape``, ``dtype`` static) and a kernel
+  kind whose dense kernel is its dequantized ``rows`` (..., out, in) laid out as W."""
   jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=["kernel_shape", "dtype"])
-  kernels.register(cls, to_dense=dense, shard=_shard)
+  kernels.register(cls, to_dense=lambda k: _rows_to_kernel(rows(k), k.kernel_shape, k.dtype),
+                   shard=_shard)
   return cls
 
 
@@ -166,8 +169,7 @@ def _q4_1_rows(k: Q4_1Kernel) -> jax.Array:
   return w.reshape(*k.codes.shape[:-1], -1)
 
 
-_register(Q4_1Kernel, ["codes", "scale", "minimum"],
-          lambda k: _rows_to_kernel(_q4_1_rows(k), k.kernel_shape, k.dtype))
+_register(Q4_1Kernel, ["codes", "scale", "minimum"], _q4_1_rows)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -187,8 +189,7 @@ def _q8_0_rows(k: Q8_0Kernel) -> jax.Array:
   return (q * k.scale.astype(jnp.float32)[..., None]).reshape(k.codes.shape)
 
 
-_register(Q8_0Kernel, ["codes", "scale"],
-          lambda k: _rows_to_kernel(_q8_0_rows(k), k.kernel_shape, k.dtype))
+_register(Q8_0Kernel, ["codes", "scale"], _q8_0_rows)
 
 
 @jax.tree_util.register_dataclass
@@ -230,8 +231,7 @@ def _nf4_rows(k: NF4Kernel) -> jax.Array:
   return (q * _absmax(k)[..., None]).reshape(*k.codes.shape[:-1], -1)
 
 
-_register(NF4Kernel, ["codes", "absmax"],
-          lambda k: _rows_to_kernel(_nf4_rows(k), k.kernel_shape, k.dtype))
+_register(NF4Kernel, ["codes", "absmax"], _nf4_rows)
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -250,8 +250,7 @@ def _int8_rows(k: Int8Kernel) -> jax.Array:
   return k.codes.astype(jnp.float32) * k.scale[..., None]
 
 
-_register(Int8Kernel, ["codes", "scale"],
-          lambda k: _rows_to_kernel(_int8_rows(k), k.kernel_shape, k.dtype))
+_register(Int8Kernel, ["codes", "scale"], _int8_rows)
 
 FORMATS = {"q4_1": Q4_1Kernel, "q8_0": Q8_0Kernel, "nf4": NF4Kernel, "int8": Int8Kernel}
 """Format name -> kernel kind."""
