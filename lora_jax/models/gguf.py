@@ -6,6 +6,8 @@ tensor in a (possibly quantized) block format. This module reads the metadata in
 of 32 weights, ``d·q + m``; Q8_0: ``d·q``; see ``QUANT_FORMATS.md``), renames them to the
 Hugging Face checkpoint names, and builds the parameter tree through the Llama family's
 checkpoint table (``lora_jax.models.weights``), scanned or unrolled, float32 or bfloat16.
+With ``load_llama(quantize=...)`` the projections stay quantized instead (``lora_jax.quant``
+kinds; Q4_1 / Q8_0 tensors keep their bytes: ``quantized_params``).
 
 llama.cpp's converter reorders the rows of ``q_proj`` and ``k_proj`` within each head
 (interleaving the two rotary halves) for its own RoPE kernel; ``unpermute`` undoes that, so the
