@@ -361,6 +361,28 @@ def test_a_qlora_run_trains_on_a_quantized_base_and_evaluates(folder, tmp_path, 
 
 @pytest.mark.slow
 @needs_smollm2
+def test_generate_on_a_quantized_model_gives_its_dequantized_models_tokens(folder, capsys):
+  """``lora-jax generate MODEL --quantize q4_1``: the base runs through the transform with its
+  Q4_1 blocks; greedy tokens equal the dequantized parameters' own (the same values)."""
+  from lora_jax import quant
+  root, model, _ = folder
+  got = causal.generate_text(str(model), ["Is 'a mess' positive?"], max_new_tokens=6,
+                             quantize="q4_1")
+  loaded = causal.load_model(str(model), quantize="q4_1")
+  tok = loaded.tokenizer
+  ids = tok.encode(tok.render([{"role": "user", "content": "Is 'a mess' positive?"}],
+                              add_generation_prompt=True))
+  want = gen.generate(
+      llama.LlamaForCausalLM(loaded.config).apply, quant.dequantize(loaded.params), [ids],
+      init_cache=functools.partial(llama.init_cache, loaded.config), max_new_tokens=6,
+      stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0)
+  assert got.generation.tokens == want.tokens and not got.adapted
+  code, _, err = _main(capsys, "generate", model, "--prompt", "hi", "--quantize", "nf4")
+  assert code == 2 and "not a multiple of nf4's block of 64" in err  # width 32
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_bad_input_is_one_line_and_exit_2(folder, tmp_path, capsys):
   root, model, data = folder
   no_answer = write_jsonl(tmp_path / "bad.jsonl", [

@@ -659,23 +659,27 @@ class Answers:
 def generate_text(source: str, prompts: list[str], *, max_new_tokens: int = 128,
                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                   seed: int = 0, merged: bool = False, raw: bool = False,
-                  stream=None) -> Answers:
+                  quantize: str = "none", stream=None) -> Answers:
   """Answers ``prompts`` (user messages, rendered with the chat template unless ``raw``) with a
-  chat/text run (its adapters unmerged through ``lora_jax.lora``, or ``merged``) or a model.
+  chat/text run (its adapters unmerged through ``lora_jax.lora``, or ``merged``) or a model
+  (its projections kept in ``quantize``'s format unless "none"; a run keeps its own setting).
   With ``stream`` (a text file) and one prompt, the answer is written as it is decoded.
 
   Raises:
-    ValueError: a prompt too long for the model's context, bad sampling settings, or a
-      source that is neither a chat/text run nor a model.
+    ValueError: a prompt too long for the model's context, bad sampling settings, a source
+      that is neither a chat/text run nor a model, or ``quantize`` with a run.
   """
   folder = pathlib.Path(source)
   if (folder / "config.json").is_file() and (folder / runner.CHECKPOINTS).is_dir():
+    if quantize != "none":
+      raise ValueError(f"--quantize applies to a model, not a run: {source} was trained with "
+                       f"--quantize as its config.json says, and generates with that.")
     task, trainable = load(folder)
     if task.options.task == "text":
       raw = True
     model, base = task.model, task.base
   else:
-    model, trainable = load_model(source), None
+    model, trainable = load_model(source, quantize=quantize), None
     base = model.params
   tok = model.tokenizer
   texts = prompts if raw else [tok.render([{"role": "user", "content": p}],
@@ -683,7 +687,9 @@ def generate_text(source: str, prompts: list[str], *, max_new_tokens: int = 128,
   ids = [tok.encode(t) for t in texts]
   sampling = generate_lib.Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
   module = llama.LlamaForCausalLM(model.config)
-  if trainable is None or merged:
+  if trainable is None and quantize != "none":  # a quantized base runs through the transform
+    fn, params, trainable, merged = lora_jax.lora(module.apply), (base, {}), {}, False
+  elif trainable is None or merged:
     fn, params = module.apply, base if trainable is None else lora_jax.merge(base, trainable)
   else:
     fn, params = lora_jax.lora(module.apply), (base, trainable)
@@ -701,4 +707,4 @@ def generate_text(source: str, prompts: list[str], *, max_new_tokens: int = 128,
       max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,
       sampling=sampling, key=jax.random.key(seed), context=model.config.max_position_embeddings,
       adapted=trainable is not None and not merged, on_tokens=on_tokens)
-  return Answers([tok.decode(t) for t in result.tokens], result, trainable is not None)
+  return Answers([tok.decode(t) for t in result.tokens], result, bool(trainable))

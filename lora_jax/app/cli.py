@@ -204,6 +204,9 @@ def _generate_parser(sub) -> None:
   gen.add_argument("--merged", action="store_true",
                    help="a run: merge the adapters into the weights first (default: unmerged)")
   gen.add_argument("--quiet", action="store_true", help="print the answer only at the end")
+  gen.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="a model's projections kept in this format (QLoRA's base; a run "
+                        "uses the setting it was trained with)")
 
 
 def _variants() -> dict[str, list]:
@@ -406,7 +409,7 @@ def _generate(args) -> int:
   result = causal.generate_text(
       args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, seed=args.seed, merged=args.merged, raw=args.raw,
-      stream=stream)
+      quantize=args.quantize, stream=stream)
   if stream is None:
     for prompt, text in zip(args.prompt, result.texts):
       print(f"{prompt}\n-> {text}\n")
