@@ -63,6 +63,7 @@ import numpy as np
 
 import lora_jax
 from lora_jax import generate as generate_lib
+from lora_jax import quant
 from lora_jax.app import causal, runner
 from lora_jax.models import llama
 
@@ -473,7 +474,7 @@ def parse(argv=None):
                       help="skip the transformers + PEFT rows")
   parser.add_argument("--compile", action="store_true",
                       help="also the peft_compiled row (torch.compile)")
-  parser.add_argument("--quantize", default="none", choices=causal.QUANTIZE,
+  parser.add_argument("--quantize", default="none", choices=quant.CHOICES,
                       help="lora_jax's frozen base kept in this lora_jax.quant format (QLoRA; "
                            "q4_1: the GGUF's own blocks); PEFT's stays float32")
   parser.add_argument("--no-zero-shot", dest="zero_shot", action="store_false",

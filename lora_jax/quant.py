@@ -252,6 +252,16 @@ def _int8_rows(k: Int8Kernel) -> jax.Array:
 
 _register(Int8Kernel, ["codes", "scale"], _int8_rows)
 
+CHOICES = ("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8")
+"""The command line's ``--quantize`` values: a format, ``nf4-dq`` (NF4 with double
+quantization) or ``none``."""
+
+
+def parse_choice(name: str) -> tuple[str | None, bool]:
+  """``(format or None, double_quant)`` of a ``CHOICES`` value."""
+  return (None, False) if name == "none" else (name.removesuffix("-dq"), name.endswith("-dq"))
+
+
 FORMATS = {"q4_1": Q4_1Kernel, "q8_0": Q8_0Kernel, "nf4": NF4Kernel, "int8": Int8Kernel}
 """Format name -> kernel kind."""
 

@@ -33,6 +33,7 @@ import optax
 
 import lora_jax
 from lora_jax import generate as generate_lib
+from lora_jax import quant
 from lora_jax.app import runner
 from lora_jax.app.options import OptionError, RunOptions, option
 from lora_jax.app.runner import RunError
@@ -43,7 +44,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 LABEL_TOKENS = 8  # answers this short (in tokens) count as labels: accuracy is reported
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-QUANTIZE = ("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -74,7 +74,7 @@ class CausalOptions(RunOptions):
   quantize: str = option("none", "keep the frozen projection kernels quantized (QLoRA): q4_1 "
                                  "(a Q4_1 GGUF's own blocks, as stored), q8_0, nf4, nf4-dq "
                                  "(double-quantized scales), int8, or none (dense --dtype)",
-                         choices=("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8"))
+                         choices=quant.CHOICES)
 
   def __post_init__(self):
     super().__post_init__()
@@ -82,8 +82,8 @@ class CausalOptions(RunOptions):
       raise OptionError("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}.")
     if self.dtype not in DTYPES:
       raise OptionError("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-    if self.quantize not in QUANTIZE:
-      raise OptionError("quantize", f"must be one of {', '.join(QUANTIZE)}, got "
+    if self.quantize not in quant.CHOICES:
+      raise OptionError("quantize", f"must be one of {', '.join(quant.CHOICES)}, got "
                                     f"{self.quantize!r}.")
     if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
             and self.max_length >= 8):
@@ -120,13 +120,11 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
     ValueError: none of those (the message says what is accepted), or kernels the format
       cannot hold (an input size that is not a multiple of its block).
   """
-  from lora_jax import quant
   from lora_jax.models import chat, gguf, weights
 
   jdtype = DTYPES[dtype]
   path = pathlib.Path(name)
-  fmt, double = (None, False) if quantize == "none" else (quantize.removesuffix("-dq"),
-                                                          quantize.endswith("-dq"))
+  fmt, double = quant.parse_choice(quantize)
   if name == DEFAULT_MODEL or name.endswith(".gguf"):
     file = gguf.read(gguf.smollm2_path() if name == DEFAULT_MODEL else path)
     config = gguf.llama_config(file, dtype=jdtype, param_dtype=jdtype, **overrides)

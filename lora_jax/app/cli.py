@@ -188,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _generate_parser(sub) -> None:
+  from lora_jax import quant
   gen = sub.add_parser("generate", help="answer prompts with a chat/text run or a model",
                        description="Greedy (default) or sampled decoding with a key-value "
                                    "cache; one prompt streams its answer.")
@@ -204,7 +205,7 @@ def _generate_parser(sub) -> None:
   gen.add_argument("--merged", action="store_true",
                    help="a run: merge the adapters into the weights first (default: unmerged)")
   gen.add_argument("--quiet", action="store_true", help="print the answer only at the end")
-  gen.add_argument("--quantize", default="none", choices=QUANTIZE,
+  gen.add_argument("--quantize", default="none", choices=quant.CHOICES,
                    help="a model's projections kept in this format (QLoRA's base; a run "
                         "uses the setting it was trained with)")
 
@@ -220,7 +221,7 @@ def _variants() -> dict[str, list]:
 
 
 def _count_parser(sub) -> None:
-  from lora_jax import family, models
+  from lora_jax import family, models, quant
 
   aliases = "; ".join(f"{f.name}: {','.join(f.target_aliases)}"
                       for f in family.registered().values() if f.target_aliases)
@@ -239,7 +240,7 @@ def _count_parser(sub) -> None:
     count.add_argument(flag(name), dest=name, action="store_true",
                        help=f"a config variant ({shown})")
   count.add_argument("--use-rslora", action="store_true")
-  count.add_argument("--quantize", default="none", choices=QUANTIZE,
+  count.add_argument("--quantize", default="none", choices=quant.CHOICES,
                      help="also print the frozen base's resident bytes with its matmul kernels "
                           "(but the head) in this format (nf4-dq: NF4 with double quantization)")
   count.add_argument("--summary", action="store_true", help="print only the totals")
@@ -278,7 +279,7 @@ def _train_parser(sub) -> None:
 
 
 def _count(args) -> int:
-  from lora_jax import models
+  from lora_jax import models, quant
   from lora_jax.config import LoraConfig
 
   overrides = {}
@@ -292,18 +293,10 @@ def _count(args) -> int:
   shown = models.plan_model(args.model, config, **overrides)
   print(shown.counts if args.summary else shown)
   if args.quantize != "none":
-    fmt, dq = quantize_format(args.quantize)
+    fmt, dq = quant.parse_choice(args.quantize)
     print(base_line(models.base_bytes(args.model, fmt, double_quant=dq, **overrides),
                     args.quantize))
   return 0
-
-
-QUANTIZE = ("none", "q4_1", "q8_0", "nf4", "nf4-dq", "int8")
-
-
-def quantize_format(name: str) -> tuple[str | None, bool]:
-  """(lora_jax.quant format or None, double_quant) of a --quantize value."""
-  return (None, False) if name == "none" else (name.removesuffix("-dq"), name.endswith("-dq"))
 
 
 def base_line(b: dict, name: str) -> str:

@@ -237,8 +237,8 @@ def _quantized_kernel(file: GGUFFile, name: str, target: str, config: LlamaConfi
   stored = tensor.tensor_type.name
   if stored.lower() == format:
     data = np.asarray(tensor.data).reshape(_hf_shape(tensor)[0], -1)
-    k = quant.from_gguf(unpermute(data, heads) if heads else data, stored, dtype=config.dtype)
-    return k
+    return quant.from_gguf(unpermute(data, heads) if heads else data, stored,
+                           dtype=config.dtype)
   w = dequantize(file, name)
   w = unpermute(w, heads) if heads else w
   return jax.tree_util.tree_map(np.asarray, quant.quantize_kernel(
@@ -255,8 +255,6 @@ def quantized_params(file: GGUFFile, config: LlamaConfig, format: str) -> dict:
   Raises:
     ValueError: an unknown format, or tensors that do not fit the config (listed).
   """
-  import jax
-
   from lora_jax import _tree, quant
   from lora_jax.config import HEAD_PATTERN
   from lora_jax.models import llama, weights
