@@ -173,11 +173,13 @@ def _scan(eqn, invals, ctx) -> list:
   consts, xs = invals[:nc], invals[nc + nk:]
   carry = [ctx.materialize(x, "scan carry") for x in invals[nc:nc + nk]]
   xs = [ctx.unstack(x, "scan") if isinstance(x, Kernel) else x for x in xs]
+  xs, fixed = _per_step(xs)
   keys = None if ctx.key is None else jax.random.split(ctx.next_key(), p["length"])
   jaxpr, inner_consts = _open(p["jaxpr"])
 
   def body(carry, xs_and_key):
     xs, key = xs_and_key
+    xs = fixed(xs)
     inner = _body(jaxpr, inner_consts, ctx.with_key(key), "scan output")
     outs = inner(*consts, *carry, *xs)
     return outs[:nk], outs[nk:]
@@ -185,6 +187,22 @@ def _scan(eqn, invals, ctx) -> list:
   carry, ys = lax.scan(body, carry, (xs, keys), length=p["length"], reverse=p["reverse"],
                        unroll=p["unroll"])
   return [*carry, *ys]
+
+
+def _per_step(xs):
+  """``xs`` without its scalar leaves (an adapter's array scale has no stacked axis to slice),
+  and a function that puts them back into a step's slice: they are the same at every step."""
+  leaves, treedef = jax.tree_util.tree_flatten(xs)
+  scalars = {i: x for i, x in enumerate(leaves) if not jax.numpy.ndim(x)}
+  if not scalars:
+    return xs, lambda sliced: sliced
+
+  def fixed(sliced):
+    it = iter(sliced)
+    return jax.tree_util.tree_unflatten(
+        treedef, [scalars[i] if i in scalars else next(it) for i in range(len(leaves))])
+
+  return [x for i, x in enumerate(leaves) if i not in scalars], fixed
 
 
 def _remat(eqn, invals, ctx) -> list:

@@ -139,24 +139,33 @@ class _Steps:
 _STEPS: dict = {}
 
 
-def _steps(apply_fn, sampling: Sampling, adapted: bool) -> _Steps:
-  key = (apply_fn, sampling, adapted)
+def _steps(apply_fn, sampling: Sampling, adapted: bool, cache_axes=None) -> _Steps:
+  """``cache_axes``: the cache's batch axis per leaf, ``(leaves, treedef)``, for a mixed batch
+  (``adapter_index``: each row its own adapter of a bank), None otherwise."""
+  key = (apply_fn, sampling, adapted, cache_axes)
   if key in _STEPS:
     return _STEPS[key]
 
-  def call(params, tokens, **kw):
-    return apply_fn(*params, tokens, **kw) if adapted else apply_fn(params, tokens, **kw)
+  def call(params, tokens, index, **kw):
+    if not adapted:
+      return apply_fn(params, tokens, **kw)
+    if index is None:
+      return apply_fn(*params, tokens, **kw)
+    axes = jax.tree_util.tree_unflatten(cache_axes[1], cache_axes[0])
+    return apply_fn(*params, tokens, adapter_index=index, example_axes={"cache": axes},
+                    example_out_axes=(0, axes), **kw)
 
   def prefix(params, tokens, mask, cache):  # one row: the batch's shared start, slots 0..
-    return call(params, tokens, attention_mask=mask, cache=cache, cache_index=jnp.int32(0))[1]
+    return call(params, tokens, None, attention_mask=mask, cache=cache,
+                cache_index=jnp.int32(0))[1]
 
-  def prefill(params, tokens, positions, mask, cache, index, key):
-    logits, cache = call(params, tokens, positions=positions, attention_mask=mask, cache=cache,
-                         cache_index=index)
+  def prefill(params, tokens, positions, mask, cache, index, key, rows):
+    logits, cache = call(params, tokens, rows, positions=positions, attention_mask=mask,
+                         cache=cache, cache_index=index)
     return sample(logits[:, -1], key, sampling), cache
 
-  def decode(params, token, position, mask, cache, index, key):
-    logits, cache = call(params, token[:, None], positions=position[:, None],
+  def decode(params, token, position, mask, cache, index, key, rows):
+    logits, cache = call(params, token[:, None], rows, positions=position[:, None],
                          attention_mask=mask, cache=cache, cache_index=index)
     return sample(logits[:, -1], key, sampling), cache
 
@@ -195,11 +204,22 @@ def _shared_cache(steps, params, prefix, init_cache, *, batch: int, slots: int):
                       _batch_axes(init_cache))
 
 
+def _rows(adapter_index, batch: int, adapted: bool):
+  if not adapted:
+    raise ValueError("adapter_index needs adapted=True and params=(base, bank): the rows' "
+                     "adapters come from an AdapterBank (lora_jax.bank.stack).")
+  rows = np.asarray(adapter_index)
+  if rows.shape != (batch,) or not np.issubdtype(rows.dtype, np.integer):
+    raise ValueError(f"adapter_index must hold one integer slot per prompt ({batch}), got "
+                     f"{rows.dtype} of shape {rows.shape}.")
+  return jnp.asarray(rows, jnp.int32)
+
+
 def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
              init_cache: Callable[[int, int], object], max_new_tokens: int,
              stop_ids: Sequence[int] = (), pad_id: int = 0, sampling: Sampling = GREEDY,
              key=None, context: int | None = None, adapted: bool = False,
-             share_prefix: bool = True,
+             share_prefix: bool = True, adapter_index=None,
              on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Generation:
   """Decodes up to ``max_new_tokens`` tokens after each prompt.
 
@@ -219,6 +239,9 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     context: the model's context length; a longer prompt plus ``max_new_tokens`` is refused.
     share_prefix: run the prompts' shared start (``shared_start``) once, at batch 1, into the
       cache every row attends to (the same tokens; False: every row runs its whole prompt).
+    adapter_index: a mixed batch: with ``adapted=True`` and ``params=(base, bank)`` (an
+      ``AdapterBank``), row i decodes with adapter slot ``adapter_index[i]`` (-1: the base
+      alone), exactly as if alone (no shared start: each adapter has its own cache).
     on_tokens: called after each step with the step's tokens (batch,) and which rows were
       still running before it (batch,) bool: stream them to a terminal.
 
@@ -232,7 +255,13 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
                      "key=jax.random.key(seed).")
   key = jax.random.key(0) if key is None else key
   params = jax.device_put(params)  # once: host (NumPy) leaves would be copied at every step
-  steps = _steps(apply_fn, sampling, adapted)
+  rows, cache_axes = None, None
+  if adapter_index is not None:
+    rows = _rows(adapter_index, len(prompts), adapted)
+    leaves, treedef = jax.tree_util.tree_flatten(_batch_axes(init_cache))
+    cache_axes = (tuple(leaves), treedef)
+    share_prefix = False  # a shared start's keys and values differ per adapter
+  steps = _steps(apply_fn, sampling, adapted, cache_axes)
   shared = shared_start(prompts) if share_prefix else 0
   tokens, prompt_mask = left_pad([p[shared:] for p in prompts], pad_id=pad_id)
   batch, length = tokens.shape
@@ -248,7 +277,7 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     cache = init_cache(batch, slots)
   key, sub = jax.random.split(key)
   token, cache = steps.prefill(params, jnp.asarray(tokens), jnp.asarray(positions),
-                               jnp.asarray(mask), cache, jnp.int32(shared), sub)
+                               jnp.asarray(mask), cache, jnp.int32(shared), sub, rows)
   token = np.asarray(token)
   prefill_s = time.perf_counter() - start
   stops = np.asarray(list(stop_ids), np.int32)
@@ -267,6 +296,6 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
     key, sub = jax.random.split(key)
     token, cache = steps.decode(params, jnp.asarray(np.where(running, token, pad_id)),
                                 jnp.asarray(position + step), jnp.asarray(mask), cache,
-                                jnp.int32(shared + length + step), sub)
+                                jnp.int32(shared + length + step), sub, rows)
     token = np.asarray(token)
   return Generation(out, sum(len(p) for p in prompts), prefill_s, time.perf_counter() - start)

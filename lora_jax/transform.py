@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _interpret, _rules, _tree, kernels
+from lora_jax import _interpret, _rules, _tree, bank, kernels
 from lora_jax._interpret import Kernel
 from lora_jax._rules import KernelUse
 from lora_jax.adapters import match
@@ -107,13 +107,20 @@ def lora(fn):
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
     ``lora_dropout_key``, adapters whose config set ``dropout`` drop inputs of their branch.
+    With an ``AdapterBank`` (``lora_jax.bank``) as ``adapters`` and ``adapter_index=``
+    (one slot per example, -1: none), each example runs with its own adapter, as if alone
+    (``example_axes`` / ``example_out_axes``: see ``lora_jax.bank.mixed``).
 
   Example:
     >>> adapted = lora_jax.lora(model.apply)
     >>> y = adapted(params, adapters, x)   # == model.apply(merge(params, adapters), x)
   """
 
-  def adapted(base, adapters, *args, lora_dropout_key=None, **kwargs):
+  def adapted(base, adapters, *args, lora_dropout_key=None, adapter_index=None,
+              example_axes=None, example_out_axes=0, **kwargs):
+    if isinstance(adapters, bank.AdapterBank) or adapter_index is not None:
+      return _mixed(adapted, base, adapters, adapter_index, args, kwargs, lora_dropout_key,
+                    example_axes, example_out_axes)
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
     ctx = _rules.Apply(key=lora_dropout_key)
     outs = _interpret.run(closed, _inputs(base, adapters) + dyn, ctx)
@@ -125,6 +132,21 @@ def lora(fn):
   functools.update_wrapper(adapted, fn, updated=())
   del adapted.__wrapped__
   return adapted
+
+
+def _mixed(adapted, base, adapters, index, args, kwargs, key, example_axes, out_axes):
+  if not isinstance(adapters, bank.AdapterBank):
+    raise ValueError("adapter_index= needs an AdapterBank as adapters (lora_jax.bank.stack); "
+                     "for one adapter tree leave adapter_index out.")
+  if index is None:
+    raise ValueError("adapters is an AdapterBank: pass adapter_index= (one slot per example, "
+                     "-1 for the base alone), or bank.pick(i) as adapters for the whole batch.")
+
+  def call(picked, *a, **kw):
+    return adapted(base, picked, *a, lora_dropout_key=key, **kw)
+
+  return bank.mixed(call, adapters, index, args, kwargs, example_axes=example_axes,
+                    example_out_axes=out_axes)
 
 
 def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:

@@ -1,0 +1,417 @@
+"""Many adapters on one frozen base: an adapter bank, selection by index, mixed batches and
+multi-task training.
+
+An ``AdapterBank`` stacks named adapter trees (different targets, ranks and alphas, over one
+base) to common shapes: every adapted path of any adapter is in the bank; ranks are zero-padded
+to the largest (zero columns of A and rows of B add exact zeros); an adapter that does not
+target a path has zero factors there; each adapter's scale is an array, not a static field.
+Trained extras (``modules_to_save``, such as a classifier head) are stacked whole, the base
+leaf standing in where an adapter has none. One more slot, ``NO_ADAPTER`` (-1), is the base
+model itself: zero factors, scale 0, the base leaves.
+
+Since every choice is data of fixed shapes, choosing another adapter, changing an alpha or
+putting a new adapter of the same shapes into a slot never retraces a jitted function:
+
+    bank = lora_jax.bank.stack({"sst2": sst2, "vader": vader}, base)
+    adapted = lora_jax.lora(model.apply)
+    y = adapted(base, bank.pick(bank.index("sst2")), x)       # one adapter for the batch
+    y = adapted(base, bank, x, adapter_index=jnp.array([0, 1, -1]))  # one per example
+
+With ``adapter_index`` each example runs with its own adapter: ``jax.vmap`` over the examples
+of the function run on one example, its adapter gathered from the bank (S-LoRA / Punica's
+batched gather: ``x_e @ A[i_e]`` is one batched product, ``x_e @ W`` one product for all rows).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax import _tree
+from lora_jax._tree import listing
+from lora_jax.adapters import LoraWeights, match
+from lora_jax.targets import base_leaves
+
+__all__ = ["NO_ADAPTER", "AdapterBank", "LoraArrays", "load", "mixed", "multi_task_step", "read",
+           "stack", "traced_scales"]
+
+NO_ADAPTER = -1  # the adapter index of the base model alone
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraArrays(LoraWeights):
+  """``LoraWeights`` whose ``scale`` is an array (data, not a static field): what a bank hands
+  out, so a changed alpha is a changed value. Not for training (optax would update the scale):
+  train ``LoraWeights`` and stack them into a bank."""
+
+
+jax.tree_util.register_dataclass(
+    LoraArrays, data_fields=["a", "b", "scale"], meta_fields=["axes", "dropout"])
+
+
+def traced_scales(adapters):
+  """``adapters`` with every ``LoraWeights`` made a ``LoraArrays`` (its scale an array), so a
+  jitted function taking them retraces for new shapes only, not for a new alpha."""
+  def convert(x):
+    if isinstance(x, LoraWeights) and not isinstance(x, LoraArrays):
+      return LoraArrays(a=x.a, b=x.b, scale=jnp.asarray(x.scale, jnp.float32), axes=x.axes)
+    return x
+
+  return jax.tree_util.tree_map(convert, adapters, is_leaf=lambda x: isinstance(x, LoraWeights))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterBank:
+  """Named adapters stacked over one base (build with ``stack``).
+
+  Attributes:
+    slots: a tree mirroring the base's paths: at each adapted kernel a ``LoraArrays`` whose
+      ``a``, ``b`` and ``scale`` have a leading slot axis (one slot per name, then free slots,
+      then the base slot), at each trained extra its values stacked the same way.
+    names: the adapter of each named slot, in order; ``None`` marks a free slot (``put``
+      fills it without changing any shape). Names are host-side only: they are not part of
+      the pytree (so a new name is not a new trace), and a bank rebuilt inside a JAX
+      transformation has ``names=None``: look slots up outside (``index`` gives plain ints).
+  """
+
+  slots: dict
+  names: tuple | None
+
+  @property
+  def size(self) -> int:
+    """Slots for adapters (named and free); the base slot is one more."""
+    return jax.tree_util.tree_leaves(self.slots)[0].shape[0] - 1
+
+  def index(self, name: str) -> int:
+    """The slot of adapter ``name`` (``NO_ADAPTER`` for ``None``)."""
+    if name is None:
+      return NO_ADAPTER
+    self._check_named()
+    if name not in self.names:
+      known = ", ".join(n for n in self.names if n is not None)
+      raise ValueError(f"no adapter named {name!r} in the bank; it holds: {known or 'none'}.")
+    return self.names.index(name)
+
+  def _check_named(self) -> None:
+    if self.names is None:
+      raise ValueError("this bank came through a JAX transformation, which does not carry "
+                       "adapter names; look slots up with bank.index(name) outside it and pass "
+                       "the int in.")
+
+  def indices(self, names: Sequence) -> np.ndarray:
+    """``index`` of each name, int32: the ``adapter_index`` of a mixed batch."""
+    return np.asarray([self.index(n) for n in names], np.int32)
+
+  def pick(self, index):
+    """The adapter tree in slot ``index`` (an int or a traced int; ``NO_ADAPTER`` gives the
+    base model: zero factors and the base's own extras), usable wherever an adapter tree is:
+    ``lora(fn)(base, bank.pick(i), x)``, ``merge(base, bank.pick(i))``."""
+    index = jnp.asarray(index, jnp.int32)
+    slot = jnp.where(index < 0, self.size, index)
+    return jax.tree_util.tree_map(lambda x: x[slot], self.slots)
+
+  def put(self, name: str, adapters, base) -> "AdapterBank":
+    """A bank with ``adapters`` in the slot of ``name`` (replacing it) or in the first free
+    slot. The shapes stay (no retrace): its ranks must fit the bank's, its paths be the bank's.
+
+    Raises:
+      ValueError: no free slot, a path the bank lacks, or a rank above the bank's.
+    """
+    self._check_named()
+    if name in self.names:
+      slot = self.names.index(name)
+    elif None in self.names:
+      slot = self.names.index(None)
+    else:
+      raise ValueError(f"the bank has no slot for {name!r} (its {self.size} slots are named); "
+                       f"replace one by its name or stack a bank with more capacity=.")
+    adapters_, extras = match(base, adapters)
+    flat = _tree.flatten(self.slots, is_leaf=_is_lora)
+    unknown = [p for p in (*adapters_, *extras) if p not in flat]
+    if unknown:
+      raise ValueError(f"adapter {name!r} has paths the bank lacks: {listing(unknown)}; stack a "
+                       f"new bank that includes it.")
+    leaves = base_leaves(base)
+    out = {}
+    for path, stacked in flat.items():
+      entry = _entry(path, adapters_.get(path), extras.get(path), leaves[path],
+                     _one_slot(stacked), name)
+      out[path] = jax.tree_util.tree_map(lambda s, e: s.at[slot].set(e), stacked, entry)
+    names = list(self.names)
+    names[slot] = name
+    return AdapterBank(_tree.nest(out), tuple(names))
+
+
+jax.tree_util.register_pytree_with_keys(
+    AdapterBank,
+    lambda bank: (((jax.tree_util.GetAttrKey("slots"), bank.slots),), None),
+    lambda _, children: AdapterBank(children[0], None),
+    flatten_func=lambda bank: ((bank.slots,), None))
+
+
+def _is_lora(x) -> bool:
+  return isinstance(x, LoraWeights)
+
+
+def _padded(lw: LoraWeights, rank: int, path, name) -> LoraWeights:
+  """``lw`` with rank ``rank``: zero columns of A, zero rows of B."""
+  extra = rank - lw.rank
+  if extra < 0:
+    raise ValueError(f"adapter {name!r} has rank {lw.rank} at {_tree.join(path)!r}, above the "
+                     f"bank's {rank}; stack a bank with rank >= {lw.rank}.")
+  stack_dims = lw.axes.count("l")
+  pad_a = [(0, 0)] * (lw.a.ndim - 1) + [(0, extra)]
+  pad_b = [(0, 0)] * lw.b.ndim
+  pad_b[stack_dims] = (0, extra)
+  return LoraArrays(a=jnp.pad(lw.a, pad_a), b=jnp.pad(lw.b, pad_b),
+                    scale=jnp.asarray(lw.scale, jnp.float32), axes=lw.axes)
+
+
+def _one_slot(stacked):
+  """The shapes of one slot of a stacked bank entry."""
+  return jax.eval_shape(lambda s: jax.tree_util.tree_map(lambda x: x[0], s), stacked)
+
+
+def _entry(path, lw, extra, base_leaf, like, name):
+  """One adapter's values at ``path`` shaped like ``like`` (one slot of the bank's entry;
+  arrays or shapes): zero factors where it has no adapter, the base leaf where no extra."""
+  if _is_lora(like):
+    if lw is None:
+      zero = lambda x: jnp.zeros(x.shape, x.dtype)  # noqa: E731
+      return LoraArrays(a=zero(like.a), b=zero(like.b), scale=jnp.float32(0), axes=like.axes)
+    if lw.axes != like.axes:
+      raise ValueError(f"adapter {name!r} has axes {lw.axes!r} at {_tree.join(path)!r} where "
+                       f"the bank's adapters have {like.axes!r}; build them on the same base.")
+    padded = _padded(lw, like.a.shape[-1], path, name)
+    return jax.tree_util.tree_map(lambda x, s: x.astype(s.dtype), padded, like)
+  value = base_leaf if extra is None else extra
+  return jnp.asarray(value, like.dtype)
+
+
+def _layout(trees: Mapping[str, tuple], base, rank):
+  """Per bank path: an empty slot entry (zero factors of the largest rank, or the extra)."""
+  leaves = base_leaves(base)
+  lws, extras = {}, {}
+  for name, (adapters, trained) in trees.items():
+    for path, lw in adapters.items():
+      lws.setdefault(path, []).append((name, lw))
+    for path, x in trained.items():
+      extras.setdefault(path, []).append(x)
+  layout = {}
+  for path, found in lws.items():
+    r = rank or max(lw.rank for _, lw in found)
+    name, first = found[0]
+    dtype = jnp.result_type(*[lw.a for _, lw in found])
+    padded = _padded(first, r, path, name)
+    layout[path] = LoraArrays(a=jnp.zeros(padded.a.shape, dtype),
+                              b=jnp.zeros(padded.b.shape, dtype), scale=jnp.float32(0),
+                              axes=first.axes)
+  for path, found in extras.items():
+    dtype = jnp.result_type(leaves[path], *found)
+    layout[path] = jnp.asarray(leaves[path], dtype)
+  return layout
+
+
+def stack(adapters: Mapping[str, object], base, *, rank: int | None = None,
+          capacity: int | None = None) -> AdapterBank:
+  """Stacks named adapter trees over ``base`` into an ``AdapterBank``.
+
+  Args:
+    adapters: ``{name: trainable tree}`` (``lora_jax.init`` layout: from training, a
+      checkpoint, a run or ``lora_jax.peft.import_peft``); targets, ranks and alphas may differ.
+    base: the frozen base they were trained on (concrete or abstract).
+    rank: the bank's rank at every path (default: the largest adapter rank there); fixing it
+      lets later adapters of other ranks be ``put`` in without a retrace.
+    capacity: slots in all (default: one per adapter); free slots take adapters later.
+
+  Raises:
+    ValueError: no adapters, a name that is not a string, an adapter that does not fit
+      ``base``, two adapters with different axis roles on one kernel, or too small a capacity.
+  """
+  if not adapters:
+    raise ValueError("adapters must name at least one adapter tree: {name: adapters}.")
+  bad = [n for n in adapters if not isinstance(n, str) or not n]
+  if bad:
+    raise ValueError(f"adapter names must be non-empty strings, got {bad!r}.")
+  capacity = len(adapters) if capacity is None else capacity
+  if capacity < len(adapters):
+    raise ValueError(f"capacity={capacity} is below the {len(adapters)} adapters given; pass "
+                     f"capacity >= {len(adapters)} (or leave it out).")
+  trees = {name: match(base, tree) for name, tree in adapters.items()}
+  layout = _layout(trees, base, rank)
+  leaves = base_leaves(base)
+  names = list(adapters)
+  slots = {}
+  for path, like in layout.items():
+    entries = [_entry(path, trees[n][0].get(path), trees[n][1].get(path), leaves[path], like, n)
+               for n in names]
+    empty = _entry(path, None, None, leaves[path], like, None)  # free slots and the base slot
+    entries += [empty] * (capacity - len(names) + 1)
+    slots[path] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *entries)
+  return AdapterBank(_tree.nest(slots), tuple(names) + (None,) * (capacity - len(names)))
+
+
+def read(path, base, *, uses: Mapping | None = None):
+  """The adapter tree saved at ``path`` for ``base``: a Hugging Face PEFT folder
+  (``adapter_config.json``), a ``lora_jax.checkpoint`` folder (its newest intact step), or a
+  ``lora-jax train`` run folder (its ``checkpoints/``).
+
+  Raises:
+    ValueError: ``path`` is none of those, or its adapters do not fit ``base``.
+  """
+  from lora_jax import checkpoint, peft  # checkpoint imports orbax: only when reading
+
+  folder = pathlib.Path(path)
+  if (folder / "adapter_config.json").is_file():
+    return peft.import_peft(folder, base, uses=uses)[1]
+  if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+    folder = folder / "checkpoints"
+  if folder.is_dir() and checkpoint.steps(folder):
+    return checkpoint.restore(folder, base=base).adapters
+  raise ValueError(f"{str(path)!r} holds no adapter: expected a PEFT folder "
+                   f"(adapter_config.json), a lora_jax checkpoint folder or a lora-jax train run "
+                   f"folder.")
+
+
+def load(paths: Mapping[str, object], base, *, uses: Mapping | None = None,
+         rank: int | None = None, capacity: int | None = None) -> AdapterBank:
+  """``stack`` of the adapters ``read`` from ``{name: path}`` (options as for ``stack``)."""
+  return stack({name: read(p, base, uses=uses) for name, p in paths.items()}, base, rank=rank,
+               capacity=capacity)
+
+
+# ----------------------------------------------------------------------- mixed batches
+
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def _example_axes(args, kwargs, given: Mapping) -> list:
+  """Per leaf of ``(args, kwargs)``: the axis that runs over examples, or None (shared).
+  Arrays split on axis 0 by default, scalars are shared; ``given`` sets a keyword argument's
+  axis (one int or None for all its leaves, or a tree of them shaped like the argument)."""
+  unknown = sorted(set(given) - set(kwargs))
+  if unknown:
+    raise ValueError(f"example_axes names {unknown}, which are not keyword arguments of this "
+                     f"call (given: {sorted(kwargs)}).")
+  default = lambda x: 0 if _is_array(x) and np.ndim(x) >= 1 else None  # noqa: E731
+  axes = [default(x) for x in jax.tree_util.tree_leaves(args)]
+  for name in sorted(kwargs):  # the order jax.tree_util flattens a dict in
+    leaves = jax.tree_util.tree_leaves(kwargs[name])
+    if name not in given:
+      axes += [default(x) for x in leaves]
+    elif given[name] is None or isinstance(given[name], int):
+      axes += [given[name] if _is_array(x) else None for x in leaves]
+    else:
+      spec = jax.tree_util.tree_leaves(given[name], is_leaf=lambda x: x is None)
+      if len(spec) != len(leaves):
+        raise ValueError(f"example_axes[{name!r}] has {len(spec)} entries but {name} has "
+                         f"{len(leaves)} arrays; give one axis (or None) per array, or one int.")
+      axes += list(spec)
+  return axes
+
+
+def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
+          example_axes: Mapping | None = None, example_out_axes=0):
+  """``call(adapters, *args, **kwargs)`` with each example run with its own adapter.
+
+  ``jax.vmap`` over the examples (``adapter_index[e]`` picks example e's slot): each example's
+  arrays keep a size-1 batch axis, so ``call`` sees a batch of one, as when it runs alone.
+  ``lora(fn)`` calls this when its adapters are an ``AdapterBank``.
+
+  Args:
+    call: ``call(adapters, *args, **kwargs)``, e.g. a ``lora(fn)`` with its base bound.
+    bank: the adapters.
+    adapter_index: (examples,) int slots of the bank, ``NO_ADAPTER`` (-1) for the base alone.
+    example_axes: ``{keyword: axis}`` where an argument's example axis is not 0 (a key-value
+      cache of shape (layers, batch, ...): 1), or None for an array every example shares.
+    example_out_axes: the outputs' example axes (a prefix of the output tree, as ``jax.vmap``'s
+      ``out_axes``).
+
+  Raises:
+    ValueError: ``adapter_index`` is not one int per example, or an argument's example axis
+      does not have one entry per example.
+  """
+  index = jnp.asarray(adapter_index)
+  if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
+    raise ValueError(f"adapter_index must be a 1-D integer array (one bank slot per example, "
+                     f"-1 for no adapter), got {index.dtype} of shape {index.shape}.")
+  leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+  axes = _example_axes(args, kwargs, example_axes or {})
+  mapped = [i for i, ax in enumerate(axes) if ax is not None]
+  for i in mapped:
+    if np.shape(leaves[i])[axes[i]] != index.shape[0]:
+      raise ValueError(f"argument leaf {i} has shape {np.shape(leaves[i])}: axis {axes[i]} "
+                       f"should hold the {index.shape[0]} examples of adapter_index; pass "
+                       f"example_axes={{name: axis}} for an argument batched elsewhere.")
+  shared = [i for i, x in enumerate(leaves) if axes[i] is None and _is_array(x)]
+
+  def one(i, mine, common):
+    values = list(leaves)
+    for pos, v in zip(mapped, mine):
+      values[pos] = jnp.expand_dims(v, axes[pos])
+    for pos, v in zip(shared, common):
+      values[pos] = v
+    a, kw = jax.tree_util.tree_unflatten(treedef, values)
+    out = call(bank.pick(i), *a, **kw)
+    return jax.tree_util.tree_map(
+        lambda ax, sub: jax.tree_util.tree_map(lambda y: jnp.squeeze(y, ax), sub),
+        example_out_axes, out)
+
+  return jax.vmap(one, in_axes=(0, [axes[i] for i in mapped], None),
+                  out_axes=example_out_axes)(
+      index, [leaves[i] for i in mapped], [leaves[i] for i in shared])
+
+
+# ----------------------------------------------------------------------- multi-task training
+
+
+def multi_task_step(loss_fn: Callable, optimizer, *, has_aux: bool = False,
+                    donate: bool = False, jit: bool = True) -> Callable:
+  """One step that trains several adapters on one base, each on its own task's examples.
+
+  Every adapter's gradient comes from its own examples only and its optimizer state is its
+  own, so the step equals separate ``lora_jax.train_step`` steps on the same data (bit for bit
+  on CPU: the same operations, compiled into one program and dispatched once).
+
+  Args:
+    loss_fn: ``loss_fn(params, batch)`` as for ``lora_jax.train_step``.
+    optimizer: one optax transformation for every adapter, or ``{name: transformation}``.
+    has_aux, donate, jit: as for ``lora_jax.train_step``.
+
+  Returns:
+    ``step(base, adapters, opt_states, batches, *, keys=None) -> StepOutput`` where
+    ``adapters``, ``opt_states`` and ``batches`` (a mixed batch grouped by task) are
+    ``{name: ...}`` with the same names, and so are the output's adapters, states, losses and
+    aux; ``keys`` is ``{name: dropout key}`` or None.
+  """
+  from lora_jax.train import StepOutput, value_and_grad  # train imports transform, which imports us
+
+  grad_fn = value_and_grad(loss_fn, has_aux=has_aux)
+
+  def step(base, adapters, opt_states, batches, *, keys=None) -> StepOutput:
+    names = list(adapters)
+    for what, tree in (("opt_states", opt_states), ("batches", batches)):
+      if sorted(tree) != sorted(names):
+        raise ValueError(f"{what} must have the adapters' names {sorted(names)}, got "
+                         f"{sorted(tree)}.")
+    out = {}
+    for name in names:
+      key = None if keys is None else keys[name]
+      value, grads = grad_fn(base, adapters[name], batches[name], lora_dropout_key=key)
+      opt = optimizer[name] if isinstance(optimizer, Mapping) else optimizer
+      updates, state = opt.update(grads, opt_states[name], adapters[name])
+      out[name] = (optax.apply_updates(adapters[name], updates), state,
+                   *(value if has_aux else (value, None)))
+    return StepOutput(*({n: o[k] for n, o in out.items()} for k in range(4)))
+
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnames=("adapters", "opt_states") if donate else ())
