@@ -20,7 +20,9 @@ from lora_jax.train import train_step as train_step
 from lora_jax.train import value_and_grad as value_and_grad
 from lora_jax.transform import lora as lora
 
+from lora_jax import bank as bank  # noqa: E402  many adapters: AdapterBank, mixed batches
 from lora_jax import checkpoint as checkpoint  # noqa: E402  save / restore (orbax)
+from lora_jax import combine as combine  # noqa: E402  weighted combination of adapters (PEFT)
 from lora_jax import family as family  # noqa: E402  model-family records (the registry)
 from lora_jax import kernels as kernels  # noqa: E402  kernel kinds (dense, quantized)
 from lora_jax import peft as peft  # noqa: E402  export_peft / import_peft (Hugging Face PEFT)
