@@ -87,6 +87,16 @@ def load_data(o: ClassifyOptions):
   return train.take(order[cut:]), train.take(order[:cut])
 
 
+def split(o: ClassifyOptions):
+  """(train, validation) examples as a run uses them (``max_train`` and ``eval_examples``)."""
+  train, val = load_data(o)
+  if o.max_train is not None:
+    train = train.take(np.arange(min(o.max_train, len(train))))
+  if o.eval_examples:
+    val = val.take(np.arange(min(o.eval_examples, len(val))))
+  return train, val
+
+
 def _bucket(n: int, max_length: int) -> int:
   return next((b for b in BUCKETS if b >= n and b <= max_length), max_length)
 
@@ -169,11 +179,7 @@ class Classify:
 
   def _read_data(self) -> None:
     o = self.options
-    train, val = load_data(o)
-    if o.max_train is not None:
-      train = train.take(np.arange(min(o.max_train, len(train))))
-    if o.eval_examples:
-      val = val.take(np.arange(min(o.eval_examples, len(val))))
+    train, val = split(o)
     self.num_labels = check_labels(train, val, where=o.data or "the default task")
     tok = weights.tokenizer()
     self.train_ids, self.train_labels = tokenize(tok, train, o.max_length)
@@ -274,15 +280,64 @@ def load(run) -> tuple[Classify, dict]:
   return task, task.place(restored.adapters)
 
 
-def evaluate(run, data: str, *, text_column: str, label_column: str) -> float:
-  task, trainable = load(run)
-  examples = data_lib.read_examples(data, text_column=text_column, label_column=label_column)
+def evaluate(run, data: str | None, *, text_column: str, label_column: str) -> float:
+  """The run's accuracy on ``data`` (None: its own validation split)."""
+  return evaluate_runs([run], [data], text_column=text_column, label_column=label_column)[0]
+
+
+def _scored(task: Classify, data, text_column: str, label_column: str):
+  """(ids, labels) of ``data`` (None: the run's own validation split) for ``task``."""
+  if data is None:
+    examples = split(task.options)[1]
+  else:
+    examples = data_lib.read_examples(data, text_column=text_column, label_column=label_column)
   unknown = sorted({int(x) for x in examples.labels} - set(range(task.num_labels)))
   if unknown:
     raise ValueError(f"{data}: labels {unknown[:5]} are not classes of the run's model "
                      f"(0..{task.num_labels - 1}).")
-  ids, labels = tokenize(weights.tokenizer(), examples, task.options.max_length)
-  return task.accuracy(trainable, ids, labels)
+  return tokenize(weights.tokenizer(), examples, task.options.max_length)
+
+
+def evaluate_runs(runs, data, *, text_column: str = "sentence",
+                  label_column: str = "label") -> list[float]:
+  """The accuracy of each run on its file (``data[i]``; None: its own validation split).
+
+  Several runs are scored together: their trainable trees (adapters and heads) are stacked
+  into one ``lora_jax.bank`` over the first run's base, and every batch mixes their examples,
+  each row classified with its own run's adapter and head (equal to scoring each run alone).
+
+  Raises:
+    RunError: runs whose models differ (labels, pooling), which one base cannot serve.
+  """
+  loaded = [load(run) for run in runs]
+  sets = [_scored(task, file, text_column, label_column)
+          for (task, _), file in zip(loaded, data)]
+  first = loaded[0][0]
+  for run, (task, _) in zip(runs, loaded):
+    if (task.num_labels, task.options.pooling) != (first.num_labels, first.options.pooling):
+      raise RunError(f"{run} has {task.num_labels} labels and {task.options.pooling} pooling, "
+                     f"{runs[0]} {first.num_labels} and {first.options.pooling}: one base "
+                     f"cannot serve both; evaluate them one at a time.")
+  if len(runs) == 1:
+    return [first.accuracy(loaded[0][1], *sets[0])]
+  bank = lora_jax.bank.stack({str(i): t for i, (_, t) in enumerate(loaded)}, first.base)
+  ids = [x for s in sets for x in s[0]]
+  labels = np.concatenate([s[1] for s in sets])
+  owner = np.repeat(np.arange(len(runs)), [len(s[1]) for s in sets]).astype(np.int32)
+  predicted = _mixed_predictions(first, bank, ids, labels, owner,
+                                 max(t.options.max_length for t, _ in loaded))
+  return [float((predicted[owner == i] == labels[owner == i]).mean()) for i in range(len(runs))]
+
+
+def _mixed_predictions(task: Classify, bank, ids, labels, owner, max_length: int) -> np.ndarray:
+  predict = jax.jit(lambda base, bank, batch, index: jnp.argmax(
+      lora_jax.lora(task.logits)(base, bank, batch, adapter_index=index), -1))
+  out = []
+  for start in range(0, len(ids), 128):
+    index = np.arange(start, min(start + 128, len(ids)))
+    batch = batch_of(ids, labels, index, max_length)
+    out.append(np.asarray(predict(task.base, bank, batch, owner[index])))
+  return np.concatenate(out)
 
 
 def merge(run, out) -> pathlib.Path:
