@@ -170,9 +170,13 @@ def _parser() -> argparse.ArgumentParser:
   _train_parser(sub)
   ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file (chat/text: "
                                    "masked loss, perplexity, exact-match accuracy)")
-  ev.add_argument("run", help="the run folder written by lora-jax train")
-  ev.add_argument("--data", required=True, help="a .tsv, .csv or .jsonl file (chat/text: "
-                                                "the task's .jsonl or .txt)")
+  ev.add_argument("run", nargs="+", help="run folder(s) written by lora-jax train; several "
+                                         "classification runs are evaluated together, in "
+                                         "mixed batches over one base")
+  ev.add_argument("--data", action="append", default=None,
+                  help="a .tsv, .csv or .jsonl file (chat/text: the task's .jsonl or .txt); one "
+                       "for every run or one per run, in order; without it a classification "
+                       "run is scored on its own validation split")
   ev.add_argument("--text-column", default="sentence")
   ev.add_argument("--label-column", default="label")
   merge = sub.add_parser("merge", help="write merged weights as safetensors (original names; "
@@ -184,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
   export.add_argument("--out", required=True, help="folder for adapter_config.json and "
                                                    "adapter_model.safetensors")
   _generate_parser(sub)
+  _serve_parser(sub)
   return parser
 
 
@@ -208,6 +213,37 @@ def _generate_parser(sub) -> None:
   gen.add_argument("--quantize", default="none", choices=quant.CHOICES,
                    help="a model's projections kept in this format (QLoRA's base; a run "
                         "uses the setting it was trained with)")
+  gen.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
+                   help="an adapter over the model SOURCE: a chat/text run, a PEFT folder or a "
+                        "lora_jax checkpoint folder (repeat: every prompt is answered by every "
+                        "adapter, in one mixed batch)")
+
+
+def _serve_parser(sub) -> None:
+  from lora_jax import quant
+  srv = sub.add_parser("serve", help="an OpenAI-style HTTP server over a model and its adapters",
+                       description="POST /v1/completions and /v1/chat/completions (a request's "
+                                   "model names an adapter, or the model for none), GET "
+                                   "/v1/models and /health. Requests are decoded together, "
+                                   "in mixed batches (each row its own adapter). SIGTERM or "
+                                   "Ctrl-C stops it.")
+  srv.add_argument("--model", default="smollm2-135m-instruct",
+                   help="smollm2-135m-instruct (default), a .gguf file or a Hugging Face "
+                        "Llama folder")
+  srv.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH",
+                   help="an adapter served as model NAME: a chat/text run, a PEFT folder or "
+                        "a lora_jax checkpoint folder (repeat for several)")
+  srv.add_argument("--host", default="127.0.0.1")
+  srv.add_argument("--port", type=int, default=8000, help="0: any free port")
+  srv.add_argument("--max-batch", type=int, default=16, help="requests decoded together")
+  srv.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting at most; more are answered 503")
+  srv.add_argument("--max-new-tokens-limit", type=int, default=512,
+                   help="the largest max_tokens a request may ask for")
+  srv.add_argument("--batch-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests after its first")
+  srv.add_argument("--quantize", default="none", choices=quant.CHOICES,
+                   help="the model's projections kept in this format")
 
 
 def _variants() -> dict[str, list]:
@@ -360,16 +396,28 @@ def _saved_task(run) -> str:
 
 
 def _eval(args) -> int:
-  if _saved_task(args.run) != "classify":
+  runs, data = args.run, args.data or []
+  if len(data) not in (0, 1, len(runs)):
+    return _fail(f"--data is given {len(data)} times for {len(runs)} runs; give it once (every "
+                 f"run) or once per run.")
+  data = data * len(runs) if len(data) == 1 else data or [None] * len(runs)
+  tasks = {_saved_task(run) for run in runs}
+  if tasks != {"classify"}:
     from lora_jax.app import causal
-    scores = causal.evaluate(args.run, args.data)
-    print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {args.data}")
+    if None in data:
+      return _fail("--data is required for chat/text runs (the task's .jsonl or .txt file).")
+    for run, file in zip(runs, data):
+      scores = causal.evaluate(run, file)
+      print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {file}"
+            + (f" ({run})" if len(runs) > 1 else ""))
     return 0
   from lora_jax.app import classify
 
-  acc = classify.evaluate(args.run, args.data, text_column=args.text_column,
-                          label_column=args.label_column)
-  print(f"accuracy {acc:.4f} on {args.data}")
+  scores = classify.evaluate_runs(runs, data, text_column=args.text_column,
+                                  label_column=args.label_column)
+  for run, file, acc in zip(runs, data, scores):
+    where = file or "its validation split"
+    print(f"accuracy {acc:.4f} on {where}" + (f" ({run})" if len(runs) > 1 else ""))
   return 0
 
 
@@ -398,26 +446,42 @@ def _export_peft(args) -> int:
 def _generate(args) -> int:
   from lora_jax.app import causal
 
-  stream = sys.stdout if len(args.prompt) == 1 and not args.quiet else None
+  adapters = causal.adapter_paths(args.adapter) if args.adapter else None
+  single = len(args.prompt) == 1 and not args.quiet and not adapters
+  stream = sys.stdout if single else None
   result = causal.generate_text(
       args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
       top_k=args.top_k, top_p=args.top_p, seed=args.seed, merged=args.merged, raw=args.raw,
-      quantize=args.quantize, stream=stream)
+      quantize=args.quantize, stream=stream, adapters=adapters)
   if stream is None:
-    for prompt, text in zip(args.prompt, result.texts):
-      print(f"{prompt}\n-> {text}\n")
+    names = result.adapters or [None] * len(result.texts)
+    for prompt, name, text in zip(args.prompt * len(adapters or [None]), names, result.texts):
+      print(f"{f'[{name}] ' if name else ''}{prompt}\n-> {text}\n")
   else:
     print()
   print(f"{result.generation.new_tokens} new tokens in "
         f"{result.generation.prefill_s + result.generation.decode_s:.2f} s "
-        f"({result.generation.tokens_per_s:.1f} tokens/s, batch {len(args.prompt)}, "
-        f"{'merged' if args.merged else 'unmerged adapters' if result.adapted else 'base'})",
+        f"({result.generation.tokens_per_s:.1f} tokens/s, batch {len(result.texts)}, "
+        f"{'merged' if args.merged else 'unmerged adapters' if result.adapted else 'base'}"
+        f"{f', adapters mixed: {len(adapters)}' if adapters else ''})",
         file=sys.stderr)
   return 0
 
 
+def _serve(args) -> int:
+  from lora_jax.app import causal, serve
+
+  try:
+    return serve.serve(args.model, causal.adapter_paths(args.adapter), host=args.host,
+                       port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                       max_new_tokens_limit=args.max_new_tokens_limit,
+                       batch_wait_ms=args.batch_wait_ms, quantize=args.quantize)
+  except KeyboardInterrupt:  # Ctrl-C while loading (once serving, it stops the server)
+    return 130
+
+
 COMMANDS = {"count": _count, "train": _train, "eval": _eval, "merge": _merge,
-            "export-peft": _export_peft, "generate": _generate}
+            "export-peft": _export_peft, "generate": _generate, "serve": _serve}
 
 
 def _interrupted() -> int:
