@@ -11,6 +11,8 @@ with no rule gets the merged kernel (``ctx.materialize``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from jax import lax
 from jax.extend import core
@@ -190,19 +192,23 @@ def _scan(eqn, invals, ctx) -> list:
 
 
 def _per_step(xs):
-  """``xs`` without its scalar leaves (an adapter's array scale has no stacked axis to slice),
-  and a function that puts them back into a step's slice: they are the same at every step."""
-  leaves, treedef = jax.tree_util.tree_flatten(xs)
-  scalars = {i: x for i, x in enumerate(leaves) if not jax.numpy.ndim(x)}
-  if not scalars:
-    return xs, lambda sliced: sliced
+  """``xs`` without the adapter fields that have no stacked-layer axis (an adapter kind's
+  ``UNSTACKED_FIELDS``, such as an array scale), and a function that puts them back into a
+  step's slice: they are the same at every step."""
+  fixed = {}
+  out = []
+  for j, x in enumerate(xs):
+    names = getattr(x.adapter, "UNSTACKED_FIELDS", ()) if isinstance(x, Kernel) else ()
+    if names:
+      fixed[j] = {n: getattr(x.adapter, n) for n in names}
+      x = x.replace(adapter=dataclasses.replace(x.adapter, **{n: None for n in names}))
+    out.append(x)
 
-  def fixed(sliced):
-    it = iter(sliced)
-    return jax.tree_util.tree_unflatten(
-        treedef, [scalars[i] if i in scalars else next(it) for i in range(len(leaves))])
+  def restore(sliced):
+    return [x.replace(adapter=dataclasses.replace(x.adapter, **fixed[j])) if j in fixed else x
+            for j, x in enumerate(sliced)]
 
-  return [x for i, x in enumerate(leaves) if i not in scalars], fixed
+  return out, restore
 
 
 def _remat(eqn, invals, ctx) -> list:

@@ -38,8 +38,8 @@ from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, match
 from lora_jax.targets import base_leaves
 
-__all__ = ["NO_ADAPTER", "AdapterBank", "LoraArrays", "load", "mixed", "multi_task_step", "read",
-           "stack", "traced_scales"]
+__all__ = ["NO_ADAPTER", "AdapterBank", "LoraArrays", "SlotLora", "Slots", "load", "mixed",
+           "multi_task_step", "read", "stack", "traced_scales"]
 
 NO_ADAPTER = -1  # the adapter index of the base model alone
 
@@ -51,8 +51,118 @@ class LoraArrays(LoraWeights):
   train ``LoraWeights`` and stack them into a bank."""
 
 
+  UNSTACKED_FIELDS = ("scale",)  # no stacked-layer axis: lax.scan does not slice it
+
+  def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    if not jnp.ndim(self.scale):
+      return super().delta(axes=axes, precision=precision)
+    unit = dataclasses.replace(self, a=self.a * self.scale.astype(self.a.dtype), scale=1.0)
+    return LoraWeights.delta(unit, axes=axes, precision=precision)  # a scale per rank column
+
+
 jax.tree_util.register_dataclass(
     LoraArrays, data_fields=["a", "b", "scale"], meta_fields=["axes", "dropout"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Slots:
+  """One kernel's factors in every slot of a bank, laid out as one LoRA of rank
+  ``slots * rank``: slot s holds rank columns ``s * rank ... (s + 1) * rank - 1``.
+
+  Attributes:
+    a: (*stack, *in, slots * rank).
+    b: (*stack, slots * rank, *out).
+    scale: (slots,), each slot's alpha / rank (0 in free slots and the base slot).
+    axes: the kernel's axis roles; rank: the rank of one slot.
+  """
+
+  a: jax.Array
+  b: jax.Array
+  scale: jax.Array
+  axes: str
+  rank: int
+
+  @property
+  def count(self) -> int:
+    return self.scale.shape[0]
+
+  def _split(self):
+    """``a`` as (*stack, *in, slots, rank) and ``b`` as (*stack, slots, rank, *out)."""
+    n = self.axes.count("l")
+    a = self.a.reshape(*self.a.shape[:-1], self.count, self.rank)
+    b = self.b.reshape(*self.b.shape[:n], self.count, self.rank, *self.b.shape[n + 1:])
+    return a, b, n
+
+  def slot(self, i) -> LoraArrays:
+    """Slot ``i`` as an adapter of rank ``rank`` (its factors gathered)."""
+    a, b, n = self._split()
+    return LoraArrays(a=jnp.take(a, i, axis=a.ndim - 2), b=jnp.take(b, i, axis=n),
+                      scale=self.scale[i], axes=self.axes)
+
+  def lazy(self, i) -> "SlotLora":
+    """Slot ``i`` as an adapter that gathers its factors only where a product uses them."""
+    return SlotLora(a=self.a, b=self.b, scale=self.scale, slot=i, axes=self.axes,
+                    slot_rank=self.rank)
+
+  def with_slot(self, i: int, entry: LoraArrays) -> "Slots":
+    a, b, n = self._split()
+    a = a.at[..., i, :].set(entry.a.astype(a.dtype))
+    b = b.at[(slice(None),) * n + (i,)].set(entry.b.astype(b.dtype))
+    return dataclasses.replace(self, a=a.reshape(self.a.shape), b=b.reshape(self.b.shape),
+                               scale=self.scale.at[i].set(entry.scale))
+
+  def one_slot(self) -> LoraArrays:
+    """The shapes of one slot's adapter."""
+    return jax.eval_shape(lambda s: s.slot(0), self)
+
+  @classmethod
+  def of(cls, entries: Sequence[LoraArrays]) -> "Slots":
+    """Per-slot adapters of equal shapes, stacked."""
+    first = entries[0]
+    n = first.axes.count("l")
+    a = jnp.stack([e.a for e in entries], axis=first.a.ndim - 1)
+    b = jnp.stack([e.b for e in entries], axis=n)
+    return cls(a=a.reshape(*a.shape[:-2], -1),
+               b=b.reshape(*b.shape[:n], -1, *b.shape[n + 2:]),
+               scale=jnp.stack([jnp.asarray(e.scale, jnp.float32) for e in entries]),
+               axes=first.axes, rank=first.rank)
+
+
+jax.tree_util.register_dataclass(Slots, data_fields=["a", "b", "scale"],
+                                 meta_fields=["axes", "rank"])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLora(LoraWeights):
+  """Every slot's factors of one kernel (``Slots``' layout: rank ``slots * slot_rank``) and
+  the slot to use, gathered only inside its products: under ``jax.vmap`` over examples with
+  a per-example ``slot``, each product gathers each example's factors of that layer alone."""
+
+  slot: jax.Array = None
+  slot_rank: int = 0
+
+  UNSTACKED_FIELDS = ("scale", "slot")
+
+  def own(self) -> LoraArrays:
+    """This slot's adapter (rank ``slot_rank``), with whatever stacked axes are left."""
+    stacked = self.b.ndim - 1 - self.axes.count("o")
+    count = self.a.shape[-1] // self.slot_rank
+    a = self.a.reshape(*self.a.shape[:-1], count, self.slot_rank)
+    b = self.b.reshape(*self.b.shape[:stacked], count, self.slot_rank,
+                       *self.b.shape[stacked + 1:])
+    return LoraArrays(a=jnp.take(a, self.slot, axis=a.ndim - 2),
+                      b=jnp.take(b, self.slot, axis=stacked), scale=self.scale[self.slot],
+                      axes=self.axes)
+
+  def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    return self.own().delta(axes=axes, precision=precision)
+
+  def product(self, x, **kwargs):
+    return self.own().product(x, **kwargs)
+
+
+jax.tree_util.register_dataclass(SlotLora, data_fields=["a", "b", "scale", "slot"],
+                                 meta_fields=["axes", "dropout", "slot_rank"])
 
 
 def traced_scales(adapters):
@@ -71,9 +181,9 @@ class AdapterBank:
   """Named adapters stacked over one base (build with ``stack``).
 
   Attributes:
-    slots: a tree mirroring the base's paths: at each adapted kernel a ``LoraArrays`` whose
-      ``a``, ``b`` and ``scale`` have a leading slot axis (one slot per name, then free slots,
-      then the base slot), at each trained extra its values stacked the same way.
+    slots: a tree mirroring the base's paths: at each adapted kernel a ``Slots`` (every
+      slot's factors as one LoRA of rank slots * rank), at each trained extra its values
+      stacked on a leading slot axis. Slots: one per name, then free slots, then the base.
     names: the adapter of each named slot, in order; ``None`` marks a free slot (``put``
       fills it without changing any shape). Names are host-side only: they are not part of
       the pytree (so a new name is not a new trace), and a bank rebuilt inside a JAX
@@ -86,7 +196,8 @@ class AdapterBank:
   @property
   def size(self) -> int:
     """Slots for adapters (named and free); the base slot is one more."""
-    return jax.tree_util.tree_leaves(self.slots)[0].shape[0] - 1
+    first = jax.tree_util.tree_leaves(self.slots, is_leaf=_is_slots)[0]
+    return (first.count if _is_slots(first) else first.shape[0]) - 1
 
   def index(self, name: str) -> int:
     """The slot of adapter ``name`` (``NO_ADAPTER`` for ``None``)."""
@@ -112,9 +223,20 @@ class AdapterBank:
     """The adapter tree in slot ``index`` (an int or a traced int; ``NO_ADAPTER`` gives the
     base model: zero factors and the base's own extras), usable wherever an adapter tree is:
     ``lora(fn)(base, bank.pick(i), x)``, ``merge(base, bank.pick(i))``."""
+    return self._select(index, Slots.slot)
+
+  def lazy(self, index):
+    """Like ``pick``, but each kernel's adapter (a ``SlotLora``) holds every slot's factors
+    and gathers its own slot's only where a product uses them: inside a ``lax.scan`` over
+    layers, one layer's at a time (what a mixed batch runs: ``mixed``)."""
+    return self._select(index, Slots.lazy)
+
+  def _select(self, index, kernel):
     index = jnp.asarray(index, jnp.int32)
     slot = jnp.where(index < 0, self.size, index)
-    return jax.tree_util.tree_map(lambda x: x[slot], self.slots)
+    return jax.tree_util.tree_map(
+        lambda x: kernel(x, slot) if isinstance(x, Slots) else x[slot], self.slots,
+        is_leaf=_is_slots)
 
   def put(self, name: str, adapters, base) -> "AdapterBank":
     """A bank with ``adapters`` in the slot of ``name`` (replacing it) or in the first free
@@ -132,7 +254,7 @@ class AdapterBank:
       raise ValueError(f"the bank has no slot for {name!r} (its {self.size} slots are named); "
                        f"replace one by its name or stack a bank with more capacity=.")
     adapters_, extras = match(base, adapters)
-    flat = _tree.flatten(self.slots, is_leaf=_is_lora)
+    flat = _tree.flatten(self.slots, is_leaf=_is_slots)
     unknown = [p for p in (*adapters_, *extras) if p not in flat]
     if unknown:
       raise ValueError(f"adapter {name!r} has paths the bank lacks: {listing(unknown)}; stack a "
@@ -140,9 +262,11 @@ class AdapterBank:
     leaves = base_leaves(base)
     out = {}
     for path, stacked in flat.items():
-      entry = _entry(path, adapters_.get(path), extras.get(path), leaves[path],
-                     _one_slot(stacked), name)
-      out[path] = jax.tree_util.tree_map(lambda s, e: s.at[slot].set(e), stacked, entry)
+      like = stacked.one_slot() if _is_slots(stacked) else jax.ShapeDtypeStruct(
+          stacked.shape[1:], stacked.dtype)
+      entry = _entry(path, adapters_.get(path), extras.get(path), leaves[path], like, name)
+      out[path] = (stacked.with_slot(slot, entry) if _is_slots(stacked)
+                   else stacked.at[slot].set(entry))
     names = list(self.names)
     names[slot] = name
     return AdapterBank(_tree.nest(out), tuple(names))
@@ -159,6 +283,10 @@ def _is_lora(x) -> bool:
   return isinstance(x, LoraWeights)
 
 
+def _is_slots(x) -> bool:
+  return isinstance(x, Slots)
+
+
 def _padded(lw: LoraWeights, rank: int, path, name) -> LoraWeights:
   """``lw`` with rank ``rank``: zero columns of A, zero rows of B."""
   extra = rank - lw.rank
@@ -171,11 +299,6 @@ def _padded(lw: LoraWeights, rank: int, path, name) -> LoraWeights:
   pad_b[stack_dims] = (0, extra)
   return LoraArrays(a=jnp.pad(lw.a, pad_a), b=jnp.pad(lw.b, pad_b),
                     scale=jnp.asarray(lw.scale, jnp.float32), axes=lw.axes)
-
-
-def _one_slot(stacked):
-  """The shapes of one slot of a stacked bank entry."""
-  return jax.eval_shape(lambda s: jax.tree_util.tree_map(lambda x: x[0], s), stacked)
 
 
 def _entry(path, lw, extra, base_leaf, like, name):
@@ -253,7 +376,7 @@ def stack(adapters: Mapping[str, object], base, *, rank: int | None = None,
                for n in names]
     empty = _entry(path, None, None, leaves[path], like, None)  # free slots and the base slot
     entries += [empty] * (capacity - len(names) + 1)
-    slots[path] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *entries)
+    slots[path] = Slots.of(entries) if _is_lora(like) else jnp.stack(entries)
   return AdapterBank(_tree.nest(slots), tuple(names) + (None,) * (capacity - len(names)))
 
 
@@ -324,6 +447,10 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
 
   ``jax.vmap`` over the examples (``adapter_index[e]`` picks example e's slot): each example's
   arrays keep a size-1 batch axis, so ``call`` sees a batch of one, as when it runs alone.
+  Each example's factors are gathered where its products use them (``AdapterBank.lazy``):
+  inside a ``lax.scan`` over layers one layer's at a time, so the batch reads the factors of
+  the slots it uses and no more (S-LoRA's and Punica's batched gather); the base product
+  ``x @ W`` is one product for all examples.
   ``lora(fn)`` calls this when its adapters are an ``AdapterBank``.
 
   Args:
@@ -351,23 +478,23 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
       raise ValueError(f"argument leaf {i} has shape {np.shape(leaves[i])}: axis {axes[i]} "
                        f"should hold the {index.shape[0]} examples of adapter_index; pass "
                        f"example_axes={{name: axis}} for an argument batched elsewhere.")
-  shared = [i for i, x in enumerate(leaves) if axes[i] is None and _is_array(x)]
+  common = [i for i, x in enumerate(leaves) if axes[i] is None and _is_array(x)]
 
-  def one(i, mine, common):
+  def one(i, mine, shared_values):
     values = list(leaves)
     for pos, v in zip(mapped, mine):
       values[pos] = jnp.expand_dims(v, axes[pos])
-    for pos, v in zip(shared, common):
+    for pos, v in zip(common, shared_values):
       values[pos] = v
     a, kw = jax.tree_util.tree_unflatten(treedef, values)
-    out = call(bank.pick(i), *a, **kw)
+    out = call(bank.lazy(i), *a, **kw)
     return jax.tree_util.tree_map(
         lambda ax, sub: jax.tree_util.tree_map(lambda y: jnp.squeeze(y, ax), sub),
         example_out_axes, out)
 
   return jax.vmap(one, in_axes=(0, [axes[i] for i in mapped], None),
                   out_axes=example_out_axes)(
-      index, [leaves[i] for i in mapped], [leaves[i] for i in shared])
+      index, [leaves[i] for i in mapped], [leaves[i] for i in common])
 
 
 # ----------------------------------------------------------------------- multi-task training

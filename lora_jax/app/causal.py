@@ -776,14 +776,20 @@ def prompt_ids(tok, prompts: list[str], *, raw: bool) -> list[list[int]]:
   return [tok.encode(t) for t in texts]
 
 
+@functools.lru_cache(maxsize=8)
+def adapted_apply(config: llama.LlamaConfig):
+  """``lora(LlamaForCausalLM(config).apply)``, one per config: generation's jitted steps are
+  cached per function, so calls with the same shapes reuse their compilation."""
+  return lora_jax.lora(llama.LlamaForCausalLM(config).apply)
+
+
 def generate_mixed(model: Model, bank, ids: list[list[int]], names: list, *,
                    max_new_tokens: int, sampling=generate_lib.GREEDY, seed: int = 0
                    ) -> generate_lib.Generation:
   """Decodes ``ids[i]`` with adapter ``names[i]`` of ``bank`` (None: the base), all rows in
   one mixed batch."""
-  module = llama.LlamaForCausalLM(model.config)
   return generate_lib.generate(
-      lora_jax.lora(module.apply), (model.params, bank), ids,
+      adapted_apply(model.config), (model.params, bank), ids,
       init_cache=functools.partial(llama.init_cache, model.config),
       max_new_tokens=max_new_tokens, stop_ids=model.tokenizer.stop_ids,
       pad_id=model.tokenizer.pad_id or 0, sampling=sampling, key=jax.random.key(seed),

@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 
-__all__ = ["DEFAULT_MAX_TOKENS", "Batcher", "HTTPError", "Job", "MixedDecoder", "Service",
+__all__ = ["DEFAULT_MAX_TOKENS", "Batcher", "HTTPError", "Job", "Service",
            "serve"]
 
 DEFAULT_MAX_TOKENS = 16  # a request's max_tokens when it gives none (OpenAI's default)
@@ -59,39 +59,6 @@ class HTTPError(Exception):
 
 
 # ----------------------------------------------------------------------- decoding
-
-
-class MixedDecoder:
-  """``lora_jax.app.causal.generate_mixed`` over one model and bank, with one ``lora``
-  transform of the model kept for every call (``generate_mixed`` builds a new one per call,
-  so its jitted steps, and their compilation, are not reused): a shape seen before (rows,
-  prompt length bucket, ``max_new_tokens``) decodes without compiling again. The same
-  computation, so the same tokens."""
-
-  def __init__(self, model, bank):
-    import lora_jax
-    from lora_jax.models import llama
-
-    self.model, self.bank = model, bank
-    self.apply = lora_jax.lora(llama.LlamaForCausalLM(model.config).apply)
-
-  def __call__(self, ids: list[list[int]], names: list, *, max_new_tokens: int, sampling,
-               seed: int):
-    """A ``lora_jax.generate.Generation``: row i is ``ids[i]`` decoded with adapter
-    ``names[i]`` (None: the base model)."""
-    import jax
-
-    from lora_jax import generate as generate_lib
-    from lora_jax.models import llama
-
-    model, tok = self.model, self.model.tokenizer
-    return generate_lib.generate(
-        self.apply, (model.params, self.bank), ids,
-        init_cache=functools.partial(llama.init_cache, model.config),
-        max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,
-        sampling=sampling, key=jax.random.key(seed),
-        context=model.config.max_position_embeddings, adapted=True,
-        adapter_index=self.bank.indices(names))
 
 
 @dataclasses.dataclass(eq=False)
@@ -494,11 +461,12 @@ def serve(model_name: str, adapters: dict[str, str], *, host: str = "127.0.0.1",
   server = _listen(host, port)  # first: a port in use fails before the model loads
   try:
     model = causal.load_model(model_name, quantize=quantize)
-    decode = MixedDecoder(model, causal.load_bank(model, adapters))
+    bank = causal.load_bank(model, adapters)
+    decode = functools.partial(causal.generate_mixed, model, bank)
     batcher = Batcher(decode, stop_ids=model.tokenizer.stop_ids,
                       context=model.config.max_position_embeddings, max_batch=max_batch,
                       max_queue=max_queue, wait_s=batch_wait_ms / 1000)
-    server.service = Service(model, decode.bank, model_name, batcher,
+    server.service = Service(model, bank, model_name, batcher,
                              max_new_tokens_limit=max_new_tokens_limit)
     _warm_up(model, decode, min(DEFAULT_MAX_TOKENS, max_new_tokens_limit))
   except BaseException:
