@@ -17,9 +17,11 @@ putting a new adapter of the same shapes into a slot never retraces a jitted fun
     y = adapted(base, bank.pick(bank.index("sst2")), x)       # one adapter for the batch
     y = adapted(base, bank, x, adapter_index=jnp.array([0, 1, -1]))  # one per example
 
-With ``adapter_index`` each example runs with its own adapter: ``jax.vmap`` over the examples
-of the function run on one example, its adapter gathered from the bank (S-LoRA / Punica's
-batched gather: ``x_e @ A[i_e]`` is one batched product, ``x_e @ W`` one product for all rows).
+With ``adapter_index`` each example runs with its own adapter, as if alone (``mixed``): a
+bank of adapters alone runs the batch as one, each adapted product gathering every row's own
+factors where it runs (S-LoRA's and Punica's batched gather: ``x @ W`` stays one product for
+all rows); a bank with trained extras (a head per task) runs ``jax.vmap`` over the examples,
+each with its own extras.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import optax
 
 from lora_jax import _tree
 from lora_jax._tree import listing
-from lora_jax.adapters import LoraWeights, match
+from lora_jax import adapters as adapters_lib
+from lora_jax.adapters import LoraWeights, match, register_kind
 from lora_jax.targets import base_leaves
 
 __all__ = ["NO_ADAPTER", "AdapterBank", "LoraArrays", "SlotLora", "Slots", "load", "mixed",
@@ -50,7 +53,6 @@ class LoraArrays(LoraWeights):
   out, so a changed alpha is a changed value. Not for training (optax would update the scale):
   train ``LoraWeights`` and stack them into a bank."""
 
-
   UNSTACKED_FIELDS = ("scale",)  # no stacked-layer axis: lax.scan does not slice it
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
@@ -62,6 +64,7 @@ class LoraArrays(LoraWeights):
 
 jax.tree_util.register_dataclass(
     LoraArrays, data_fields=["a", "b", "scale"], meta_fields=["axes", "dropout"])
+register_kind(LoraArrays)  # a picked adapter saves and restores like any other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +158,43 @@ class SlotLora(LoraWeights):
                       axes=self.axes)
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
+    if jnp.ndim(self.slot):
+      raise ValueError("a kernel with one adapter per example was used other than in a matrix "
+                       "product with the examples on the activation's leading axis, so there "
+                       "is no one kernel to merge; give the bank's adapters no trained extras "
+                       "(which runs each example on its own) or use the kernel as x @ W.")
     return self.own().delta(axes=axes, precision=precision)
 
-  def product(self, x, **kwargs):
-    return self.own().product(x, **kwargs)
+  def product(self, x, *, x_sub: str, out_sub: str, present, contracted, batched, **kwargs):
+    if not jnp.ndim(self.slot):
+      return self.own().product(x, x_sub=x_sub, out_sub=out_sub, present=present,
+                                contracted=contracted, batched=batched, **kwargs)
+    return self._rows(x, x_sub, out_sub, present, contracted, batched, **kwargs)
+
+  def _rows(self, x, x_sub, out_sub, present, contracted, batched, *, dtype, **opts):
+    """``slot`` (rows,) picks an adapter per row of ``x``'s leading axis (the examples, or
+    examples x positions flattened example-major): each row's factors gathered, Punica's
+    batched gather; None (the merged fallback) unless this is ``x @ W`` on that axis."""
+    roles = self.axes
+    first = x_sub[0]
+    if (batched or {roles[j] for j in contracted} != {"i"}
+        or len(contracted) != roles.count("i") or not first.islower()):
+      return None
+    slot = self.slot
+    if x.shape[0] != slot.shape[0]:
+      if x.shape[0] % slot.shape[0]:
+        raise ValueError(f"a product's activation has {x.shape[0]} rows on its leading axis for "
+                         f"{slot.shape[0]} examples; mixed batches need the examples first.")
+      slot = jnp.repeat(slot, x.shape[0] // slot.shape[0])
+    own = dataclasses.replace(self, slot=slot).own()  # a (.., *in, rows, r), b (.., rows, r, ..)
+    a_sub, b_sub = adapters_lib.factor_subscripts(roles, present)
+    a_sub = a_sub[:-1] + first + "r"
+    stack = b_sub[:b_sub.index("r")]
+    b_sub = stack + first + b_sub[len(stack):]
+    t_sub = "".join(c for c in x_sub if c.islower()) + stack + "r"
+    t = jnp.einsum(f"{x_sub},{a_sub}->{t_sub}", x, own.a.astype(dtype), **opts)
+    scale = own.scale.astype(t.dtype).reshape((-1,) + (1,) * (t.ndim - 1))
+    return jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * scale, own.b.astype(dtype), **opts)
 
 
 jax.tree_util.register_dataclass(SlotLora, data_fields=["a", "b", "scale", "slot"],
@@ -228,8 +264,25 @@ class AdapterBank:
   def lazy(self, index):
     """Like ``pick``, but each kernel's adapter (a ``SlotLora``) holds every slot's factors
     and gathers its own slot's only where a product uses them: inside a ``lax.scan`` over
-    layers, one layer's at a time (what a mixed batch runs: ``mixed``)."""
+    layers, one layer's at a time (what each example of a mixed batch runs when the bank
+    has trained extras: ``mixed``)."""
     return self._select(index, Slots.lazy)
+
+  def rows(self, index):
+    """``index`` (examples,) as one tree for the whole batch: each kernel's ``SlotLora``
+    gathers every row's own factors in its products (the activation's leading axis holds the
+    examples). Only for banks without trained extras (``has_extras``)."""
+    if self.has_extras:
+      raise ValueError("this bank holds trained extras (modules_to_save), which cannot be "
+                       "chosen per row inside one product; lora(fn) with adapter_index= runs "
+                       "each example on its own for such a bank.")
+    return self._select(index, Slots.lazy)
+
+  @property
+  def has_extras(self) -> bool:
+    """Whether any adapter trains a parameter in full (``modules_to_save``)."""
+    return not all(_is_slots(x) for x in
+                   jax.tree_util.tree_leaves(self.slots, is_leaf=_is_slots))
 
   def _select(self, index, kernel):
     index = jnp.asarray(index, jnp.int32)
@@ -445,12 +498,18 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
           example_axes: Mapping | None = None, example_out_axes=0):
   """``call(adapters, *args, **kwargs)`` with each example run with its own adapter.
 
-  ``jax.vmap`` over the examples (``adapter_index[e]`` picks example e's slot): each example's
-  arrays keep a size-1 batch axis, so ``call`` sees a batch of one, as when it runs alone.
-  Each example's factors are gathered where its products use them (``AdapterBank.lazy``):
-  inside a ``lax.scan`` over layers one layer's at a time, so the batch reads the factors of
-  the slots it uses and no more (S-LoRA's and Punica's batched gather); the base product
-  ``x @ W`` is one product for all examples.
+  A bank of adapters alone (no trained extras) runs the batch as one (``AdapterBank.rows``):
+  each adapted product gathers every row's own factors where it runs (inside a ``lax.scan``
+  over layers, one layer's at a time), S-LoRA's and Punica's batched gather, so the batch
+  reads the factors of the slots it uses and the base product ``x @ W`` and everything else
+  (attention, a key-value cache) stay batched. This needs the examples on the leading axis
+  of every adapted product's activation (Flax's Dense on (batch, ..., features) inputs);
+  ``example_axes`` and ``example_out_axes`` are then unused.
+
+  A bank with trained extras (a classifier head per task) runs ``jax.vmap`` over the
+  examples (``adapter_index[e]`` picks example e's slot): each example's arrays keep a size-1
+  batch axis, so ``call`` sees a batch of one, as when it runs alone, with its own extras and
+  its factors gathered where its products use them (``AdapterBank.lazy``).
   ``lora(fn)`` calls this when its adapters are an ``AdapterBank``.
 
   Args:
@@ -470,6 +529,8 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
   if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
     raise ValueError(f"adapter_index must be a 1-D integer array (one bank slot per example, "
                      f"-1 for no adapter), got {index.dtype} of shape {index.shape}.")
+  if not bank.has_extras:  # every product picks its rows' factors: the batch runs as one
+    return call(bank.rows(index), *args, **kwargs)
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   axes = _example_axes(args, kwargs, example_axes or {})
   mapped = [i for i, ax in enumerate(axes) if ax is not None]

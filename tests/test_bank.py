@@ -65,6 +65,40 @@ def test_mixed_batch_equals_each_example_alone(family, scan, remat):
   assert not np.allclose(mixed[0], mixed[2], atol=1e-3)  # the adapters do differ
 
 
+@pytest.mark.parametrize("family,scan", [("llama", True), ("gpt2", False), ("bert", True)])
+def test_a_bank_without_extras_runs_the_batch_as_one(family, scan):
+  """No trained extras: the batch is not split per example; each product gathers every
+  row's own factors (the examples on the activation's leading axis)."""
+  model, params, trees = _setup(family, scan)
+  bank = bank_lib.stack({n: trees[n] for n in ("qv", "mlp")}, params)
+  assert not bank.has_extras
+  names = ["mlp", None, "qv", "mlp"]
+  adapted = lora_jax.lora(model.apply)
+  mixed = _first(jax.jit(adapted)(params, bank, IDS, adapter_index=bank.indices(names)))
+  for row, name in enumerate(names):
+    x = IDS[row:row + 1]
+    alone = model.apply(params, x) if name is None else adapted(params, trees[name], x)
+    np.testing.assert_allclose(mixed[row], _first(alone)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_flattened_activations_and_a_bad_leading_axis():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(5, 4)).astype(np.float32)}
+  config = lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",))
+  trees = {n: randomize_b(lora_jax.init(config, params, key=jax.random.key(i)),
+                          jax.random.key(9 + i)) for i, n in enumerate("ab")}
+  bank = bank_lib.stack(trees, params)
+  x = rng.normal(size=(3, 6, 5)).astype(np.float32)
+  flat = lora_jax.lora(lambda p, x: x.reshape(-1, 5) @ p["w"])  # (examples * 6, 5)
+  got = flat(params, bank, x, adapter_index=np.array([1, 0, -1], np.int32)).reshape(3, 6, 4)
+  for row, tree in enumerate([trees["b"], trees["a"], None]):
+    want = x[row] @ lora_jax.merge(params, tree)["w"] if tree else x[row] @ params["w"]
+    np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-5)
+  cut = lora_jax.lora(lambda p, x: x[:2] @ p["w"])
+  with pytest.raises(ValueError, match="2 rows on its leading axis for 3 examples"):
+    cut(params, bank, x[:, 0], adapter_index=np.zeros(3, np.int32))
+
+
 def test_pick_is_the_adapter_itself():
   model, params, trees = _setup("llama", True)
   bank = bank_lib.stack(trees, params)
@@ -149,9 +183,12 @@ def test_traced_scales_do_not_retrace_for_a_new_alpha():
   assert len(traces) == 1
 
 
-def test_mixed_generation_gives_each_rows_own_greedy_tokens():
+@pytest.mark.parametrize("extras", [True, False], ids=["per-example", "one-batch"])
+def test_mixed_generation_gives_each_rows_own_greedy_tokens(extras):
   model, params, trees = _setup("llama", True)
   trees = {k: jax.tree_util.tree_map(lambda x: 3 * x, v) for k, v in trees.items()}
+  if not extras:  # "all" without its trained norm: a bank of adapters alone
+    trees["all"] = {"params": {"model": {"layers": trees["all"]["params"]["model"]["layers"]}}}
   bank = bank_lib.stack(trees, params)
   adapted = lora_jax.lora(model.apply)
   init_cache = functools.partial(llama.init_cache, model.config)
@@ -185,6 +222,10 @@ def test_read_and_load_peft_and_checkpoint_folders(tmp_path):
                                adapted(params, tree, IDS), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="holds no adapter"):
     bank_lib.read(tmp_path, params)
+  picked = bank.pick(bank.index("c"))  # a picked adapter saves and restores as it is
+  lora_jax.checkpoint.save(tmp_path / "picked", 0, picked, config=config, base=params)
+  again = lora_jax.checkpoint.restore(tmp_path / "picked", base=params).adapters
+  jax.tree_util.tree_map(np.testing.assert_array_equal, again, picked)
 
 
 def _lm_loss(model):
