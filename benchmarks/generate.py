@@ -97,15 +97,23 @@ def main(argv=None) -> dict:
   for row in rows.values():
     row.pop("tokens")
   result = {"benchmark": "generate", "model": args.model, "new_tokens": args.new_tokens,
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                        "python": sys.version.split()[0]},
-            "rows": rows}
-  if args.json:
-    path = pathlib.Path(args.json)
+            "machine": machine(), "rows": rows}
+  write_json(result, args.json)
+  return result
+
+
+def machine() -> dict:
+  return {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+          "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "python": sys.version.split()[0]}
+
+
+def write_json(result: dict, path) -> None:
+  """``result`` as indented JSON at ``path`` (nothing when ``path`` is None)."""
+  if path:
+    path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
-  return result
 
 
 if __name__ == "__main__":

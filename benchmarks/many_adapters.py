@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -42,7 +39,8 @@ from lora_jax.app import causal
 from lora_jax.models import bert, llama, weights
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from generate import QUESTIONS, adapters as smollm2_adapter  # noqa: E402
+from generate import QUESTIONS, machine, write_json  # noqa: E402
+from generate import adapters as smollm2_adapter  # noqa: E402
 
 
 def live_bytes() -> int:
@@ -274,15 +272,8 @@ def main(argv=None) -> dict:
             f"{rows[f'{kind}_mixed']['ratio_to_single']:.3f} (median of the rounds' ratios; "
             f"goal >= 0.8)")
   result = {"benchmark": "many_adapters", "model": causal.DEFAULT_MODEL,
-            "settings": vars(args),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                        "python": sys.version.split()[0]},
-            "rows": rows}
-  if args.json:
-    path = pathlib.Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+            "settings": vars(args), "machine": machine(), "rows": rows}
+  write_json(result, args.json)
   return result
 
 

@@ -140,3 +140,44 @@ def test_quant_bytes_counts_the_1b_shape_from_abstract_shapes():
   assert rows["nf4"]["projections"] == weights * 9 // 16  # 4 bits + a float32 per 64
   assert rows["nf4-dq"]["bits_per_weight"] == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-4)
   assert rows["nf4-dq+head"]["other"] < rows["nf4-dq"]["other"]  # the head in NF4 too
+
+
+def _many():
+  sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling generate.py
+  spec = importlib.util.spec_from_file_location("many_adapters", ROOT / "benchmarks" /
+                                                "many_adapters.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_many_adapters_rounds_are_interleaved_and_ratios_per_round():
+  many = _many()
+  calls = []
+  cases = {name: (lambda name=name: calls.append(name)) for name in ("mixed", "single")}
+  results = many.interleaved(cases, 3)
+  assert calls == ["mixed", "single"] * 4  # a warm-up each, then rounds of every case
+  results = {"mixed": (1.0, [2.0, 4.0, 1.0]), "single": (1.0, [1.0, 1.0, 1.0])}
+  rows = many._rows("forward", results, 100)
+  assert rows["forward_mixed"]["ratio_to_single_per_round"] == [0.5, 0.25, 1.0]
+  assert rows["forward_mixed"]["ratio_to_single"] == 0.5
+  assert rows["forward_single"]["tokens_per_s"] == 100.0
+
+
+def test_many_adapters_memory_rows_measure_the_banks_arrays():
+  import jax
+  import numpy as np
+
+  import lora_jax
+
+  many = _many()
+  base = {"w": np.ones((64, 32), np.float32), "v": np.ones((32, 16), np.float32)}
+  config = lora_jax.LoraConfig(targets="w|v", rank=4, kernel_names=("w", "v"))
+  make = lambda i: lora_jax.init(config, base, key=jax.random.key(i))  # noqa: E731
+  rows = many.memory_rows("toy", base, make, [1, 3])
+  for n in (1, 3):
+    want = sum(x.nbytes for x in jax.tree_util.tree_leaves(
+        lora_jax.bank.stack({str(i): make(i) for i in range(n)}, base)))
+    row = rows[f"toy_n{n}"]
+    assert row["bank_bytes"] == want == (n + 1) * 4 * 4 * (64 + 32 + 32 + 16) + (n + 1) * 4 * 2
+    assert row["merged_copies_bytes"] == n * 4 * (64 * 32 + 32 * 16)

@@ -235,8 +235,11 @@ def test_damaged_description_is_reported_and_restore_falls_back(tmp_path):
 
 
 # orbax leaves a coroutine behind when tensorstore fails to open a deleted file; it is
-# collected later with "Event loop is closed", which is not ours to fix.
+# collected later with "Event loop is closed" (or, when the collection lands inside
+# pytest.warns, as "coroutine ... was never awaited": seen once under load), which is not
+# ours to fix.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.parametrize("how", ["truncate", "delete", "flip"])
 def test_damaged_arrays_are_detected_and_restore_falls_back(tmp_path, how):
   base, first = _two_steps(tmp_path)
