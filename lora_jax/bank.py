@@ -159,10 +159,10 @@ class SlotLora(LoraWeights):
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     if jnp.ndim(self.slot):
-      raise ValueError("a kernel with one adapter per example was used other than in a matrix "
-                       "product with the examples on the activation's leading axis, so there "
-                       "is no one kernel to merge; give the bank's adapters no trained extras "
-                       "(which runs each example on its own) or use the kernel as x @ W.")
+      raise ValueError("a kernel with one adapter per example was used other than as x @ W "
+                       "(the examples on the activation's leading axis), so there is no one "
+                       "kernel to merge; pass per_example=True, which runs each example on its "
+                       "own.")
     return self.own().delta(axes=axes, precision=precision)
 
   def product(self, x, *, x_sub: str, out_sub: str, present, contracted, batched, **kwargs):
@@ -172,21 +172,20 @@ class SlotLora(LoraWeights):
     return self._rows(x, x_sub, out_sub, present, contracted, batched, **kwargs)
 
   def _rows(self, x, x_sub, out_sub, present, contracted, batched, *, dtype, **opts):
-    """``slot`` (rows,) picks an adapter per row of ``x``'s leading axis (the examples, or
-    examples x positions flattened example-major): each row's factors gathered, Punica's
-    batched gather; None (the merged fallback) unless this is ``x @ W`` on that axis."""
+    """``slot`` (examples,) picks an adapter per row of ``x``'s leading axis, which must hold
+    the examples: each row's factors gathered, Punica's batched gather; None (the merged
+    fallback, an error) unless this is ``x @ W``."""
     roles = self.axes
     first = x_sub[0]
     if (batched or {roles[j] for j in contracted} != {"i"}
         or len(contracted) != roles.count("i") or not first.islower()):
       return None
-    slot = self.slot
-    if x.shape[0] != slot.shape[0]:
-      if x.shape[0] % slot.shape[0]:
-        raise ValueError(f"a product's activation has {x.shape[0]} rows on its leading axis for "
-                         f"{slot.shape[0]} examples; mixed batches need the examples first.")
-      slot = jnp.repeat(slot, x.shape[0] // slot.shape[0])
-    own = dataclasses.replace(self, slot=slot).own()  # a (.., *in, rows, r), b (.., rows, r, ..)
+    if x.shape[0] != self.slot.shape[0]:
+      raise ValueError(f"a product's activation has {x.shape[0]} rows on its leading axis for "
+                       f"{self.slot.shape[0]} examples; a bank of adapters alone needs the "
+                       f"examples first in every adapted product: pass per_example=True, which "
+                       f"runs each example on its own.")
+    own = self.own()  # a (.., *in, rows, r), b (.., rows, r, ..)
     a_sub, b_sub = adapters_lib.factor_subscripts(roles, present)
     a_sub = a_sub[:-1] + first + "r"
     stack = b_sub[:b_sub.index("r")]
@@ -251,6 +250,17 @@ class AdapterBank:
                        "adapter names; look slots up with bank.index(name) outside it and pass "
                        "the int in.")
 
+  def check_index(self, index) -> None:
+    """Raises ValueError for a concrete index outside ``-1 .. size - 1`` (a traced one cannot
+    be checked: outside that range it selects the base alone)."""
+    if isinstance(index, jax.core.Tracer):
+      return
+    bad = np.asarray(index)
+    bad = bad[(bad < NO_ADAPTER) | (bad >= self.size)]
+    if bad.size:
+      raise ValueError(f"adapter index {int(bad.flat[0])} is outside the bank's slots: use 0 .. "
+                       f"{self.size - 1}, or {NO_ADAPTER} for the base alone.")
+
   def indices(self, names: Sequence) -> np.ndarray:
     """``index`` of each name, int32: the ``adapter_index`` of a mixed batch."""
     return np.asarray([self.index(n) for n in names], np.int32)
@@ -285,8 +295,9 @@ class AdapterBank:
                    jax.tree_util.tree_leaves(self.slots, is_leaf=_is_slots))
 
   def _select(self, index, kernel):
+    self.check_index(index)
     index = jnp.asarray(index, jnp.int32)
-    slot = jnp.where(index < 0, self.size, index)
+    slot = jnp.where((index < 0) | (index >= self.size), self.size, index)
     return jax.tree_util.tree_map(
         lambda x: kernel(x, slot) if isinstance(x, Slots) else x[slot], self.slots,
         is_leaf=_is_slots)
@@ -299,6 +310,8 @@ class AdapterBank:
       ValueError: no free slot, a path the bank lacks, or a rank above the bank's.
     """
     self._check_named()
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"name must be a non-empty string, got {name!r}.")
     if name in self.names:
       slot = self.names.index(name)
     elif None in self.names:
@@ -309,9 +322,12 @@ class AdapterBank:
     adapters_, extras = match(base, adapters)
     flat = _tree.flatten(self.slots, is_leaf=_is_slots)
     unknown = [p for p in (*adapters_, *extras) if p not in flat]
+    unknown += [p for p in adapters_ if p in flat and not _is_slots(flat[p])]
+    unknown += [p for p in extras if p in flat and _is_slots(flat[p])]
     if unknown:
-      raise ValueError(f"adapter {name!r} has paths the bank lacks: {listing(unknown)}; stack a "
-                       f"new bank that includes it.")
+      raise ValueError(f"adapter {name!r} has paths the bank lacks (or holds as the other of "
+                       f"factors / a whole trained leaf): {listing(unknown)}; stack a new bank "
+                       f"that includes it.")
     leaves = base_leaves(base)
     out = {}
     for path, stacked in flat.items():
@@ -379,6 +395,12 @@ def _layout(trees: Mapping[str, tuple], base, rank):
       lws.setdefault(path, []).append((name, lw))
     for path, x in trained.items():
       extras.setdefault(path, []).append(x)
+  both = sorted(set(lws) & set(extras))
+  if both:
+    path = both[0]
+    raise ValueError(f"{_tree.join(path)!r} is adapted by {lws[path][0][0]!r} but trained in "
+                     f"full by another adapter: a bank holds either factors or a whole leaf "
+                     f"per path; serve those adapters from separate banks (or merged).")
   layout = {}
   for path, found in lws.items():
     r = rank or max(lw.rank for _, lw in found)
@@ -420,6 +442,10 @@ def stack(adapters: Mapping[str, object], base, *, rank: int | None = None,
     raise ValueError(f"capacity={capacity} is below the {len(adapters)} adapters given; pass "
                      f"capacity >= {len(adapters)} (or leave it out).")
   trees = {name: match(base, tree) for name, tree in adapters.items()}
+  for name, (lws, _) in trees.items():
+    if any(type(lw).__name__ == "DoraWeights" for lw in lws.values()):
+      raise ValueError(f"adapter {name!r} is DoRA, which a bank does not hold yet (its "
+                       f"magnitudes rescale W itself); serve it merged or on its own.")
   layout = _layout(trees, base, rank)
   leaves = base_leaves(base)
   names = list(adapters)
@@ -495,7 +521,7 @@ def _example_axes(args, kwargs, given: Mapping) -> list:
 
 
 def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
-          example_axes: Mapping | None = None, example_out_axes=0):
+          example_axes: Mapping | None = None, example_out_axes=0, per_example: bool = False):
   """``call(adapters, *args, **kwargs)`` with each example run with its own adapter.
 
   A bank of adapters alone (no trained extras) runs the batch as one (``AdapterBank.rows``):
@@ -520,16 +546,19 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
       cache of shape (layers, batch, ...): 1), or None for an array every example shares.
     example_out_axes: the outputs' example axes (a prefix of the output tree, as ``jax.vmap``'s
       ``out_axes``).
+    per_example: run each example on its own (``jax.vmap``) even for a bank of adapters
+      alone: for functions whose adapted products do not have the examples first.
 
   Raises:
-    ValueError: ``adapter_index`` is not one int per example, or an argument's example axis
-      does not have one entry per example.
+    ValueError: ``adapter_index`` is not one int per example (or names no slot), or an
+      argument's example axis does not have one entry per example.
   """
   index = jnp.asarray(adapter_index)
   if index.ndim != 1 or not jnp.issubdtype(index.dtype, jnp.integer):
     raise ValueError(f"adapter_index must be a 1-D integer array (one bank slot per example, "
                      f"-1 for no adapter), got {index.dtype} of shape {index.shape}.")
-  if not bank.has_extras:  # every product picks its rows' factors: the batch runs as one
+  bank.check_index(index)
+  if not bank.has_extras and not per_example:  # each product picks its rows' factors
     return call(bank.rows(index), *args, **kwargs)
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   axes = _example_axes(args, kwargs, example_axes or {})

@@ -258,6 +258,8 @@ def generate(apply_fn, params, prompts: Sequence[Sequence[int]], *,
   rows, cache_axes = None, None
   if adapter_index is not None:
     rows = _rows(adapter_index, len(prompts), adapted)
+    if hasattr(params[1], "check_index"):  # an AdapterBank: every slot named must exist
+      params[1].check_index(rows)
     leaves, treedef = jax.tree_util.tree_flatten(_batch_axes(init_cache))
     cache_axes = (tuple(leaves), treedef)
     share_prefix = False  # a shared start's keys and values differ per adapter

@@ -109,7 +109,7 @@ def lora(fn):
     ``lora_dropout_key``, adapters whose config set ``dropout`` drop inputs of their branch.
     With an ``AdapterBank`` (``lora_jax.bank``) as ``adapters`` and ``adapter_index=``
     (one slot per example, -1: none), each example runs with its own adapter, as if alone
-    (``example_axes`` / ``example_out_axes``: see ``lora_jax.bank.mixed``).
+    (``example_axes``, ``example_out_axes``, ``per_example``: see ``lora_jax.bank.mixed``).
 
   Example:
     >>> adapted = lora_jax.lora(model.apply)
@@ -117,10 +117,11 @@ def lora(fn):
   """
 
   def adapted(base, adapters, *args, lora_dropout_key=None, adapter_index=None,
-              example_axes=None, example_out_axes=0, **kwargs):
+              example_axes=None, example_out_axes=0, per_example=False, **kwargs):
     if isinstance(adapters, bank.AdapterBank) or adapter_index is not None:
       return _mixed(adapted, base, adapters, adapter_index, args, kwargs, lora_dropout_key,
-                    example_axes, example_out_axes)
+                    dict(example_axes=example_axes, example_out_axes=example_out_axes,
+                         per_example=per_example))
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
     ctx = _rules.Apply(key=lora_dropout_key)
     outs = _interpret.run(closed, _inputs(base, adapters) + dyn, ctx)
@@ -134,19 +135,21 @@ def lora(fn):
   return adapted
 
 
-def _mixed(adapted, base, adapters, index, args, kwargs, key, example_axes, out_axes):
+def _mixed(adapted, base, adapters, index, args, kwargs, key, options):
   if not isinstance(adapters, bank.AdapterBank):
     raise ValueError("adapter_index= needs an AdapterBank as adapters (lora_jax.bank.stack); "
                      "for one adapter tree leave adapter_index out.")
   if index is None:
     raise ValueError("adapters is an AdapterBank: pass adapter_index= (one slot per example, "
                      "-1 for the base alone), or bank.pick(i) as adapters for the whole batch.")
+  if key is not None:
+    raise ValueError("lora_dropout_key is not applied to a bank's adapters (serving holds no "
+                     "dropout); train each adapter on its own or with bank.multi_task_step.")
 
   def call(picked, *a, **kw):
-    return adapted(base, picked, *a, lora_dropout_key=key, **kw)
+    return adapted(base, picked, *a, **kw)
 
-  return bank.mixed(call, adapters, index, args, kwargs, example_axes=example_axes,
-                    example_out_axes=out_axes)
+  return bank.mixed(call, adapters, index, args, kwargs, **options)
 
 
 def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:

@@ -83,7 +83,7 @@ def test_a_bank_without_extras_runs_the_batch_as_one(family, scan):
   _assert_rows_alone(model, params, bank, trees, ["mlp", None, "qv", "mlp"])
 
 
-def test_rows_of_flattened_activations_and_a_bad_leading_axis():
+def test_products_without_the_examples_first_need_per_example():
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(5, 4)).astype(np.float32)}
   config = lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",))
@@ -91,14 +91,44 @@ def test_rows_of_flattened_activations_and_a_bad_leading_axis():
                           jax.random.key(9 + i)) for i, n in enumerate("ab")}
   bank = bank_lib.stack(trees, params)
   x = rng.normal(size=(3, 6, 5)).astype(np.float32)
-  flat = lora_jax.lora(lambda p, x: x.reshape(-1, 5) @ p["w"])  # (examples * 6, 5)
-  got = flat(params, bank, x, adapter_index=np.array([1, 0, -1], np.int32)).reshape(3, 6, 4)
+  index = np.array([1, 0, -1], np.int32)
+  flat = lora_jax.lora(lambda p, x: (x.reshape(-1, 5) @ p["w"]).reshape(x.shape[0], -1, 4))
+  with pytest.raises(ValueError, match="18 rows on its leading axis for 3 examples.*per_example"):
+    flat(params, bank, x, adapter_index=index)
+  got = flat(params, bank, x, adapter_index=index, per_example=True)
   for row, tree in enumerate([trees["b"], trees["a"], None]):
     want = x[row] @ lora_jax.merge(params, tree)["w"] if tree else x[row] @ params["w"]
     np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-5)
-  cut = lora_jax.lora(lambda p, x: x[:2] @ p["w"])
-  with pytest.raises(ValueError, match="2 rows on its leading axis for 3 examples"):
-    cut(params, bank, x[:, 0], adapter_index=np.zeros(3, np.int32))
+
+
+def test_a_path_adapted_by_one_and_trained_in_full_by_another_is_refused():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(5, 4)).astype(np.float32)}
+  lora = lora_jax.init(lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",)), params,
+                       key=jax.random.key(0))
+  full = lora_jax.init(lora_jax.LoraConfig(targets=(), modules_to_save="w"), params,
+                       key=jax.random.key(0))
+  with pytest.raises(ValueError, match="'w' is adapted by 'a' but trained in full"):
+    bank_lib.stack({"a": lora, "b": full}, params)
+  with pytest.raises(ValueError, match="paths the bank lacks .*: w"):
+    bank_lib.stack({"a": lora}, params, capacity=2).put("b", full, params)
+
+
+def test_an_index_outside_the_slots_is_refused():
+  model, params, trees = _setup("llama", True)
+  bank = bank_lib.stack(trees, params)
+  adapted = lora_jax.lora(model.apply)
+  for bad in (3, -2):
+    with pytest.raises(ValueError, match=f"adapter index {bad} is outside the bank's slots: "
+                                         f"use 0 .. 2, or -1"):
+      adapted(params, bank, IDS, adapter_index=np.array([0, bad, 1, -1], np.int32))
+  with pytest.raises(ValueError, match="adapter index 7 is outside"):
+    bank.pick(7)
+  with pytest.raises(ValueError, match="adapter index 5 is outside"):
+    gen.generate(adapted, (params, bank), [[1], [2]], init_cache=functools.partial(
+        llama.init_cache, model.config), max_new_tokens=1, adapted=True, adapter_index=[0, 5])
+  traced = jax.jit(lambda i: adapted(params, bank.pick(i), IDS))(7)  # unchecked: the base
+  np.testing.assert_allclose(traced, model.apply(params, IDS), atol=1e-6)
 
 
 def test_pick_is_the_adapter_itself():
@@ -286,6 +316,11 @@ def test_bad_input_is_named():
     bank_lib.stack(trees, params, capacity=1)
   with pytest.raises(ValueError, match="no adapter named 'nope'.*all, qv, mlp"):
     bank.index("nope")
+  with pytest.raises(ValueError, match="name must be a non-empty string, got None"):
+    bank_lib.stack(trees, params, capacity=4).put(None, trees["qv"], params)
+  with pytest.raises(ValueError, match="lora_dropout_key is not applied to a bank"):
+    adapted(params, bank, IDS, adapter_index=np.zeros(4, np.int32),
+            lora_dropout_key=jax.random.key(0))
   with pytest.raises(ValueError, match="has no slot for 'new'"):
     bank.put("new", trees["qv"], params)
   with pytest.raises(ValueError, match="paths the bank lacks"):

@@ -186,6 +186,8 @@ BAD = [
     ("/v1/completions", {"model": "qv", "prompt": "hi", "temperature": -1}, 400,
      "temperature must be >= 0"),
     ("/v1/completions", [1, 2], 400, "must be a JSON object"),
+    ("/v1/completions", {"model": "qv", "prompt": "hi", "seed": 2 ** 64}, 400,
+     "'seed' must be an integer from 0 to 2**63 - 1"),
     ("/v1/embeddings", {"model": "qv"}, 404, "no such path '/v1/embeddings'"),
 ]
 
@@ -277,9 +279,17 @@ def test_the_worker_answers_500_for_a_failed_batch_and_keeps_going():
     batcher.submit(job)
   assert all(job.done.wait(30) for job in done)
   assert [job.tokens for job in done] == [[7, 8], [7, 8, 9, 2]]  # each cut to its max_tokens
+  assert calls[-1] == (2, 16)  # max_tokens 4 decodes 16 (a power of two >= 16: few shapes)
   batcher.stop()
   with pytest.raises(serve.HTTPError, match="shutting down"):
     batcher.submit(_job())
+
+
+def test_the_decode_budget_is_a_power_of_two_within_the_context():
+  batcher = serve.Batcher(None, stop_ids=(), context=30, max_batch=4, max_queue=8, wait_s=0.0)
+  assert batcher._budget([_job(max_tokens=4)]) == 16
+  assert batcher._budget([_job(max_tokens=17), _job(max_tokens=3)]) == 27  # 32 > 30 - 3
+  assert batcher._budget([_job(max_tokens=20, n=10)]) == 20  # the context leaves exactly 20
 
 
 def test_a_full_queue_answers_503():

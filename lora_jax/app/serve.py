@@ -61,6 +61,14 @@ class HTTPError(Exception):
 # ----------------------------------------------------------------------- decoding
 
 
+def _fail(jobs, error: Exception) -> None:
+  """Answers every job with a 500 naming ``error``."""
+  failure = HTTPError(500, f"decoding failed: {type(error).__name__}: {error}",
+                      "internal_error")
+  for job in jobs:
+    job.finish(error=failure)
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
   """One request to decode, and (once ``done`` is set) its new tokens or its error."""
@@ -146,7 +154,12 @@ class Batcher:
       jobs = self._collect()
       if not jobs:
         break
-      for group in groups(jobs, self.context):
+      try:
+        batches = groups(jobs, self.context)
+      except Exception as e:  # noqa: BLE001  never leave a request waiting on a dead worker
+        _fail(jobs, e)
+        continue
+      for group in batches:
         self._decode(group)
     self._fail_queued()
 
@@ -175,19 +188,26 @@ class Batcher:
     rows = padded_size(len(group), self.max_batch)
     ids = [j.ids for j in group] + [group[0].ids] * (rows - len(group))
     names = [j.adapter for j in group] + [group[0].adapter] * (rows - len(group))
+    sampling = group[0].sampling
     try:
-      result = self.decode(ids, names, max_new_tokens=max(j.max_tokens for j in group),
-                           sampling=group[0].sampling, seed=group[0].seed)
+      result = self.decode(ids, names, max_new_tokens=self._budget(group), sampling=sampling,
+                           seed=0 if sampling.greedy else group[0].seed)
     except Exception as e:  # noqa: BLE001  the server keeps running; this batch fails
-      error = HTTPError(500, f"decoding failed: {type(e).__name__}: {e}", "internal_error")
-      for job in group:
-        job.finish(error=error)
+      _fail(group, e)
       return
     self.stats["requests"] += len(group)
     self.stats["batches"] += 1
     self.stats["largest_batch"] = max(self.stats["largest_batch"], len(group))
     for job, tokens in zip(group, result.tokens):
       job.finish(tokens=tokens[:job.max_tokens])
+
+  def _budget(self, group: list[Job]) -> int:
+    """New tokens to decode: the group's largest ``max_tokens`` rounded up to a power of two
+    (at least 16), so few lengths compile; within the context; each answer is cut to its
+    own ``max_tokens`` (greedy tokens do not depend on how many follow)."""
+    wanted = max(j.max_tokens for j in group)
+    bucket = max(16, 1 << (wanted - 1).bit_length())
+    return max(wanted, min(bucket, self.context - max(len(j.ids) for j in group)))
 
   def _fail_queued(self) -> None:
     error = HTTPError(503, "the server is shutting down.", "shutting_down")
@@ -272,7 +292,11 @@ class Service:
           top_k=_field(body, "top_k", (int,)), top_p=_field(body, "top_p", (int, float)))
     except ValueError as e:
       raise HTTPError(400, str(e), "invalid_value") from None
-    return Job(ids, adapter, max_tokens, sampling, _field(body, "seed", (int,), 0))
+    seed = _field(body, "seed", (int,), 0)
+    if not 0 <= seed < 2 ** 63:
+      raise HTTPError(400, f"'seed' must be an integer from 0 to 2**63 - 1, got {seed}.",
+                      "invalid_value")
+    return Job(ids, adapter, max_tokens, sampling, seed)
 
   def run(self, job: Job) -> tuple[str, str, int]:
     """Queues ``job``, waits for it: ``(text, finish_reason, completion tokens)``."""
