@@ -13,6 +13,7 @@ Training rows, all on the same model, batch and AdamW:
   frozen_bound  backprop through every frozen layer (gradient w.r.t. the input embeddings): no
                 adapters, no weight gradient. No LoRA step can be faster.
   lora          lora_jax's public path: LoraConfig -> analyze -> init -> train_step.
+  dora          the same with use_dora=True: DoRA's magnitudes, the column norms factored.
   merged        W + s·A@B formed each step and differentiated by autodiff (what LoRA avoids).
   full          full fine-tuning.
   qlora_nf4     lora with the frozen projections in NF4 (lora_jax.quant), dequantized per layer.
@@ -248,12 +249,13 @@ def setup(s: Shape, *, scan: bool, remat: bool, abstract: bool) -> Setup:
   return Setup(model, params, batch, optax.adamw(LR), abstract)
 
 
-def lora_adapters(x: Setup):
-  """lora_jax's adapters on the seven projections and the trainable count."""
+def lora_adapters(x: Setup, *, dora: bool = False):
+  """lora_jax's adapters on the seven projections (DoRA's with ``dora``) and the trainable
+  count."""
   import jax
 
   import lora_jax
-  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA)
+  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA, use_dora=dora)
   uses = lora_jax.analyze(x.apply, x.params, x.batch["inputs"])
   adapters = lora_jax.init(config, x.params, key=jax.random.key(1), uses=uses)
   return adapters, lora_jax.count(x.params, adapters).trainable
@@ -275,16 +277,23 @@ def frozen_bound(x: Setup):
 
 
 @row("lora", sharded=True)
-def lora(x: Setup):
+def lora(x: Setup, *, dora: bool = False):
   """lora_jax's public path: LoraConfig -> analyze -> init -> train_step."""
   import lora_jax
-  adapters, count = lora_adapters(x)
+  adapters, count = lora_adapters(x, dora=dora)
   lora_step = lora_jax.train_step(x.loss, x.optimizer, jit=False)
 
   def step(frozen, state, b):
     out = lora_step(frozen, state[0], state[1], b)
     return (out.adapters, out.opt_state), out.loss
   return x.train(step, x.params, adapters, count)
+
+
+@row("dora")
+def dora(x: Setup):
+  """DoRA through lora_jax (``use_dora=True``): the column norms of W + s·A@B from the
+  factored expansion, no dense sum."""
+  return lora(x, dora=True)
 
 
 @row("merged", sharded=True)

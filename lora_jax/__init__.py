@@ -23,6 +23,7 @@ from lora_jax.transform import lora as lora
 from lora_jax import bank as bank  # noqa: E402  many adapters: AdapterBank, mixed batches
 from lora_jax import checkpoint as checkpoint  # noqa: E402  save / restore (orbax)
 from lora_jax import combine as combine  # noqa: E402  weighted combination of adapters (PEFT)
+from lora_jax import dora as dora  # noqa: E402  DoRA: the weight-decomposed adapter kind
 from lora_jax import family as family  # noqa: E402  model-family records (the registry)
 from lora_jax import kernels as kernels  # noqa: E402  kernel kinds (dense, quantized)
 from lora_jax import peft as peft  # noqa: E402  export_peft / import_peft (Hugging Face PEFT)

@@ -169,11 +169,12 @@ def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
   out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
   if k.adapter.dropout and ctx.key is not None:
     x = _dropout(x, k.adapter.dropout, ctx.next_key())
-  return k.adapter.product(
+  extra = k.adapter.product(
       x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted={k.axes[d] for d in kc},
       batched={k.axes[d] for d in kb}, dtype=k.dense().dtype,
       precision=eqn.params.get("precision"),
       preferred_element_type=eqn.params.get("preferred_element_type"))
+  return extra, out_sub
 
 
 def _kernel_operand(eqn, invals, ctx):
@@ -205,11 +206,15 @@ def _apply_dot(eqn, invals, ctx: Apply):
   k, x, kernel_is_lhs = operand
   if k.adapter is None:  # a quantized kernel that is not adapted
     return [_base_dot(eqn, k, x, kernel_is_lhs)]
-  extra = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
+  extra, out_sub = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
   if extra is None:
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
   base = _base_dot(eqn, k, x, kernel_is_lhs)
-  return [base + extra.astype(base.dtype)]
+  out = base + extra.astype(base.dtype)
+  rescaled = getattr(k.adapter, "rescaled", None)  # DoRA: per output column, m / ||W'||
+  if rescaled is not None:
+    out = rescaled(out, w=k.dense(), present=k.axes, out_sub=out_sub)
+  return [out]
 
 
 def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:

@@ -232,6 +232,9 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
   flat = {t.keys: LoraWeights.create(config, t, k)
           for t, k in zip(targets, jax.random.split(key, max(len(targets), 1)))}
   leaves = base_leaves(params)
+  if config.use_dora:
+    from lora_jax import dora  # an adapter kind built on this module's
+    flat = {p: dora.with_magnitude(lw, leaves[p]) for p, lw in flat.items()}
   for extra in extras:
     flat[extra.keys] = _copy(leaves[extra.keys], extra.path)
   return _tree.nest(flat)

@@ -115,6 +115,8 @@ class LoraConfig(Serializable):
     dropout: dropout rate on the adapter branch's input (training only).
     init: ``"kaiming_uniform"`` (PEFT's default for A) or ``"gaussian"`` (A ~ N(0, 1/r)).
     use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
+    use_dora: DoRA (``lora_jax.dora``): a trained magnitude per output column rescales
+      ``W + s·A@B`` to ``m ⊙ (W + s·A@B) / ||W + s·A@B||_c`` (PEFT's ``use_dora``).
     dtype: dtype of A and B, float32 by default whatever the base dtype.
     kernel_names: leaf names that are matmul kernels (Flax calls them ``kernel``).
     modules_to_save: patterns (searched like ``targets``) of parameters trained in full beside
@@ -133,6 +135,7 @@ class LoraConfig(Serializable):
   dropout: float = 0.0
   init: str = "kaiming_uniform"
   use_rslora: bool = False
+  use_dora: bool = False
   dtype: Any = jnp.float32
   kernel_names: Sequence[str] = ("kernel",)
   modules_to_save: str | Sequence[str] = ()
@@ -159,15 +162,17 @@ class LoraConfig(Serializable):
       raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
     if self.init not in INITS:
       raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
-    if not isinstance(self.use_rslora, bool):
-      raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")
+    for name in ("use_rslora", "use_dora"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
     _check_dtype(self.dtype)
 
   def __hash__(self):  # dict fields: hash their items, so a config can be a static argument
     items = lambda m: tuple(sorted(m.items()))  # noqa: E731
     return hash((self.target_patterns, self.rank, self.alpha, items(self.rank_pattern),
                  items(self.alpha_pattern), items(self.axes_pattern), self.exclude_patterns,
-                 self.dropout, self.init, self.use_rslora, str(jnp.dtype(self.dtype)),
+                 self.dropout, self.init, self.use_rslora, self.use_dora,
+                 str(jnp.dtype(self.dtype)),
                  self.kernel_names, self.save_patterns))
 
   @property

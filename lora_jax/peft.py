@@ -26,6 +26,7 @@ end of the dotted module name (``peft.utils.other.get_pattern_key``); the first 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -79,7 +80,6 @@ PEFT_DEFAULTS: dict[str, Any] = {
 }
 # Fields that, when set, make the adapter more than W + s·A@B on kernels.
 UNSUPPORTED = {
-    "use_dora": "DoRA (a magnitude vector rescales the adapted weight)",
     "lora_bias": "a trained bias on lora_B",
     "trainable_token_indices": "trained embedding rows",
     "target_parameters": "LoRA on bare nn.Parameters",
@@ -95,7 +95,8 @@ UNSUPPORTED = {
 # lora_ga rewrite them when PEFT loads the adapter; mica is a LoRA variant).
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
-_FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<factor>[AB])\.weight")
+_FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.weight|"
+                     r"(?P<magnitude>lora_magnitude_vector))")
 
 
 class PeftConfigWarning(UserWarning):
@@ -261,7 +262,8 @@ def peft_config(config: LoraConfig, modules: Mapping[str, tuple[int, float]], *,
   _check_pattern_lookup(dict(sorted(rank_pattern.items())), ranks, config.rank)
   _check_pattern_lookup(dict(sorted(alpha_pattern.items())), alphas, _number(config.alpha))
   return {**PEFT_DEFAULTS, "r": config.rank, "lora_alpha": _number(config.alpha),
-          "use_rslora": config.use_rslora, "lora_dropout": float(config.dropout),
+          "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+          "lora_dropout": float(config.dropout),
           "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
           "target_modules": "|".join(patterns(modules)), "rank_pattern": rank_pattern,
           "alpha_pattern": alpha_pattern, "fan_in_fan_out": fan_in_fan_out,
@@ -322,6 +324,9 @@ def export_peft(directory, adapters, *, config: LoraConfig,
       a, b = _torch_factors(a_all[at], b_all[at])
       tensors[f"base_model.model.{name}.lora_A.weight"] = a
       tensors[f"base_model.model.{name}.lora_B.weight"] = b
+      if getattr(lw, "magnitude", None) is not None:  # DoRA: one per output feature
+        tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.asarray(
+            lw.magnitude, np.float32)[at].reshape(-1)
       modules[name] = (lw.rank, config.alpha_for(path))
   paths = [*flat, *(_tree.join(p) for p in extras)]
   conv1d = model_fan_in_fan_out(paths) if fan_in_fan_out is None else fan_in_fan_out
@@ -390,7 +395,7 @@ def _check_types(data: dict, file) -> None:
                   "an integer >= 1")
   _check_patterns(file, "alpha_pattern", data.get("alpha_pattern") or {}, _is_alpha,
                   "a number > 0")
-  for key in ("use_rslora", "fan_in_fan_out"):
+  for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
     _check_value(file, key, data.get(key, False), lambda x: isinstance(x, bool), "true or false")
   _check_value(file, "lora_dropout", data.get("lora_dropout", 0.0),
                lambda x: is_real(x) and 0 <= x < 1, "a number in [0, 1)")
@@ -456,21 +461,27 @@ def _not_lora(key: str, file) -> str:
           f"trained in full must be listed in the config's modules_to_save).")
 
 
-def _factor_pairs(tensors: Mapping[str, np.ndarray], file) -> dict[str, dict[str, tuple]]:
-  """``{module name: {"A": (key, array), "B": (key, array)}}``; every key a paired factor."""
+def _factor_pairs(tensors: Mapping[str, np.ndarray], file, *, dora: bool = False
+                  ) -> dict[str, dict[str, tuple]]:
+  """``{module name: {"A": (key, array), "B": (key, array)}}`` (and ``"M"``, DoRA's magnitude
+  vector, when ``dora``); every key a paired factor."""
   pairs: dict[str, dict[str, tuple]] = {}
   for key, value in tensors.items():
     m = _FACTOR.fullmatch(key)
-    if m is None:
+    if m is None or (m["magnitude"] and not dora):
       raise ValueError(_not_lora(key, file))
-    if value.ndim != 2:
-      raise ValueError(f"{file}: tensor {key!r} has shape {value.shape}; LoRA factors are 2-D.")
-    pairs.setdefault(m["module"], {})[m["factor"]] = (key, value)
+    if value.ndim != (1 if m["magnitude"] else 2):
+      raise ValueError(f"{file}: tensor {key!r} has shape {value.shape}; LoRA factors are 2-D "
+                       f"and DoRA's magnitude vectors 1-D.")
+    pairs.setdefault(m["module"], {})["M" if m["magnitude"] else m["factor"]] = (key, value)
   for module, pair in pairs.items():
-    if len(pair) == 1:
-      (factor, (key, _)), = pair.items()
-      raise ValueError(f"{file}: tensor {key!r} has no lora_{'B' if factor == 'A' else 'A'} "
-                       f"partner for module {module!r}.")
+    for factor, partner in (("A", "B"), ("B", "A"), ("M", "A")):
+      if factor in pair and partner not in pair:
+        raise ValueError(f"{file}: tensor {pair[factor][0]!r} has no lora_{partner} partner "
+                         f"for module {module!r}.")
+    if dora and "M" not in pair:
+      raise ValueError(f"{file}: module {module!r} has no lora_magnitude_vector, which DoRA "
+                       f"(use_dora) needs for every module.")
   return pairs
 
 
@@ -525,6 +536,7 @@ class _Entry(NamedTuple):
   b: np.ndarray  # lora_B.weight (out, r)
   rank: int
   alpha: float
+  m: np.ndarray | None = None  # DoRA's lora_magnitude_vector (out,)
 
 
 def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
@@ -545,7 +557,11 @@ def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
     raise ValueError(f"{file}: {a_key!r} has rank {a.shape[0]} and {b_key!r} rank {b.shape[1]}, "
                      f"but {CONFIG_FILE} gives rank {rank} for {module!r} (r, rank_pattern).")
   alpha = pattern_value(data.get("alpha_pattern") or {}, module, data.get("lora_alpha", 8))
-  return _Entry(path, layer, a, b, rank, float(alpha))
+  m = pair.get("M", (None, None))[1]
+  if m is not None and m.shape != (outs,):
+    raise ValueError(f"{file}: {pair['M'][0]!r} has shape {m.shape}; the base kernel {path!r} "
+                     f"has {outs} output features.")
+  return _Entry(path, layer, a, b, rank, float(alpha), m)
 
 
 def _by_kernel(entries: Iterable[_Entry], file) -> dict[str, list[_Entry]]:
@@ -590,19 +606,31 @@ def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels,
       alpha_pattern=_anchored({p: e.alpha for p, e in first.items() if e.alpha != alpha}),
       axes_pattern=_anchored({p: kernels[p].axes for p in groups if kernels[p].axes != "io"}),
       dropout=float(data.get("lora_dropout", 0.0)), use_rslora=data.get("use_rslora", False),
+      use_dora=data.get("use_dora", False),
       init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming_uniform")
 
 
-def _adapter(target, group: list[_Entry], config: LoraConfig) -> LoraWeights:
-  """The LoraWeights of one kernel; layers of a stacked kernel without tensors stay zero."""
+def _adapter(target, group: list[_Entry], config: LoraConfig, kernel) -> LoraWeights:
+  """The LoraWeights (DoRA: DoraWeights) of one kernel; layers of a stacked kernel without
+  tensors stay zero (DoRA: their magnitudes are the base columns' norms, the identity)."""
   a_shape, b_shape = factor_shapes(target)
   a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
   for e in group:
     at = () if e.layer is None else (e.layer,)
     a[at] = e.a.T.reshape(a_shape[len(at):])
     b[at] = e.b.T.reshape(b_shape[len(at):])
-  return LoraWeights(a=jnp.asarray(a, config.dtype), b=jnp.asarray(b, config.dtype),
-                     scale=target.scale, axes=target.axes, dropout=config.dropout)
+  lw = LoraWeights(a=jnp.asarray(a, config.dtype), b=jnp.asarray(b, config.dtype),
+                   scale=target.scale, axes=target.axes, dropout=config.dropout)
+  if not config.use_dora:
+    return lw
+  from lora_jax import dora  # an adapter kind built on adapters.py's
+
+  identity = dora.with_magnitude(dataclasses.replace(lw, b=jnp.zeros_like(lw.b)), kernel)
+  m = np.array(identity.magnitude, np.float32)
+  for e in group:
+    at = () if e.layer is None else (e.layer,)
+    m[at] = e.m.reshape(m.shape[len(at):])
+  return dataclasses.replace(identity, b=lw.b, magnitude=jnp.asarray(m, config.dtype))
 
 
 def import_peft(directory, params, *, uses: Mapping | None = None,
@@ -644,7 +672,8 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   kernels = _kernels(params, uses)
   conv1d = _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
   saved = {k: v for k, v in tensors.items() if _is_saved(k, data.get("modules_to_save") or ())}
-  pairs = _factor_pairs({k: v for k, v in tensors.items() if k not in saved}, weights_file)
+  pairs = _factor_pairs({k: v for k, v in tensors.items() if k not in saved}, weights_file,
+                        dora=data.get("use_dora", False))
   if not pairs and not saved:
     raise ValueError(f"{weights_file} holds no LoRA factors.")
   index = _module_index(kernels, name_map)
@@ -656,7 +685,9 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
     targets, _ = resolve(config, params)
   except ValueError as e:
     raise ValueError(f"{directory}: {e}") from None
-  flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config) for t in targets}
+  leaves = base_leaves(params)
+  flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config, leaves[kernels[t.path].keys])
+          for t in targets}
   return config, _tree.nest({**flat, **extras})
 
 

@@ -38,7 +38,7 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec, Sharding
 
 from lora_jax import _tree, kernels
-from lora_jax.adapters import init, is_adapter, split
+from lora_jax.adapters import fields_of, init, is_adapter, split
 from lora_jax.config import LoraConfig
 from lora_jax.train import StepOutput, train_step
 
@@ -125,7 +125,12 @@ def adapter_shardings(adapters, base_shardings):
     if not is_adapter(leaf):  # a trained extra is laid out as its base leaf
       return wrap(spec)
     a, b = (None, None) if spec is None else factor_specs(spec, leaf.axes, path=path)
-    return dataclasses.replace(leaf, a=wrap(a), b=wrap(b))
+    out = dataclasses.replace(leaf, a=wrap(a), b=wrap(b))
+    if getattr(leaf, "magnitude", None) is not None:  # DoRA: laid out as B without its rank
+      stacked = leaf.axes.count("l")
+      m = None if b is None else P(*b[:stacked], *b[stacked + 1:])
+      out = dataclasses.replace(out, magnitude=wrap(m))
+    return out
 
   return _tree.map_with_path(one, adapters, is_leaf=is_adapter)
 
@@ -208,7 +213,8 @@ def restore_sharding(shardings, *, mesh: Mesh | None = None) -> Callable:
   lora, extras = split(shardings)
   table = {_tree.join(p): s for p, s in extras.items()}
   for path, lw in lora.items():
-    table[_tree.join((*path, "a"))], table[_tree.join((*path, "b"))] = lw.a, lw.b
+    for name, value in fields_of(lw)[0].items():
+      table[_tree.join((*path, name))] = value
 
   def sharding(path: str, shape) -> Sharding:
     if path not in table:

@@ -60,6 +60,7 @@ class Target:
   scale: float
   route: str | None = None  # "factored" or "merged", when the plan was made with analyze()
   keys: tuple[str, ...] = ()  # the path as tree keys (a key may hold a '/')
+  dora: bool = False  # DoRA: a trained magnitude per output column besides A and B
 
   def _prod(self, role: str) -> int:
     return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
@@ -78,8 +79,10 @@ class Target:
 
   @property
   def num_params(self) -> int:
-    """Trainable parameters of A and B: ``stack * rank * (in + out)``."""
-    return self.stack * self.rank * (self.in_features + self.out_features)
+    """Trainable parameters of A and B, ``stack * rank * (in + out)``, plus DoRA's magnitudes
+    (``stack * out``)."""
+    magnitudes = self.stack * self.out_features if self.dora else 0
+    return self.stack * self.rank * (self.in_features + self.out_features) + magnitudes
 
 
 def _is_kernel(config: LoraConfig, keys: _tree.Path, leaf) -> bool:
@@ -141,7 +144,8 @@ def _target(config, path, leaf, uses, keys) -> Target:
   rank = config.rank_for(path)
   target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes, rank=rank,
                   alpha=config.alpha_for(path), scale=config.scale_for(path),
-                  route=getattr(uses.get(path), "route", None) if uses else None, keys=keys)
+                  route=getattr(uses.get(path), "route", None) if uses else None, keys=keys,
+                  dora=config.use_dora)
   limit = min(target.in_features, target.out_features)
   if rank > limit:
     raise ValueError(f"rank {rank} for kernel {path!r} is larger than min(in, out) = {limit} "

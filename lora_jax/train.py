@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import optax
 
-from lora_jax.adapters import is_adapter
+from lora_jax.adapters import fields_of, is_adapter
 from lora_jax.config import is_real
 from lora_jax.transform import lora
 
@@ -87,7 +87,8 @@ def _factor_labels(trainable):
   def label(x):
     if not is_adapter(x):
       return "b" if getattr(x, "ndim", len(getattr(x, "shape", ()))) == 1 else "a"
-    return dataclasses.replace(x, **{f: "b" if f == "b" else "a" for f in ("a", "b")})
+    data = fields_of(x)[0]  # DoRA's magnitude vectors join B, as PEFT's 1-D parameters do
+    return dataclasses.replace(x, **{f: "a" if f == "a" else "b" for f in data})
 
   return jax.tree_util.tree_map(label, trainable, is_leaf=is_adapter)
 

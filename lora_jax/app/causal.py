@@ -422,7 +422,8 @@ def lora_config(o: CausalOptions, config: llama.LlamaConfig) -> lora_jax.LoraCon
   if o.full:
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=llama.FAMILY.targets(o.targets, config), rank=o.rank,
-                             alpha=o.alpha, dropout=o.lora_dropout)
+                             alpha=o.alpha, dropout=o.lora_dropout,
+                             use_dora=o.variant == "dora")
 
 
 class CausalLM:

@@ -147,7 +147,7 @@ def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout, exclude="classifier",
-                             modules_to_save=("classifier",))
+                             modules_to_save=("classifier",), use_dora=o.variant == "dora")
 
 
 class Classify:

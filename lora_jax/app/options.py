@@ -44,6 +44,8 @@ class RunOptions(Serializable):
   alpha: float = option(16.0, "LoRA alpha (the scale is alpha / rank)")
   targets: str = option("q,v", "q,v (default), all-linear, family aliases or path patterns")
   lora_dropout: float = option(0.0, "dropout on the LoRA branch's input (PEFT's lora_dropout)")
+  variant: str = option("lora", "lora, or dora: a trained magnitude per output column rescales "
+                                "W + s·A@B (PEFT's use_dora)", choices=("lora", "dora"))
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
@@ -64,6 +66,11 @@ class RunOptions(Serializable):
                                   'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
 
   def __post_init__(self):
+    if self.variant not in ("lora", "dora"):
+      raise OptionError("variant", f"must be lora or dora, got {self.variant!r}.")
+    if self.full and self.variant != "lora":
+      raise OptionError("variant", f"{self.variant} adapts W, which --full trains whole; drop "
+                                   f"one of them.")
     _positive("rank", self.rank, integer=True)
     _positive("alpha", self.alpha)
     for name in ("batch_size", "eval_every", "log_every"):

@@ -1,0 +1,118 @@
+"""DoRA (Liu et al. 2024, arXiv:2402.09353): weight-decomposed low-rank adaptation.
+
+    W' = m ⊙ (W + s·A@B) / ||W + s·A@B||_c
+
+with ``m`` a trained magnitude per output column (initialised to the column norms of W, so
+training starts from the pretrained model) and ``||·||_c`` the norm of each output column over
+the input axes, treated as a constant in the backward pass (the paper's §4.3, as PEFT does).
+
+The column norms need no dense ``W + s·A@B``: for output column j,
+
+    ||w_j + s·A b_j||² = ||w_j||² + 2s·(WᵀA)_j · b_j + s²·b_jᵀ (AᵀA) b_j
+
+so a step costs one (out × r) product ``WᵀA`` and an (r × r) Gram matrix beyond LoRA's, where
+PEFT forms the full adapted weight. A product ``x @ W'`` is then
+``(m / n) ⊙ (x@W + s·(x@A)@B)``: the LoRA product, rescaled per output column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax import kernels
+from lora_jax.adapters import LoraWeights, factor_subscripts, register_kind
+
+_LETTERS = "ABCDEFGHIJKLMNOPQ"  # kernel axes, as adapters.factor_subscripts names them
+
+
+@dataclasses.dataclass(frozen=True)
+class DoraWeights(LoraWeights):
+  """A LoRA adapter plus DoRA's trained magnitude.
+
+  Attributes:
+    magnitude: (*stack, *out), trained; ``||W||_c`` at init.
+    (the rest as ``LoraWeights``)
+  """
+
+  magnitude: jax.Array = None
+
+  @classmethod
+  def of(cls, lw: LoraWeights, w) -> "DoraWeights":
+    """``lw`` with DoRA's magnitude initialised to the columns' norms of ``W + s·A@B``."""
+    out = cls(a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout,
+              magnitude=jnp.zeros((), lw.a.dtype))
+    return dataclasses.replace(out, magnitude=out.column_norm(w).astype(lw.a.dtype))
+
+  def _subscripts(self, present):
+    present = tuple(present)
+    a_sub, b_sub = factor_subscripts(self.axes, present)
+    w_sub = "".join(_LETTERS[j] for j in present)
+    stack = "".join(_LETTERS[j] for j in present if self.axes[j] == "l")
+    outs = "".join(_LETTERS[j] for j in present if self.axes[j] == "o")
+    return a_sub, b_sub, w_sub, stack + outs
+
+  def column_norm(self, w, present=None) -> jax.Array:
+    """``||W + s·A@B||`` per output column, (*stack, *out), in float32, from the factored
+    expansion (no W-sized sum is formed)."""
+    present = range(len(self.axes)) if present is None else present
+    a_sub, b_sub, w_sub, n_sub = self._subscripts(present)
+    f32 = jnp.float32
+    w, a, b = w.astype(f32), self.a.astype(f32), self.b.astype(f32)
+    s = jnp.asarray(self.scale, f32)
+    hi = jax.lax.Precision.HIGHEST
+    squares = jnp.einsum(f"{w_sub},{w_sub}->{n_sub}", w, w, precision=hi)
+    wa = jnp.einsum(f"{w_sub},{a_sub}->{n_sub}r", w, a, precision=hi)
+    cross = jnp.einsum(f"{n_sub}r,{b_sub}->{n_sub}", wa, b, precision=hi)
+    stack = n_sub[:len(n_sub) - sum(self.axes[j] == "o" for j in present)]
+    gram = jnp.einsum(f"{a_sub},{a_sub.replace('r', 'q')}->{stack}rq", a, a, precision=hi)
+    quad = jnp.einsum(f"{stack}rq,{b_sub},{b_sub.replace('r', 'q')}->{n_sub}", gram, b, b,
+                      precision=hi)
+    return jnp.sqrt(jnp.maximum(squares + 2 * s * cross + s * s * quad, 0.0))
+
+  def rescaled(self, y, *, w, present, out_sub: str):
+    """``y = x@W + s·(x@A)@B`` (subscripts ``out_sub``) times ``m / n`` per output column,
+    the norm ``n`` held constant in the backward pass."""
+    _, _, _, n_sub = self._subscripts(present)
+    norm = jax.lax.stop_gradient(self.column_norm(w, present))
+    factor = (self.magnitude.astype(jnp.float32) / norm).astype(y.dtype)
+    return jnp.einsum(f"{out_sub},{n_sub}->{out_sub}", y, factor)
+
+  def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST):
+    raise ValueError("a DoRA adapter's change to W depends on W itself (its column norms); "
+                     "use merged(w) (lora_jax.merge does).")
+
+  def merged(self, w, *, axes=None, sign: float = 1.0):
+    """``m ⊙ (W + s·A@B) / ||W + s·A@B||_c``, in the wider dtype, cast to ``w``'s."""
+    if sign < 0:
+      raise ValueError("a merged DoRA kernel cannot be unmerged: the column norms of the "
+                       "original W + s·A@B are not in it; keep the base and merge again.")
+    present = tuple(range(len(self.axes))) if axes is None else tuple(axes)
+    dtype = jnp.promote_types(w.dtype, self.a.dtype)
+    lora = LoraWeights.delta(self, axes=present).astype(dtype)
+    _, _, w_sub, n_sub = self._subscripts(present)
+    factor = (self.magnitude.astype(jnp.float32) / self.column_norm(w, present)).astype(dtype)
+    out = jnp.einsum(f"{w_sub},{n_sub}->{w_sub}", w.astype(dtype) + lora, factor)
+    return out.astype(w.dtype)
+
+  def reshaped(self, roles: str, shape) -> "DoraWeights":
+    out = LoraWeights.reshaped(self, roles, shape)
+    dims = {r: tuple(n for n, q in zip(shape, roles) if q == r) for r in "lo"}
+    return dataclasses.replace(out, magnitude=self.magnitude.reshape(*dims["l"], *dims["o"]))
+
+
+jax.tree_util.register_dataclass(
+    DoraWeights, data_fields=["a", "b", "magnitude"], meta_fields=["scale", "axes", "dropout"])
+register_kind(DoraWeights)
+
+
+def with_magnitude(lw: LoraWeights, w) -> DoraWeights:
+  """``lw`` as a DoRA adapter on the kernel ``w`` (an array or a kernel kind); an abstract
+  ``w`` (``jax.ShapeDtypeStruct``: shapes only) gets a zero magnitude of the right shape."""
+  if isinstance(w, jax.ShapeDtypeStruct):
+    shape = lw.b.shape[:lw.axes.count("l")] + lw.b.shape[lw.axes.count("l") + 1:]
+    return DoraWeights(a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout,
+                       magnitude=jnp.zeros(shape, lw.a.dtype))
+  return DoraWeights.of(lw, kernels.dense(w))
