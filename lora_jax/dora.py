@@ -56,21 +56,27 @@ class DoraWeights(LoraWeights):
 
   def column_norm(self, w, present=None) -> jax.Array:
     """``||W + s·A@B||`` per output column, (*stack, *out), in float32, from the factored
-    expansion (no W-sized sum is formed)."""
+    expansion (no W-sized sum is formed; the per-column parts are elementwise reductions)."""
     present = range(len(self.axes)) if present is None else present
     a_sub, b_sub, w_sub, n_sub = self._subscripts(present)
     f32 = jnp.float32
     w, a, b = w.astype(f32), self.a.astype(f32), self.b.astype(f32)
     s = jnp.asarray(self.scale, f32)
     hi = jax.lax.Precision.HIGHEST
-    squares = jnp.einsum(f"{w_sub},{w_sub}->{n_sub}", w, w, precision=hi)
-    wa = jnp.einsum(f"{w_sub},{a_sub}->{n_sub}r", w, a, precision=hi)
-    cross = jnp.einsum(f"{n_sub}r,{b_sub}->{n_sub}", wa, b, precision=hi)
     stack = n_sub[:len(n_sub) - sum(self.axes[j] == "o" for j in present)]
+    squares = jnp.einsum(f"{w_sub}->{n_sub}", w * w)
+    wa = jnp.einsum(f"{w_sub},{a_sub}->{b_sub}", w, a, precision=hi)  # (Wᵀ A), laid out as B
     gram = jnp.einsum(f"{a_sub},{a_sub.replace('r', 'q')}->{stack}rq", a, a, precision=hi)
-    quad = jnp.einsum(f"{stack}rq,{b_sub},{b_sub.replace('r', 'q')}->{n_sub}", gram, b, b,
-                      precision=hi)
-    return jnp.sqrt(jnp.maximum(squares + 2 * s * cross + s * s * quad, 0.0))
+    gb = jnp.einsum(f"{stack}rq,{b_sub.replace('r', 'q')}->{b_sub}", gram, b, precision=hi)
+    per_column = jnp.einsum(f"{b_sub}->{n_sub}", b * (2 * s * wa + s * s * gb))
+    return jnp.sqrt(jnp.maximum(squares + per_column, 0.0))
+
+  def product(self, x, *, contracted, **kwargs):
+    """LoRA's factored share for ``x @ W``; None (the merged kernel, correct) when the product
+    contracts W's output axes (``x @ W.T``), where the rescaling would fall on x."""
+    if {self.axes[j] for j in contracted} != {"i"}:
+      return None
+    return LoraWeights.product(self, x, contracted=contracted, **kwargs)
 
   def rescaled(self, y, *, w, present, out_sub: str):
     """``y = x@W + s·(x@A)@B`` (subscripts ``out_sub``) times ``m / n`` per output column,
@@ -78,7 +84,7 @@ class DoraWeights(LoraWeights):
     _, _, _, n_sub = self._subscripts(present)
     norm = jax.lax.stop_gradient(self.column_norm(w, present))
     factor = (self.magnitude.astype(jnp.float32) / norm).astype(y.dtype)
-    return jnp.einsum(f"{out_sub},{n_sub}->{out_sub}", y, factor)
+    return y * _broadcast(factor, n_sub, out_sub)
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST):
     raise ValueError("a DoRA adapter's change to W depends on W itself (its column norms); "
@@ -94,7 +100,7 @@ class DoraWeights(LoraWeights):
     lora = LoraWeights.delta(self, axes=present).astype(dtype)
     _, _, w_sub, n_sub = self._subscripts(present)
     factor = (self.magnitude.astype(jnp.float32) / self.column_norm(w, present)).astype(dtype)
-    out = jnp.einsum(f"{w_sub},{n_sub}->{w_sub}", w.astype(dtype) + lora, factor)
+    out = (w.astype(dtype) + lora) * _broadcast(factor, n_sub, w_sub)
     return out.astype(w.dtype)
 
   def reshaped(self, roles: str, shape) -> "DoraWeights":
@@ -116,3 +122,11 @@ def with_magnitude(lw: LoraWeights, w) -> DoraWeights:
     return DoraWeights(a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout,
                        magnitude=jnp.zeros(shape, lw.a.dtype))
   return DoraWeights.of(lw, kernels.dense(w))
+
+
+def _broadcast(x, x_sub: str, to_sub: str):
+  """``x`` (subscripts ``x_sub``, each also in ``to_sub``) transposed and reshaped to
+  broadcast against an array with subscripts ``to_sub`` (a plain multiply, not a dot)."""
+  order = sorted(x_sub, key=to_sub.index)
+  x = jnp.transpose(x, [x_sub.index(c) for c in order])
+  return x.reshape([x.shape[order.index(c)] if c in x_sub else 1 for c in to_sub])

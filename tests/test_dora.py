@@ -125,6 +125,20 @@ def test_identity_at_init_is_exact_and_merge_matches():
     lora_jax.unmerge(lora_jax.merge(params, trained), trained)
 
 
+def test_a_transposed_use_runs_through_the_merged_kernel():
+  rng = np.random.default_rng(0)
+  params = {"w": rng.normal(size=(6, 5)).astype(np.float32)}
+  config = lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",), use_dora=True)
+  tree = _dora_tree(params, config, None)
+  x, y = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
+  fn = lambda p, x, y: (x @ p["w"], y @ p["w"].T)  # noqa: E731  tied: both directions
+  with pytest.warns(lora_jax.LoraFallbackWarning, match="w"):
+    got = lora_jax.lora(fn)(params, tree, x, y)
+  want = fn(lora_jax.merge(params, tree), x, y)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_counts_add_one_magnitude_per_output_column():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
   params = model.init(jax.random.key(0), IDS)
