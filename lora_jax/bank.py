@@ -27,13 +27,13 @@ each with its own extras.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lora_jax import _tree
 from lora_jax._tree import listing
@@ -54,12 +54,6 @@ class LoraArrays(LoraWeights):
   train ``LoraWeights`` and stack them into a bank."""
 
   UNSTACKED_FIELDS = ("scale",)  # no stacked-layer axis: lax.scan does not slice it
-
-  def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
-    if not jnp.ndim(self.scale):
-      return super().delta(axes=axes, precision=precision)
-    unit = dataclasses.replace(self, a=self.a * self.scale.astype(self.a.dtype), scale=1.0)
-    return LoraWeights.delta(unit, axes=axes, precision=precision)  # a scale per rank column
 
 
 jax.tree_util.register_dataclass(
@@ -90,8 +84,9 @@ class Slots:
     return self.scale.shape[0]
 
   def _split(self):
-    """``a`` as (*stack, *in, slots, rank) and ``b`` as (*stack, slots, rank, *out)."""
-    n = self.axes.count("l")
+    """``a`` as (*stack, *in, slots, rank) and ``b`` as (*stack, slots, rank, *out), with the
+    stacked axes still there (a ``lax.scan`` slices them off)."""
+    n = self.b.ndim - 1 - self.axes.count("o")
     a = self.a.reshape(*self.a.shape[:-1], self.count, self.rank)
     b = self.b.reshape(*self.b.shape[:n], self.count, self.rank, *self.b.shape[n + 1:])
     return a, b, n
@@ -148,14 +143,8 @@ class SlotLora(LoraWeights):
 
   def own(self) -> LoraArrays:
     """This slot's adapter (rank ``slot_rank``), with whatever stacked axes are left."""
-    stacked = self.b.ndim - 1 - self.axes.count("o")
-    count = self.a.shape[-1] // self.slot_rank
-    a = self.a.reshape(*self.a.shape[:-1], count, self.slot_rank)
-    b = self.b.reshape(*self.b.shape[:stacked], count, self.slot_rank,
-                       *self.b.shape[stacked + 1:])
-    return LoraArrays(a=jnp.take(a, self.slot, axis=a.ndim - 2),
-                      b=jnp.take(b, self.slot, axis=stacked), scale=self.scale[self.slot],
-                      axes=self.axes)
+    return Slots(a=self.a, b=self.b, scale=self.scale, axes=self.axes,
+                 rank=self.slot_rank).slot(self.slot)
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     if jnp.ndim(self.slot):
@@ -269,23 +258,16 @@ class AdapterBank:
     """The adapter tree in slot ``index`` (an int or a traced int; ``NO_ADAPTER`` gives the
     base model: zero factors and the base's own extras), usable wherever an adapter tree is:
     ``lora(fn)(base, bank.pick(i), x)``, ``merge(base, bank.pick(i))``."""
+    self.check_index(index)
     return self._select(index, Slots.slot)
 
   def lazy(self, index):
     """Like ``pick``, but each kernel's adapter (a ``SlotLora``) holds every slot's factors
     and gathers its own slot's only where a product uses them: inside a ``lax.scan`` over
-    layers, one layer's at a time (what each example of a mixed batch runs when the bank
-    has trained extras: ``mixed``)."""
-    return self._select(index, Slots.lazy)
-
-  def rows(self, index):
-    """``index`` (examples,) as one tree for the whole batch: each kernel's ``SlotLora``
-    gathers every row's own factors in its products (the activation's leading axis holds the
-    examples). Only for banks without trained extras (``has_extras``)."""
-    if self.has_extras:
-      raise ValueError("this bank holds trained extras (modules_to_save), which cannot be "
-                       "chosen per row inside one product; lora(fn) with adapter_index= runs "
-                       "each example on its own for such a bank.")
+    layers, one layer's at a time. With ``index`` (examples,), every row of a product's
+    activation gathers its own (``mixed``; a bank with trained extras needs one example at
+    a time: their leaves are whole)."""
+    self.check_index(index)
     return self._select(index, Slots.lazy)
 
   @property
@@ -295,7 +277,6 @@ class AdapterBank:
                    jax.tree_util.tree_leaves(self.slots, is_leaf=_is_slots))
 
   def _select(self, index, kernel):
-    self.check_index(index)
     index = jnp.asarray(index, jnp.int32)
     slot = jnp.where((index < 0) | (index >= self.size), self.size, index)
     return jax.tree_util.tree_map(
@@ -443,9 +424,10 @@ def stack(adapters: Mapping[str, object], base, *, rank: int | None = None,
                      f"capacity >= {len(adapters)} (or leave it out).")
   trees = {name: match(base, tree) for name, tree in adapters.items()}
   for name, (lws, _) in trees.items():
-    if any(type(lw).__name__ == "DoraWeights" for lw in lws.values()):
-      raise ValueError(f"adapter {name!r} is DoRA, which a bank does not hold yet (its "
-                       f"magnitudes rescale W itself); serve it merged or on its own.")
+    other = [lw for lw in lws.values() if type(lw) not in (LoraWeights, LoraArrays)]
+    if other:  # DoRA's magnitudes rescale W itself: not factors a slot can hold
+      raise ValueError(f"adapter {name!r} holds {type(other[0]).__name__} adapters, which a "
+                       f"bank does not hold (only LoRA's); serve it merged or on its own.")
   layout = _layout(trees, base, rank)
   leaves = base_leaves(base)
   names = list(adapters)
@@ -524,7 +506,7 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
           example_axes: Mapping | None = None, example_out_axes=0, per_example: bool = False):
   """``call(adapters, *args, **kwargs)`` with each example run with its own adapter.
 
-  A bank of adapters alone (no trained extras) runs the batch as one (``AdapterBank.rows``):
+  A bank of adapters alone (no trained extras) runs the batch as one (``AdapterBank.lazy``):
   each adapted product gathers every row's own factors where it runs (inside a ``lax.scan``
   over layers, one layer's at a time), S-LoRA's and Punica's batched gather, so the batch
   reads the factors of the slots it uses and the base product ``x @ W`` and everything else
@@ -559,7 +541,7 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
                      f"-1 for no adapter), got {index.dtype} of shape {index.shape}.")
   bank.check_index(index)
   if not bank.has_extras and not per_example:  # each product picks its rows' factors
-    return call(bank.rows(index), *args, **kwargs)
+    return call(bank._select(index, Slots.lazy), *args, **kwargs)
   leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
   axes = _example_axes(args, kwargs, example_axes or {})
   mapped = [i for i, ax in enumerate(axes) if ax is not None]
@@ -577,7 +559,7 @@ def mixed(call: Callable, bank: AdapterBank, adapter_index, args, kwargs, *,
     for pos, v in zip(common, shared_values):
       values[pos] = v
     a, kw = jax.tree_util.tree_unflatten(treedef, values)
-    out = call(bank.lazy(i), *a, **kw)
+    out = call(bank._select(i, Slots.lazy), *a, **kw)
     return jax.tree_util.tree_map(
         lambda ax, sub: jax.tree_util.tree_map(lambda y: jnp.squeeze(y, ax), sub),
         example_out_axes, out)
@@ -609,24 +591,21 @@ def multi_task_step(loss_fn: Callable, optimizer, *, has_aux: bool = False,
     ``{name: ...}`` with the same names, and so are the output's adapters, states, losses and
     aux; ``keys`` is ``{name: dropout key}`` or None.
   """
-  from lora_jax.train import StepOutput, value_and_grad  # train imports transform, which imports us
+  from lora_jax.train import StepOutput, train_step  # train imports transform, which imports us
 
-  grad_fn = value_and_grad(loss_fn, has_aux=has_aux)
+  one = functools.partial(train_step, loss_fn, has_aux=has_aux, jit=False)
+  shared = None if isinstance(optimizer, Mapping) else one(optimizer)
+  own = {n: one(o) for n, o in optimizer.items()} if isinstance(optimizer, Mapping) else {}
 
   def step(base, adapters, opt_states, batches, *, keys=None) -> StepOutput:
     names = list(adapters)
-    for what, tree in (("opt_states", opt_states), ("batches", batches)):
+    given = [("opt_states", opt_states), ("batches", batches)]
+    for what, tree in given + ([("optimizer", own)] if own else []):
       if sorted(tree) != sorted(names):
         raise ValueError(f"{what} must have the adapters' names {sorted(names)}, got "
                          f"{sorted(tree)}.")
-    out = {}
-    for name in names:
-      key = None if keys is None else keys[name]
-      value, grads = grad_fn(base, adapters[name], batches[name], lora_dropout_key=key)
-      opt = optimizer[name] if isinstance(optimizer, Mapping) else optimizer
-      updates, state = opt.update(grads, opt_states[name], adapters[name])
-      out[name] = (optax.apply_updates(adapters[name], updates), state,
-                   *(value if has_aux else (value, None)))
+    out = {n: own.get(n, shared)(base, adapters[n], opt_states[n], batches[n],
+                                 key=None if keys is None else keys[n]) for n in names}
     return StepOutput(*({n: o[k] for n, o in out.items()} for k in range(4)))
 
   if not jit:
