@@ -211,10 +211,7 @@ def _apply_dot(eqn, invals, ctx: Apply):
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
   base = _base_dot(eqn, k, x, kernel_is_lhs)
   out = base + extra.astype(base.dtype)
-  rescaled = getattr(k.adapter, "rescaled", None)  # DoRA: per output column, m / ||W'||
-  if rescaled is not None:
-    out = rescaled(out, w=k.dense(), present=k.axes, out_sub=out_sub)
-  return [out]
+  return [k.adapter.rescaled(out, w=k.dense, present=k.axes, out_sub=out_sub)]
 
 
 def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:

@@ -129,6 +129,16 @@ class LoraWeights:
     t = t * jnp.asarray(self.scale, t.dtype)
     return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
 
+  def laid_out(self, a_spec, b_spec, wrap) -> "LoraWeights":
+    """This adapter with every array replaced by its sharding, ``wrap(spec)``, given A's and
+    B's PartitionSpecs (None: unspecified); ``lora_jax.sharding.adapter_shardings``."""
+    return dataclasses.replace(self, a=wrap(a_spec), b=wrap(b_spec))
+
+  def rescaled(self, y, *, w, present, out_sub: str):
+    """The adapted product ``y = x@W + product(x)`` as the kind finally gives it: LoRA's as
+    it is (DoRA rescales its output columns). ``w`` makes the base kernel dense on demand."""
+    return y
+
   def _order(self, contracted: set, free: set, n_contracted: int, present):
     a_sub, b_sub = factor_subscripts(self.axes, present)
     if contracted == {"i"} and free == {"o"} and n_contracted == self.axes.count("i"):

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax import kernels
-from lora_jax.adapters import LoraWeights, factor_subscripts, register_kind
-
-_LETTERS = "ABCDEFGHIJKLMNOPQ"  # kernel axes, as adapters.factor_subscripts names them
+from lora_jax.adapters import _LETTERS, LoraWeights, factor_subscripts, register_kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +78,9 @@ class DoraWeights(LoraWeights):
 
   def rescaled(self, y, *, w, present, out_sub: str):
     """``y = x@W + s·(x@A)@B`` (subscripts ``out_sub``) times ``m / n`` per output column,
-    the norm ``n`` held constant in the backward pass."""
+    the norm ``n`` (of ``w()``, the dense base kernel) held constant in the backward pass."""
     _, _, _, n_sub = self._subscripts(present)
-    norm = jax.lax.stop_gradient(self.column_norm(w, present))
+    norm = jax.lax.stop_gradient(self.column_norm(w(), present))
     factor = (self.magnitude.astype(jnp.float32) / norm).astype(y.dtype)
     return y * _broadcast(factor, n_sub, out_sub)
 
@@ -102,6 +100,13 @@ class DoraWeights(LoraWeights):
     factor = (self.magnitude.astype(jnp.float32) / self.column_norm(w, present)).astype(dtype)
     out = (w.astype(dtype) + lora) * _broadcast(factor, n_sub, w_sub)
     return out.astype(w.dtype)
+
+  def laid_out(self, a_spec, b_spec, wrap) -> "DoraWeights":
+    """The magnitudes are laid out as B without its rank axis."""
+    n = self.axes.count("l")
+    m_spec = None if b_spec is None else jax.sharding.PartitionSpec(*b_spec[:n], *b_spec[n + 1:])
+    return dataclasses.replace(LoraWeights.laid_out(self, a_spec, b_spec, wrap),
+                               magnitude=wrap(m_spec))
 
   def reshaped(self, roles: str, shape) -> "DoraWeights":
     out = LoraWeights.reshaped(self, roles, shape)

@@ -125,12 +125,7 @@ def adapter_shardings(adapters, base_shardings):
     if not is_adapter(leaf):  # a trained extra is laid out as its base leaf
       return wrap(spec)
     a, b = (None, None) if spec is None else factor_specs(spec, leaf.axes, path=path)
-    out = dataclasses.replace(leaf, a=wrap(a), b=wrap(b))
-    if getattr(leaf, "magnitude", None) is not None:  # DoRA: laid out as B without its rank
-      stacked = leaf.axes.count("l")
-      m = None if b is None else P(*b[:stacked], *b[stacked + 1:])
-      out = dataclasses.replace(out, magnitude=wrap(m))
-    return out
+    return leaf.laid_out(a, b, wrap)
 
   return _tree.map_with_path(one, adapters, is_leaf=is_adapter)
 
