@@ -5,11 +5,10 @@ so that each changes the model's answers."""
 import pathlib
 
 import jax
-import jax.numpy as jnp
 
 import lora_jax
 from _utils import randomize_b
-from lora_jax.models import llama
+from lora_jax.app import causal
 
 # name: (targets, rank, alpha, format, B's scale)
 SMOLLM2_ADAPTERS = {
@@ -19,16 +18,10 @@ SMOLLM2_ADAPTERS = {
 }
 
 
-def smollm2_uses(model):
-  module = llama.LlamaForCausalLM(model.config)
-  example = jnp.ones((1, 8), jnp.int32)
-  return lora_jax.analyze(module.apply, model.params, example)
-
-
 def write_smollm2_adapters(folder, model) -> dict[str, str]:
   """``{name: path}`` of the three adapters written under ``folder`` for ``model`` (a
   ``lora_jax.app.causal.Model``)."""
-  uses = smollm2_uses(model)
+  uses = causal.analyze(model)
   paths = {}
   for seed, (name, (targets, rank, alpha, fmt, scale)) in enumerate(SMOLLM2_ADAPTERS.items()):
     config = lora_jax.LoraConfig(targets=targets, rank=rank, alpha=alpha)

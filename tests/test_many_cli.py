@@ -137,8 +137,7 @@ def test_generate_with_several_adapters_equals_each_alone(smollm2_adapters, caps
   model = causal.load_model("smollm2-135m-instruct")
   tok = model.tokenizer
   ids = causal.prompt_ids(tok, list(prompts), raw=False)
-  uses = lora_jax.analyze(llama.LlamaForCausalLM(model.config).apply, model.params,
-                          np.ones((1, 8), np.int32))
+  uses = causal.analyze(model)
   for name, path in smollm2_adapters.items():
     tree = lora_jax.bank.read(path, model.params, uses=uses)
     alone = gen.generate(causal.adapted_apply(model.config), (model.params, tree), ids,

@@ -142,9 +142,7 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
                      f"model.safetensors, tokenizer.json).")
   if fmt is None:
     return model
-  module = llama.LlamaForCausalLM(model.config)
-  example = jnp.ones((1, 8), jnp.int32)
-  uses = lora_jax.analyze(module.apply, model.params, example)
+  uses = analyze(model)
   params = jax.jit(lambda p: quant.quantize(p, fmt, double_quant=double, uses=uses))(
       model.params)
   return dataclasses.replace(model, params=params)
@@ -693,10 +691,13 @@ def load_bank(model: Model, paths) -> lora_jax.bank.AdapterBank:
   """
   for path in paths.values():
     _check_run_model(path, model)
+  return lora_jax.bank.load(paths, model.params, uses=analyze(model))
+
+
+def analyze(model: Model) -> dict:
+  """``lora_jax.analyze`` of the model's Llama on a short example: each kernel's axis roles."""
   module = llama.LlamaForCausalLM(model.config)
-  example = jnp.ones((1, 8), jnp.int32)
-  uses = lora_jax.analyze(module.apply, model.params, example)
-  return lora_jax.bank.load(paths, model.params, uses=uses)
+  return lora_jax.analyze(module.apply, model.params, jnp.ones((1, 8), jnp.int32))
 
 
 @dataclasses.dataclass(frozen=True)

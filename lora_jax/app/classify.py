@@ -240,12 +240,9 @@ class Classify:
     return self._predict(self.base, trainable, self._batch_placed(batch))
 
   def accuracy(self, trainable, ids, labels) -> float:
-    correct = 0
-    for start in range(0, len(ids), 128):
-      index = np.arange(start, min(start + 128, len(ids)))
-      batch = batch_of(ids, labels, index, self.options.max_length)
-      correct += int((np.asarray(self.predict(trainable, batch)) == batch["labels"]).sum())
-    return correct / len(ids)
+    predicted = predictions(lambda batch, _: self.predict(trainable, batch), ids, labels,
+                            self.options.max_length)
+    return float((predicted == labels).mean())
 
   def evaluate(self, trainable) -> dict[str, float]:
     return {"val_accuracy": self.accuracy(trainable, self.val_ids, self.val_labels)}
@@ -329,15 +326,20 @@ def evaluate_runs(runs, data, *, text_column: str = "sentence",
   return [float((predicted[owner == i] == labels[owner == i]).mean()) for i in range(len(runs))]
 
 
-def _mixed_predictions(task: Classify, bank, ids, labels, owner, max_length: int) -> np.ndarray:
-  predict = jax.jit(lambda base, bank, batch, index: jnp.argmax(
-      lora_jax.lora(task.logits)(base, bank, batch, adapter_index=index), -1))
+def predictions(predict, ids, labels, max_length: int) -> np.ndarray:
+  """``predict(batch, rows)`` over ``ids`` in padded batches of 128, concatenated."""
   out = []
   for start in range(0, len(ids), 128):
-    index = np.arange(start, min(start + 128, len(ids)))
-    batch = batch_of(ids, labels, index, max_length)
-    out.append(np.asarray(predict(task.base, bank, batch, owner[index])))
+    rows = np.arange(start, min(start + 128, len(ids)))
+    out.append(np.asarray(predict(batch_of(ids, labels, rows, max_length), rows)))
   return np.concatenate(out)
+
+
+def _mixed_predictions(task: Classify, bank, ids, labels, owner, max_length: int) -> np.ndarray:
+  mixed = jax.jit(lambda base, bank, batch, index: jnp.argmax(
+      lora_jax.lora(task.logits)(base, bank, batch, adapter_index=index), -1))
+  return predictions(lambda batch, rows: mixed(task.base, bank, batch, owner[rows]), ids,
+                     labels, max_length)
 
 
 def merge(run, out) -> pathlib.Path:

@@ -13,7 +13,8 @@ Batching: the HTTP handler threads put their requests into a bounded queue (full
 worker thread, the only one that runs JAX, takes the first request, waits up to
 ``--batch-wait-ms`` for more (up to ``--max-batch``), groups those with the same sampling
 settings and decodes each group in one mixed batch: each row with its own adapter (or none),
-``max_new_tokens`` the group's largest ``max_tokens``, each answer cut to its own. Greedy
+``max_new_tokens`` the group's largest ``max_tokens`` rounded up to a power of two (at least
+16, within the context), each answer cut to its own. Greedy
 answers (the default, temperature 0) do not depend on the batch they are decoded in. Batches
 are padded to a power of two rows (copies of the first row), so a few compiled shapes serve
 every batch size.
