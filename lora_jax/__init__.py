@@ -5,6 +5,8 @@ from lora_jax.adapters import init as init
 from lora_jax.adapters import merge as merge
 from lora_jax.adapters import unmerge as unmerge
 from lora_jax.config import ALL_LINEAR as ALL_LINEAR
+from lora_jax.inits import convert_to_lora as convert_to_lora
+from lora_jax.inits import init_with_base as init_with_base
 from lora_jax.config import LoraConfig as LoraConfig
 from lora_jax.targets import ParamCount as ParamCount
 from lora_jax.targets import Plan as Plan
@@ -24,6 +26,7 @@ from lora_jax import bank as bank  # noqa: E402  many adapters: AdapterBank, mix
 from lora_jax import checkpoint as checkpoint  # noqa: E402  save / restore (orbax)
 from lora_jax import combine as combine  # noqa: E402  weighted combination of adapters (PEFT)
 from lora_jax import dora as dora  # noqa: E402  DoRA: the weight-decomposed adapter kind
+from lora_jax import inits as inits  # noqa: E402  PiSSA / OLoRA and PEFT's conversion
 from lora_jax import family as family  # noqa: E402  model-family records (the registry)
 from lora_jax import kernels as kernels  # noqa: E402  kernel kinds (dense, quantized)
 from lora_jax import peft as peft  # noqa: E402  export_peft / import_peft (Hugging Face PEFT)
@@ -43,8 +46,10 @@ __all__ = [
     "StepOutput",
     "Target",
     "analyze",
+    "convert_to_lora",
     "count",
     "init",
+    "init_with_base",
     "lora",
     "lora_plus",
     "merge",

@@ -238,6 +238,10 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
   Raises:
     ValueError: as ``lora_jax.plan`` does for patterns, ranks and axis roles.
   """
+  if config.changes_base:
+    raise ValueError(f"init={config.init!r} changes the base kernels too (their principal part "
+                     f"moves into A and B): use base, adapters = lora_jax.init_with_base(config, "
+                     f"params, key=key) and train on that base.")
   targets, extras = resolve(config, params, uses=uses)
   flat = {t.keys: LoraWeights.create(config, t, k)
           for t, k in zip(targets, jax.random.split(key, max(len(targets), 1)))}

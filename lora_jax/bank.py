@@ -455,12 +455,24 @@ def read(path, base, *, uses: Mapping | None = None):
   if (folder / "adapter_config.json").is_file():
     return peft.import_peft(folder, base, uses=uses)[1]
   if (folder / "config.json").is_file() and (folder / "checkpoints").is_dir():
+    _check_original_base(folder)
     folder = folder / "checkpoints"
   if folder.is_dir() and checkpoint.steps(folder):
     return checkpoint.restore(folder, base=base).adapters
   raise ValueError(f"{str(path)!r} holds no adapter: expected a PEFT folder "
                    f"(adapter_config.json), a lora_jax checkpoint folder or a lora-jax train run "
                    f"folder.")
+
+
+def _check_original_base(run: pathlib.Path) -> None:
+  """Raises ValueError for a run trained on a residual base (PiSSA / OLoRA)."""
+  import json
+
+  init = json.loads((run / "config.json").read_text()).get("options", {}).get("init", "")
+  if init.startswith(("pissa", "olora")):
+    raise ValueError(f"{str(run)!r} is a run with init {init!r}: its adapters act on a residual "
+                     f"base, not the base given; export it with lora-jax export-peft (which "
+                     f"converts it to LoRA on the original base) and read that folder.")
 
 
 def load(paths: Mapping[str, object], base, *, uses: Mapping | None = None,

@@ -25,7 +25,8 @@ ALL_LINEAR = "all-linear"
 HEAD_PATTERN = r"(^|/)(lm_head|head|output_head|classifier|score|qa_outputs)(/|$)"
 """Module names treated as the output head and left out by the ``all-linear`` preset."""
 
-INITS = ("kaiming_uniform", "gaussian")
+INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
+_PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
 AXIS_ROLES = "lio"  # l: stacked-layer axis, i: input (contracted) axis, o: output axis
 
 
@@ -113,7 +114,11 @@ class LoraConfig(Serializable):
       scanned Dense stack (layers, d, k). ``analyze`` infers these from the model.
     exclude: patterns of paths never to adapt (applied after ``targets``).
     dropout: dropout rate on the adapter branch's input (training only).
-    init: ``"kaiming_uniform"`` (PEFT's default for A) or ``"gaussian"`` (A ~ N(0, 1/r)).
+    init: ``"kaiming_uniform"`` (PEFT's default for A), ``"gaussian"`` (A ~ N(0, 1/r)), or
+      one that starts A and B from W and leaves the residual in the base (``lora_jax.inits``;
+      use ``lora_jax.init_with_base``): ``"pissa"`` (the top-r singular triplets),
+      ``"pissa_niter_<N>"`` (from a randomized SVD with N subspace iterations), ``"olora"``
+      (the QR decomposition).
     use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
     use_dora: DoRA (``lora_jax.dora``): a trained magnitude per output column rescales
       ``W + s·A@B`` to ``m ⊙ (W + s·A@B) / ||W + s·A@B||_c`` (PEFT's ``use_dora``).
@@ -160,8 +165,10 @@ class LoraConfig(Serializable):
     object.__setattr__(self, "kernel_names", _as_patterns("kernel_names", self.kernel_names))
     if not (is_real(self.dropout) and 0.0 <= self.dropout < 1.0):
       raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}.")
-    if self.init not in INITS:
-      raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
+    if not (isinstance(self.init, str) and (self.init in INITS
+                                             or _PISSA_NITER.fullmatch(self.init))):
+      raise ValueError(f"init must be one of {INITS} or 'pissa_niter_<N>' (N >= 1 subspace "
+                       f"iterations), got {self.init!r}.")
     for name in ("use_rslora", "use_dora"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -174,6 +181,12 @@ class LoraConfig(Serializable):
                  self.dropout, self.init, self.use_rslora, self.use_dora,
                  str(jnp.dtype(self.dtype)),
                  self.kernel_names, self.save_patterns))
+
+  @property
+  def changes_base(self) -> bool:
+    """Whether ``init`` moves part of each adapted kernel into A and B (PiSSA, OLoRA), so the
+    base to train on is a residual (``lora_jax.init_with_base``)."""
+    return self.init in ("pissa", "olora") or _PISSA_NITER.fullmatch(self.init) is not None
 
   @property
   def target_patterns(self) -> tuple[str, ...]:

@@ -288,7 +288,7 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
 def export_peft(directory, adapters, *, config: LoraConfig,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 name_map: Callable[[str, int | None], str] = torch_name,
-                fan_in_fan_out: bool | None = None) -> None:
+                fan_in_fan_out: bool | None = None, initial=None) -> None:
   """Writes ``adapters`` as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
   Args:
@@ -300,11 +300,26 @@ def export_peft(directory, adapters, *, config: LoraConfig,
     task_type: PEFT's task type (``"CAUSAL_LM"``, ...), or None for a bare ``PeftModel``.
     name_map: ``(flax kernel path, layer index or None) -> PyTorch module name``.
     fan_in_fan_out: whether the torch layers are GPT-2 Conv1D; None: from the model family.
+    initial: for a PiSSA / OLoRA ``config`` (trained on the residual base), the adapters
+      ``lora_jax.init_with_base`` returned: the file then holds the plain LoRA adapter of rank
+      2r on the original base (``lora_jax.convert_to_lora``; PEFT's
+      ``path_initial_model_for_weight_conversion``), with r and lora_alpha doubled.
 
   Raises:
-    ValueError: empty adapters, a leaf that disagrees with ``config``, or module names that
-      PEFT could not tell apart.
+    ValueError: empty adapters, a leaf that disagrees with ``config``, module names that
+      PEFT could not tell apart, or a PiSSA / OLoRA config without ``initial``.
   """
+  if config.changes_base != (initial is not None):
+    raise ValueError(
+        f"init={config.init!r} adapters act on the residual base, so PEFT needs them converted "
+        f"to a LoRA adapter on the original base: pass initial= (the adapters init_with_base "
+        f"returned)." if config.changes_base else
+        f"initial= converts PiSSA / OLoRA adapters, but config.init is {config.init!r}; drop it.")
+  if initial is not None:
+    from lora_jax import inits  # built on this package's adapters
+
+    adapters = inits.convert_to_lora(adapters, initial=initial)
+    config = inits.converted_config(config)
   lora, extras = split(adapters)
   if not lora:
     raise ValueError("adapters hold no LoraWeights; nothing to export (PEFT's LoRA format "

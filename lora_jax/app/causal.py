@@ -85,6 +85,11 @@ class CausalOptions(RunOptions):
     if self.quantize not in quant.CHOICES:
       raise OptionError("quantize", f"must be one of {', '.join(quant.CHOICES)}, got "
                                     f"{self.quantize!r}.")
+    if self.quantize != "none" and self.init not in ("kaiming", "gaussian"):
+      raise OptionError("init", f"{self.init} moves W's principal part into A and B, which a "
+                                f"quantized base cannot give up (dequantize, initialise, "
+                                f"requantize the residual with lora_jax.init_with_base and "
+                                f"lora_jax.quant in Python); drop --quantize or use kaiming.")
     if not (isinstance(self.max_length, int) and not isinstance(self.max_length, bool)
             and self.max_length >= 8):
       raise OptionError("max_length", f"must be an integer >= 8, got {self.max_length!r}.")
@@ -421,7 +426,7 @@ def lora_config(o: CausalOptions, config: llama.LlamaConfig) -> lora_jax.LoraCon
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=llama.FAMILY.targets(o.targets, config), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout,
-                             use_dora=o.variant == "dora")
+                             use_dora=o.variant == "dora", init=o.lora_init)
 
 
 class CausalLM:
@@ -483,7 +488,8 @@ class CausalLM:
     params = self.model.params
     example = jnp.ones((1, 8), jnp.int32)
     uses = lora_jax.analyze(self.module.apply, params, example)
-    trainable = lora_jax.init(self.lora_config, params, key=key, uses=uses)
+    params, trainable = lora_jax.init_with_base(self.lora_config, params, key=key, uses=uses)
+    self.initial = trainable if self.lora_config.changes_base else None  # PiSSA / OLoRA
     self.base, self.trainable = self.placement.both(params, trainable)
 
   def place(self, trainable):
@@ -639,8 +645,9 @@ def export_peft(run, out) -> pathlib.Path:
   task, trainable = load(run)
   if task.options.full:
     raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
+  initial = None if task.initial is None else jax.device_get(task.initial)
   lora_jax.peft.export_peft(out, jax.device_get(trainable), config=task.lora_config,
-                            base_model_name_or_path=HUB_NAMES.get(task.options.model,
+                            initial=initial, base_model_name_or_path=HUB_NAMES.get(task.options.model,
                                                                   task.options.model),
                             task_type="CAUSAL_LM")
   return out

@@ -147,7 +147,8 @@ def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout, exclude="classifier",
-                             modules_to_save=("classifier",), use_dora=o.variant == "dora")
+                             modules_to_save=("classifier",), use_dora=o.variant == "dora",
+                             init=o.lora_init)
 
 
 class Classify:
@@ -197,8 +198,10 @@ class Classify:
     params["params"]["bert"] = {k: v for k, v in encoder["params"].items()
                                 if k in params["params"]["bert"]}  # "mean": no pooler
     uses = lora_jax.analyze(self.module.apply, params, example)  # axis roles, routes
-    trainable = lora_jax.init(self.lora_config, params, key=jax.random.fold_in(key, 1),
-                              uses=uses)
+    self.original = params  # PiSSA / OLoRA train on a residual base (init_with_base)
+    params, trainable = lora_jax.init_with_base(self.lora_config, params,
+                                                key=jax.random.fold_in(key, 1), uses=uses)
+    self.initial = trainable if self.lora_config.changes_base else None
     self.base, self.trainable = self.placement.both(params, trainable)
 
   def place(self, trainable):
@@ -317,13 +320,22 @@ def evaluate_runs(runs, data, *, text_column: str = "sentence",
                      f"cannot serve both; evaluate them one at a time.")
   if len(runs) == 1:
     return [first.accuracy(loaded[0][1], *sets[0])]
-  bank = lora_jax.bank.stack({str(i): t for i, (_, t) in enumerate(loaded)}, first.base)
+  trees = {str(i): on_original(task, t) for i, (task, t) in enumerate(loaded)}
+  bank = lora_jax.bank.stack(trees, first.original)
   ids = [x for s in sets for x in s[0]]
   labels = np.concatenate([s[1] for s in sets])
   owner = np.repeat(np.arange(len(runs)), [len(s[1]) for s in sets]).astype(np.int32)
   predicted = _mixed_predictions(first, bank, ids, labels, owner,
                                  max(t.options.max_length for t, _ in loaded))
   return [float((predicted[owner == i] == labels[owner == i]).mean()) for i in range(len(runs))]
+
+
+def on_original(task: Classify, trainable):
+  """``trainable`` as a tree on the original base: a PiSSA / OLoRA run's adapters converted
+  to plain LoRA (``lora_jax.convert_to_lora``), others as they are."""
+  if task.initial is None:
+    return trainable
+  return lora_jax.convert_to_lora(trainable, initial=task.initial)
 
 
 def predictions(predict, ids, labels, max_length: int) -> np.ndarray:
@@ -393,6 +405,6 @@ def export_peft(run, out) -> pathlib.Path:
   if task.options.pooling != "pooler":
     raise RunError(f"{run} classifies the mean of the token states, which no transformers "
                    f"class does; export it with lora-jax merge.")
-  lora_jax.peft.export_peft(out, trainable, config=task.lora_config,
+  lora_jax.peft.export_peft(out, trainable, config=task.lora_config, initial=task.initial,
                             base_model_name_or_path=HUB_NAME, task_type="SEQ_CLS")
   return out

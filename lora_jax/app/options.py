@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 
 from lora_jax.config import Serializable
+
+
+INITS = ("kaiming", "gaussian", "pissa", "olora")
 
 
 class OptionError(ValueError):
@@ -46,6 +50,10 @@ class RunOptions(Serializable):
   lora_dropout: float = option(0.0, "dropout on the LoRA branch's input (PEFT's lora_dropout)")
   variant: str = option("lora", "lora, or dora: a trained magnitude per output column rescales "
                                 "W + s·A@B (PEFT's use_dora)", choices=("lora", "dora"))
+  init: str = option("kaiming", "A's (and B's) initialisation: kaiming (PEFT's default; B = 0), "
+                                "gaussian, or pissa / olora (A and B from W's top singular "
+                                "triplets / its QR decomposition, the base keeping the residual); "
+                                "pissa_niter_N: PiSSA from a randomized SVD, N iterations")
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
@@ -71,6 +79,13 @@ class RunOptions(Serializable):
     if self.full and self.variant != "lora":
       raise OptionError("variant", f"{self.variant} adapts W, which --full trains whole; drop "
                                    f"one of them.")
+    if not (isinstance(self.init, str) and (self.init in INITS
+                                             or re.fullmatch(r"pissa_niter_[1-9]\d*", self.init))):
+      raise OptionError("init", f"must be one of {', '.join(INITS)} or pissa_niter_N (N >= 1), "
+                                f"got {self.init!r}.")
+    if self.full and self.init != "kaiming":
+      raise OptionError("init", f"{self.init} initialises adapters, which --full does not "
+                                f"train; drop one of them.")
     _positive("rank", self.rank, integer=True)
     _positive("alpha", self.alpha)
     for name in ("batch_size", "eval_every", "log_every"):
@@ -90,6 +105,11 @@ class RunOptions(Serializable):
         raise OptionError("lora_plus_ratio", f"applies to a LoRA run, not with full, got "
                                              f"{self.lora_plus_ratio!r} with full.")
       _positive("lora_plus_ratio", self.lora_plus_ratio)
+
+  @property
+  def lora_init(self) -> str:
+    """``LoraConfig.init`` for ``init``."""
+    return "kaiming_uniform" if self.init == "kaiming" else self.init
 
   @property
   def learning_rate(self) -> float:
