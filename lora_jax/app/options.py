@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 
-from lora_jax.config import Serializable
+from lora_jax.config import BIASES, Serializable
 
 
 class OptionError(ValueError):
@@ -46,6 +46,9 @@ class RunOptions(Serializable):
   lora_dropout: float = option(0.0, "dropout on the LoRA branch's input (PEFT's lora_dropout)")
   variant: str = option("lora", "lora, or dora: a trained magnitude per output column rescales "
                                 "W + s·A@B (PEFT's use_dora)", choices=("lora", "dora"))
+  bias: str = option("none", "biases trained in place, as PEFT's bias: none, lora_only (those "
+                             "of the adapted layers) or all (every bias, LayerNorms' too)",
+                     choices=BIASES)
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
@@ -71,6 +74,11 @@ class RunOptions(Serializable):
     if self.full and self.variant != "lora":
       raise OptionError("variant", f"{self.variant} adapts W, which --full trains whole; drop "
                                    f"one of them.")
+    if self.bias not in BIASES:
+      raise OptionError("bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}.")
+    if self.full and self.bias != "none":
+      raise OptionError("bias", f"{self.bias} trains biases beside LoRA; --full trains every "
+                                f"parameter already: drop one of them.")
     _positive("rank", self.rank, integer=True)
     _positive("alpha", self.alpha)
     for name in ("batch_size", "eval_every", "log_every"):
