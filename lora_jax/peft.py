@@ -310,6 +310,9 @@ def export_peft(directory, adapters, *, config: LoraConfig,
                 fan_in_fan_out: bool | None = None) -> None:
   """Writes ``adapters`` as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
+  Trained extras are written as the biases PEFT trains in place where ``config.bias`` trains
+  them (``lora_jax.targets.trains_bias``), as ``modules_to_save`` otherwise.
+
   Args:
     directory: the folder (created if needed); its two files are replaced atomically.
     adapters: the adapter tree (``lora_jax.init`` / training), on the params of a project model.
@@ -323,9 +326,6 @@ def export_peft(directory, adapters, *, config: LoraConfig,
   Raises:
     ValueError: empty adapters, a leaf that disagrees with ``config``, or module names that
       PEFT could not tell apart.
-
-  The extras that ``config.bias`` trains (``lora_jax.targets.trains_bias``) are written as
-  PEFT's biases, the others as ``modules_to_save``.
   """
   lora, extras = split(adapters)
   if not lora:
@@ -750,7 +750,7 @@ def _bias_values(tensors: Mapping[str, np.ndarray], in_place, adapted: Iterable[
   if unexpected:
     raise ValueError(f"{file}: tensor {unexpected[0]!r} is not a bias that bias={bias!r} trains "
                      f"on these params (of a module that is adapted: <module>.base_layer.bias); "
-                     f"expected biases include {listing(wanted)}.")
+                     f"expected biases include {listing(wanted) or 'none'}.")
   missing = [k for k in wanted if k not in tensors]
   if missing:
     raise ValueError(f"{file}: bias={bias!r} trains {_tree.join(wanted[missing[0]][0])!r} but "

@@ -189,6 +189,16 @@ def test_selected_biases(bias):
   assert _bias_paths(trainable) == sorted("params/" + p for p in SELECTED[bias])
 
 
+def test_a_bias_in_modules_to_save_is_a_saved_copy():
+  """As in PEFT: modules_to_save wraps the head whole, so bias "all" does not train its bias in
+  place; it is the copy's (counted twice in the total)."""
+  params = jax.eval_shape(_flax("bert", True).init, jax.random.key(0), IDS)
+  kinds = {e.path: e.in_place for e in lora_jax.targets.resolve(
+      _config("bert", "all"), params, uses=_stack_axes(params))[1]}
+  assert kinds["params/classifier/bias"] is False and kinds["params/classifier/kernel"] is False
+  assert sum(kinds.values()) == len(SELECTED["all"]) - 1
+
+
 def test_training_updates_the_selected_biases_and_nothing_else():
   model, bias = _flax("bert", True), "all"
   params = model.init(jax.random.key(0), IDS)
