@@ -12,7 +12,8 @@ activation (for the transform) and its reshape; everything else handles it as an
 pytree and rebuilds it with ``dataclasses.replace``.
 
 The trainable tree mirrors the base tree's nesting: a ``LoraWeights`` at every adapted kernel
-and, for ``LoraConfig.modules_to_save``, a trained copy of the base leaf at its own path, so
+and, for ``LoraConfig.modules_to_save`` and the biases ``LoraConfig.bias`` trains, a trained
+copy of the base leaf at its own path, so
 optax, orbax and ``jax.tree_util`` see one tree of exactly what is trained.
 """
 
@@ -220,7 +221,7 @@ def split(trainable) -> tuple[dict[_tree.Path, LoraWeights], dict[_tree.Path, ja
 
 def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = None) -> dict:
   """Builds the trainable tree for ``params``: A random, B zeros, so the model starts unchanged,
-  and a copy of every ``modules_to_save`` leaf.
+  and a copy of every ``modules_to_save`` leaf and of every bias ``bias`` trains.
 
   Args:
     config: the LoraConfig.

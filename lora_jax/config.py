@@ -27,6 +27,7 @@ HEAD_PATTERN = r"(^|/)(lm_head|head|output_head|classifier|score|qa_outputs)(/|$
 
 INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")  # and "pissa_niter_<N>"
 _PISSA_NITER = re.compile(r"pissa_niter_[1-9]\d*")
+BIASES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
 AXIS_ROLES = "lio"  # l: stacked-layer axis, i: input (contracted) axis, o: output axis
 
 
@@ -128,6 +129,12 @@ class LoraConfig(Serializable):
       the adapters, as PEFT's ``modules_to_save``: a new classifier head, a layer norm. Every
       leaf on a matching path gets a trained copy in the adapter tree; PEFT counts it twice
       in the total (the original and the copy) and once in the trainable count.
+    bias: PEFT's ``bias``: ``"none"``; ``"all"``, every leaf named ``bias`` (PyTorch's
+      ``*.bias``: Dense and LayerNorm biases alike) is trained; ``"lora_only"``, the ``bias``
+      beside each adapted kernel (in its module) is trained. A trained bias is held like a
+      ``modules_to_save`` leaf (a trained copy in the adapter tree) but PEFT trains it in
+      place, so it counts once, in the trainable count only; a bias that ``modules_to_save``
+      also selects is a ``modules_to_save`` copy, as in PEFT.
   """
 
   targets: str | Sequence[str]
@@ -144,6 +151,7 @@ class LoraConfig(Serializable):
   dtype: Any = jnp.float32
   kernel_names: Sequence[str] = ("kernel",)
   modules_to_save: str | Sequence[str] = ()
+  bias: str = "none"
 
   def __post_init__(self):
     for name in ("targets", "exclude", "modules_to_save"):  # lists compare equal to tuples
@@ -173,6 +181,9 @@ class LoraConfig(Serializable):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
     _check_dtype(self.dtype)
+    if self.bias not in BIASES:
+      raise ValueError(f"bias must be one of {BIASES} (PEFT's LoraConfig.bias), got "
+                       f"{self.bias!r}.")
 
   def __hash__(self):  # dict fields: hash their items, so a config can be a static argument
     items = lambda m: tuple(sorted(m.items()))  # noqa: E731
@@ -180,7 +191,7 @@ class LoraConfig(Serializable):
                  items(self.alpha_pattern), items(self.axes_pattern), self.exclude_patterns,
                  self.dropout, self.init, self.use_rslora, self.use_dora,
                  str(jnp.dtype(self.dtype)),
-                 self.kernel_names, self.save_patterns))
+                 self.kernel_names, self.save_patterns, self.bias))
 
   @property
   def changes_base(self) -> bool:

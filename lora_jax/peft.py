@@ -15,6 +15,10 @@ is ``encoder.layer.3.attention.self.query``. Other models: ``name_map=``.
 ``modules_to_save`` extras are written under their module's name with PyTorch's parameter
 names (``kernel`` and ``scale`` -> ``weight``, a Linear kernel transposed), e.g.
 ``base_model.model.classifier.weight``, and listed in the config's ``modules_to_save``.
+Biases trained in place (``LoraConfig.bias``, PEFT's ``bias``) are written as PEFT's
+``get_peft_model_state_dict`` writes them: ``base_model.model.<module>.bias``, and
+``<module>.base_layer.bias`` for an adapted module (PEFT wraps it; the bias is its base
+layer's).
 
 Tensors: ``base_model.model.<module>.lora_A.weight`` is ``a.T`` (r, in) and ``lora_B.weight``
 is ``b.T`` (out, r), as ``torch.nn.Linear`` stores (out, in); kernels with several input or
@@ -44,8 +48,8 @@ import numpy as np
 from lora_jax import _tree, family
 from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, factor_shapes, split
-from lora_jax.config import LoraConfig, is_real
-from lora_jax.targets import base_leaves, resolve
+from lora_jax.config import BIASES, LoraConfig, is_real
+from lora_jax.targets import base_leaves, resolve, trains_bias
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -213,6 +217,21 @@ def _extra_tensors(extras, conv1d: bool, name_map) -> dict[str, np.ndarray]:
   return out
 
 
+def _bias_keys(biases: Mapping[tuple, tuple], adapted: Iterable[str], name_map
+               ) -> dict[str, tuple[tuple[str, ...], int | None]]:
+  """``{file key: (leaf keys, layer or None)}`` for the biases trained in place, given as
+  ``{leaf keys: shape}``, one key per layer of a stacked leaf: ``<module>.bias``, or
+  ``<module>.base_layer.bias`` for a module in ``adapted`` (PEFT's wrapped layers)."""
+  adapted, out = set(adapted), {}
+  for keys, shape in biases.items():
+    path = _tree.join(keys)
+    for layer in range(shape[0]) if _stacked(path) else [None]:
+      name = name_map(path, layer)
+      out[f"base_model.model.{name}{'.base_layer' if name in adapted else ''}.bias"] = (keys,
+                                                                                        layer)
+  return out
+
+
 def _number(x: float) -> int | float:
   return int(x) if float(x).is_integer() else float(x)
 
@@ -266,7 +285,7 @@ def peft_config(config: LoraConfig, modules: Mapping[str, tuple[int, float]], *,
           "lora_dropout": float(config.dropout),
           "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
           "target_modules": "|".join(patterns(modules)), "rank_pattern": rank_pattern,
-          "alpha_pattern": alpha_pattern, "fan_in_fan_out": fan_in_fan_out,
+          "alpha_pattern": alpha_pattern, "fan_in_fan_out": fan_in_fan_out, "bias": config.bias,
           "base_model_name_or_path": base_model_name_or_path, "task_type": task_type}
 
 
@@ -290,6 +309,9 @@ def export_peft(directory, adapters, *, config: LoraConfig,
                 name_map: Callable[[str, int | None], str] = torch_name,
                 fan_in_fan_out: bool | None = None, initial=None) -> None:
   """Writes ``adapters`` as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
+
+  Trained extras are written as the biases PEFT trains in place where ``config.bias`` trains
+  them (``lora_jax.targets.trains_bias``), as ``modules_to_save`` otherwise.
 
   Args:
     directory: the folder (created if needed); its two files are replaced atomically.
@@ -345,8 +367,13 @@ def export_peft(directory, adapters, *, config: LoraConfig,
       modules[name] = (lw.rank, config.alpha_for(path))
   paths = [*flat, *(_tree.join(p) for p in extras)]
   conv1d = model_fan_in_fan_out(paths) if fan_in_fan_out is None else fan_in_fan_out
-  saved = _extra_tensors(extras, conv1d, name_map)
+  biases = {k: x for k, x in extras.items() if trains_bias(config, k, lora)}
+  saved = _extra_tensors({k: x for k, x in extras.items() if k not in biases}, conv1d, name_map)
   tensors.update({f"base_model.model.{k}": v for k, v in saved.items()})
+  for key, (keys, layer) in _bias_keys({k: x.shape for k, x in biases.items()}, modules,
+                                       name_map).items():
+    value = np.asarray(biases[keys], np.float32)
+    tensors[key] = np.ascontiguousarray(value[() if layer is None else layer].reshape(-1))
   contents = peft_config(config, modules, fan_in_fan_out=conv1d, task_type=task_type,
                          base_model_name_or_path=base_model_name_or_path)
   if saved:
@@ -393,9 +420,9 @@ def _check_supported(data: dict, file) -> None:
     if data.get(key):
       raise ValueError(f"{file}: {key}={data[key]!r} is not supported: {what} is not plain LoRA "
                        f"(W + s·A@B on kernels), which is all lora_jax adapters hold.")
-  if data.get("bias", "none") != "none":
-    raise ValueError(f"{file}: bias={data['bias']!r} is not supported: trained base biases are "
-                     f"not LoRA factors (only bias \"none\" is).")
+  if data.get("bias", "none") not in BIASES:
+    raise ValueError(f"{file}: bias={data['bias']!r} is not supported: PEFT's LoRA bias is one "
+                     f"of {', '.join(BIASES)}.")
   init = data.get("init_lora_weights", True)
   if not any(init is v or (isinstance(v, str) and init == v) for v in PLAIN_INITS):
     raise ValueError(f"{file}: init_lora_weights={init!r} is not supported: PEFT rewrites the "
@@ -473,7 +500,8 @@ def _not_lora(key: str, file) -> str:
           "a modules_to_save copy, a trained bias or another non-LoRA weight")
   return (f"{file}: tensor {key!r} is not a LoRA factor (base_model.model.<module>.lora_A.weight "
           f"or .lora_B.weight) but {what}, which lora_jax adapters cannot hold (a module "
-          f"trained in full must be listed in the config's modules_to_save).")
+          f"trained in full must be listed in the config's modules_to_save, a trained bias "
+          f"needs the config's bias \"all\" or \"lora_only\").")
 
 
 def _factor_pairs(tensors: Mapping[str, np.ndarray], file, *, dora: bool = False
@@ -621,7 +649,7 @@ def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels,
       alpha_pattern=_anchored({p: e.alpha for p, e in first.items() if e.alpha != alpha}),
       axes_pattern=_anchored({p: kernels[p].axes for p in groups if kernels[p].axes != "io"}),
       dropout=float(data.get("lora_dropout", 0.0)), use_rslora=data.get("use_rslora", False),
-      use_dora=data.get("use_dora", False),
+      use_dora=data.get("use_dora", False), bias=data.get("bias", "none"),
       init="gaussian" if data.get("init_lora_weights") == "gaussian" else "kaiming_uniform")
 
 
@@ -664,16 +692,18 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
     fan_in_fan_out: whether the torch model's layers are GPT-2 Conv1D; None: from the family.
 
   Returns:
-    ``(config, adapters)``: a LoraConfig (exact path patterns, ``modules_to_save`` included;
-    ``lora_jax.init(config, params)`` makes a tree of the same layout) and the trainable
-    tree: float32 factors, and the ``modules_to_save`` leaves in their base leaves' dtype.
+    ``(config, adapters)``: a LoraConfig (exact path patterns, ``modules_to_save`` and
+    ``bias`` included; ``lora_jax.init(config, params)`` makes a tree of the same layout) and
+    the trainable tree: float32 factors, and the ``modules_to_save`` leaves and trained biases
+    in their base leaves' dtype.
     Layers of a stacked kernel that the adapter leaves out (``layers_to_transform``) get zero
     factors.
 
   Raises:
     FileNotFoundError: a missing file (named).
     ValueError: an unreadable file, anything lora_jax cannot reproduce exactly (other PEFT
-      types, DoRA, biases, embeddings, a fan_in_fan_out that does not fit the model, different
+      types, embeddings, a bias on lora_B, a fan_in_fan_out that does not fit the model, the
+      biases in the file not being exactly those the config's bias trains, different
       ranks or scales across one stacked kernel's layers), or a tensor that does not fit the
       base (the message names the file and the key). Nothing is returned until everything is
       checked.
@@ -686,9 +716,8 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   tensors = read_tensors(weights_file)
   kernels = _kernels(params, uses)
   conv1d = _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
-  saved = {k: v for k, v in tensors.items() if _is_saved(k, data.get("modules_to_save") or ())}
-  pairs = _factor_pairs({k: v for k, v in tensors.items() if k not in saved}, weights_file,
-                        dora=data.get("use_dora", False))
+  saved, biases, rest = _sorted_tensors(tensors, data)
+  pairs = _factor_pairs(rest, weights_file, dora=data.get("use_dora", False))
   if not pairs and not saved:
     raise ValueError(f"{weights_file} holds no LoRA factors.")
   index = _module_index(kernels, name_map)
@@ -697,13 +726,61 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   extras = _extras(saved, params, name_map, conv1d, weights_file)
   config = _lora_config(data, groups, kernels, extras)
   try:
-    targets, _ = resolve(config, params)
+    targets, wanted = resolve(config, params)
   except ValueError as e:
     raise ValueError(f"{directory}: {e}") from None
+  extras.update(_bias_values(biases, [e for e in wanted if e.in_place], pairs, params, name_map,
+                             config.bias, weights_file))
   leaves = base_leaves(params)
   flat = {kernels[t.path].keys: _adapter(t, groups[t.path], config, leaves[kernels[t.path].keys])
           for t in targets}
   return config, _tree.nest({**flat, **extras})
+
+
+_PEFT_WRAPPER = re.compile(r"\.(?:original_module|modules_to_save)(?=\.bias$)")
+
+
+def _sorted_tensors(tensors: Mapping[str, np.ndarray], data: dict) -> tuple[dict, dict, dict]:
+  """``(modules_to_save tensors, biases trained in place, the rest)``. With bias "all" PEFT
+  also writes a ``modules_to_save`` module's frozen original (``<module>.original_module.bias``)
+  and its copy a second time (``<module>.modules_to_save.bias``): both are left out."""
+  modules = data.get("modules_to_save") or ()
+  saved, biases, rest = {}, {}, {}
+  for key, value in tensors.items():
+    if _is_saved(key, modules):
+      saved[key] = value
+    elif data.get("bias", "none") == "none" or not key.endswith(".bias") or ".lora_" in key:
+      rest[key] = value
+    elif not _is_saved(_PEFT_WRAPPER.sub("", key), modules):
+      biases[key] = value
+  return saved, biases, rest
+
+
+def _bias_values(tensors: Mapping[str, np.ndarray], in_place, adapted: Iterable[str], params,
+                 name_map, bias: str, file) -> dict:
+  """The biases trained in place, ``{leaf keys: array}``, from their tensors: exactly the
+  ones ``bias`` trains (the extras ``in_place``), every layer of a stacked leaf."""
+  wanted = _bias_keys({e.keys: e.shape for e in in_place}, adapted, name_map)
+  unexpected = [k for k in tensors if k not in wanted]
+  if unexpected:
+    raise ValueError(f"{file}: tensor {unexpected[0]!r} is not a bias that bias={bias!r} trains "
+                     f"on these params (of a module that is adapted: <module>.base_layer.bias); "
+                     f"expected biases include {listing(wanted) or 'none'}.")
+  missing = [k for k in wanted if k not in tensors]
+  if missing:
+    raise ValueError(f"{file}: bias={bias!r} trains {_tree.join(wanted[missing[0]][0])!r} but "
+                     f"there is no tensor {missing[0]!r} (a stacked leaf needs every layer: "
+                     f"load onto the params of the model built with scan_layers=False).")
+  leaves, values = base_leaves(params), {}
+  for key, (keys, layer) in wanted.items():
+    shape = tuple(leaves[keys].shape)
+    one = shape if layer is None else shape[1:]
+    if tensors[key].size != math.prod(one):
+      raise ValueError(f"{file}: tensor {key!r} has shape {tensors[key].shape}, which does not "
+                       f"fit {_tree.join(keys)!r} of shape {shape}.")
+    out = values.setdefault(keys, np.zeros(shape, np.float32))
+    out[() if layer is None else layer] = tensors[key].reshape(one)
+  return {k: jnp.asarray(v, leaves[k].dtype) for k, v in values.items()}
 
 
 def _is_saved(key: str, modules: Iterable[str]) -> bool:

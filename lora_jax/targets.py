@@ -157,7 +157,7 @@ def _target(config, path, leaf, uses, keys) -> Target:
 def resolve(config: LoraConfig, params, *, uses: Mapping | None = None
             ) -> tuple[list[Target], list["Extra"]]:
   """The kernels of ``params`` that ``config`` adapts and the leaves it trains in full
-  (``modules_to_save``), each in tree order.
+  (``modules_to_save``, and the biases ``bias`` trains in place), each in tree order.
 
   Args:
     config: the LoraConfig.
@@ -175,7 +175,9 @@ def resolve(config: LoraConfig, params, *, uses: Mapping | None = None
   targets = _targets(config, keys, leaves, uses)
   extras = _extras(config, keys, leaves)
   _check_disjoint(targets, extras)
-  return targets, extras
+  extras += _biases(config, keys, leaves, targets)
+  order = {p: i for i, p in enumerate(leaves)}
+  return targets, sorted(extras, key=lambda e: order[e.path])
 
 
 def _targets(config: LoraConfig, keys, leaves, uses) -> list[Target]:
@@ -195,12 +197,15 @@ def _targets(config: LoraConfig, keys, leaves, uses) -> list[Target]:
 
 @dataclasses.dataclass(frozen=True)
 class Extra:
-  """One parameter trained in full beside the adapters (``LoraConfig.modules_to_save``)."""
+  """One parameter trained in full beside the adapters: a ``LoraConfig.modules_to_save`` leaf
+  (PEFT trains a copy: counted twice in the total), or a bias that ``LoraConfig.bias`` trains
+  (``in_place``: PEFT trains the original, counted once)."""
 
   path: str  # '/'-joined, for display
   shape: tuple[int, ...]
   dtype: Any
   keys: tuple[str, ...] = ()
+  in_place: bool = False
 
   @property
   def num_params(self) -> int:
@@ -219,6 +224,27 @@ def _extras(config: LoraConfig, keys, leaves) -> list[Extra]:
     chosen |= matched
   return [Extra(path=p, shape=_shape(x), dtype=_dtype(x), keys=keys[p])
           for p, x in leaves.items() if p in chosen]
+
+
+def trains_bias(config: LoraConfig, keys: _tree.Path, targeted) -> bool:
+  """Whether ``config.bias`` trains the leaf at ``keys`` in place, as PEFT's
+  ``_mark_only_adapters_as_trainable`` does: ``"all"``, every leaf named ``bias`` (PyTorch's
+  ``name.endswith(".bias")``); ``"lora_only"``, the ``bias`` in the module of a kernel in
+  ``targeted`` (key tuples of adapted kernels). A leaf ``modules_to_save`` selects is not: PEFT
+  wraps it whole, and trains its copy."""
+  if config.bias == "none" or not keys or keys[-1] != "bias":
+    return False
+  if any(re.search(p, _tree.join(keys)) for p in config.save_patterns):
+    return False
+  return config.bias == "all" or any(t[:-1] == keys[:-1] for t in targeted)
+
+
+def _biases(config: LoraConfig, keys, leaves, targets) -> list[Extra]:
+  """The biases ``config.bias`` trains in place (``trains_bias``), floating-point leaves."""
+  targeted = {t.keys for t in targets}
+  return [Extra(path=p, shape=_shape(x), dtype=_dtype(x), keys=keys[p], in_place=True)
+          for p, x in leaves.items() if trains_bias(config, keys[p], targeted)
+          and jnp.issubdtype(_dtype(x), jnp.inexact)]
 
 
 def _check_disjoint(targets, extras) -> None:
@@ -261,16 +287,24 @@ def _dtype(leaf):
   return getattr(leaf, "dtype", None) or jnp.result_type(leaf)
 
 
-def count(base, adapters) -> ParamCount:
+def count(base, adapters, *, config: LoraConfig | None = None) -> ParamCount:
   """Trainable (adapter) and total (base + adapter) parameter counts, as PEFT prints them.
 
-  ``adapters`` is the trainable tree: LoraWeights and any trained extras
-  (``modules_to_save``), which PEFT counts once in the trainable count and twice in the total
-  (the frozen original and the trained copy). Works on concrete arrays and on
-  ``jax.ShapeDtypeStruct`` trees alike; see ``num_params`` for what counts as a base parameter.
+  ``adapters`` is the trainable tree: LoraWeights and any trained extras. A ``modules_to_save``
+  extra PEFT counts once in the trainable count and twice in the total (the frozen original
+  and the trained copy); a bias ``config.bias`` trains PEFT trains in place, so it counts once,
+  in the trainable count only. Without ``config`` every extra counts as a ``modules_to_save``
+  copy. Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike; see
+  ``num_params`` for what counts as a base parameter.
   """
   trainable = sum(size(x) for x in jax.tree_util.tree_leaves(adapters))
-  return ParamCount(trainable=trainable, total=num_params(base) + trainable)
+  in_place = 0
+  if config is not None and config.bias != "none":
+    from lora_jax.adapters import split  # adapters builds on this module
+
+    lora, extras = split(adapters)
+    in_place = sum(size(x) for k, x in extras.items() if trains_bias(config, k, lora))
+  return ParamCount(trainable=trainable, total=num_params(base) + trainable - in_place)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +318,8 @@ class Plan:
   @property
   def counts(self) -> ParamCount:
     trainable = sum(t.num_params for t in (*self.targets, *self.extras))
-    return ParamCount(trainable=trainable, total=self.base_params + trainable)
+    in_place = sum(e.num_params for e in self.extras if e.in_place)
+    return ParamCount(trainable=trainable, total=self.base_params + trainable - in_place)
 
   @property
   def fallbacks(self) -> tuple[Target, ...]:
@@ -298,13 +333,15 @@ class Plan:
                         f"{t.scale:g}", f"{t.num_params:,d}") + (t.route or "-",) * routes
                        for t in self.targets]
     rows += [(e.path, "x".join(map(str, e.shape)), "-", "-", "-", "-", f"{e.num_params:,d}")
-             + ("saved",) * routes for e in self.extras]
+             + ("bias" if e.in_place else "saved",) * routes for e in self.extras]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    summary = f"{len(self.targets)} kernels adapted; {self.counts}"
-    if self.extras:
-      summary = (f"{len(self.targets)} kernels adapted, {len(self.extras)} parameters trained in "
-                 f"full (modules_to_save); {self.counts}")
+    saved = sum(not e.in_place for e in self.extras)
+    biases = len(self.extras) - saved
+    parts = [f"{len(self.targets)} kernels adapted"]
+    parts += [f"{saved} parameters trained in full (modules_to_save)"] * bool(saved)
+    parts += [f"{biases} biases trained in place (bias)"] * bool(biases)
+    summary = f"{', '.join(parts)}; {self.counts}"
     if self.fallbacks:
       summary += f"; {len(self.fallbacks)} used outside a matmul (merged fallback)"
     return "\n".join(lines + [summary])

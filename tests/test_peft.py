@@ -546,7 +546,7 @@ def test_unknown_config_keys_warn_and_are_ignored(exported):
 
 @pytest.mark.parametrize("changes,match", [
     (dict(peft_type="IA3"), r"peft_type is 'IA3'; only LoRA adapters"),
-    (dict(bias="lora_only"), r"bias='lora_only' is not supported"),
+    (dict(bias="lora_and_more"), r"bias='lora_and_more' is not supported"),
     (dict(lora_bias=True), r"lora_bias=True is not supported"),
     (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' is not supported"),
     (dict(fan_in_fan_out=True), r"fan_in_fan_out is true, but the base model's layers are Linear"),

@@ -426,7 +426,7 @@ def lora_config(o: CausalOptions, config: llama.LlamaConfig) -> lora_jax.LoraCon
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=llama.FAMILY.targets(o.targets, config), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout,
-                             use_dora=o.variant == "dora", init=o.lora_init)
+                             use_dora=o.variant == "dora", init=o.lora_init, bias=o.bias)
 
 
 class CausalLM:
@@ -576,7 +576,7 @@ class CausalLM:
     return float(np.mean([normalize(s) == normalize(e.answer) for s, e in zip(said, examples)]))
 
   def counts(self) -> lora_jax.ParamCount:
-    return runner.counts(self.options, self.base, self.trainable)
+    return runner.counts(self.options, self.base, self.trainable, config=self.lora_config)
 
   def describe(self) -> dict:
     return {"task": self.options.task, "labelled": self.labelled}

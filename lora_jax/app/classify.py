@@ -148,7 +148,7 @@ def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
   return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout, exclude="classifier",
                              modules_to_save=("classifier",), use_dora=o.variant == "dora",
-                             init=o.lora_init)
+                             init=o.lora_init, bias=o.bias)
 
 
 class Classify:
@@ -251,7 +251,7 @@ class Classify:
     return {"val_accuracy": self.accuracy(trainable, self.val_ids, self.val_labels)}
 
   def counts(self) -> lora_jax.ParamCount:
-    return runner.counts(self.options, self.base, self.trainable)
+    return runner.counts(self.options, self.base, self.trainable, config=self.lora_config)
 
   def describe(self) -> dict:
     return {"num_labels": self.num_labels}

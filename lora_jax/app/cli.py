@@ -276,6 +276,8 @@ def _count_parser(sub) -> None:
     count.add_argument(flag(name), dest=name, action="store_true",
                        help=f"a config variant ({shown})")
   count.add_argument("--use-rslora", action="store_true")
+  count.add_argument("--bias", default="none", choices=("none", "lora_only", "all"),
+                     help="biases trained in place, as PEFT's bias (counted once)")
   count.add_argument("--quantize", default="none", choices=quant.CHOICES,
                      help="also print the frozen base's resident bytes with its matmul kernels "
                           "(but the head) in this format (nf4-dq: NF4 with double quantization)")
@@ -325,7 +327,7 @@ def _count(args) -> int:
   targets = args.targets or models.default_targets(args.model, **overrides)
   config = LoraConfig(targets=models.targets_for(args.model, targets, **overrides),
                       rank=args.rank, alpha=args.rank if args.alpha is None else args.alpha,
-                      use_rslora=args.use_rslora)
+                      use_rslora=args.use_rslora, bias=args.bias)
   shown = models.plan_model(args.model, config, **overrides)
   print(shown.counts if args.summary else shown)
   if args.quantize != "none":

@@ -12,7 +12,7 @@ import dataclasses
 import numbers
 import re
 
-from lora_jax.config import Serializable
+from lora_jax.config import BIASES, Serializable
 
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
@@ -54,6 +54,9 @@ class RunOptions(Serializable):
                                 "gaussian, or pissa / olora (A and B from W's top singular "
                                 "triplets / its QR decomposition, the base keeping the residual); "
                                 "pissa_niter_N: PiSSA from a randomized SVD, N iterations")
+  bias: str = option("none", "biases trained in place, as PEFT's bias: none, lora_only (those "
+                             "of the adapted layers) or all (every bias, LayerNorms' too)",
+                     choices=BIASES)
   full: bool = option(False, "full fine-tuning (the baseline) instead of LoRA")
   lr: float | None = option(None, "peak learning rate (default: 1e-3 with LoRA, 5e-5 full)")
   lora_plus_ratio: float | None = option(
@@ -86,6 +89,11 @@ class RunOptions(Serializable):
     if self.full and self.init != "kaiming":
       raise OptionError("init", f"{self.init} initialises adapters, which --full does not "
                                 f"train; drop one of them.")
+    if self.bias not in BIASES:
+      raise OptionError("bias", f"must be one of {', '.join(BIASES)}, got {self.bias!r}.")
+    if self.full and self.bias != "none":
+      raise OptionError("bias", f"{self.bias} trains biases beside LoRA; --full trains every "
+                                f"parameter already: drop one of them.")
     _positive("rank", self.rank, integer=True)
     _positive("alpha", self.alpha)
     for name in ("batch_size", "eval_every", "log_every"):

@@ -288,12 +288,14 @@ def plot(summary: dict, path) -> None:
   plt.close(fig)
 
 
-def counts(o: RunOptions, base, trainable) -> lora_jax.ParamCount:
-  """A task's counts: every parameter with ``full``, else PEFT's count of the trainable tree."""
+def counts(o: RunOptions, base, trainable, *, config: lora_jax.LoraConfig | None = None
+           ) -> lora_jax.ParamCount:
+  """A task's counts: every parameter with ``full``, else PEFT's count of the trainable tree
+  (``config``: the task's LoraConfig, whose ``bias`` says which extras PEFT trains in place)."""
   if o.full:
     total = lora_jax.targets.num_params(base)
     return lora_jax.ParamCount(trainable=total, total=total)
-  return lora_jax.count(base, trainable)
+  return lora_jax.count(base, trainable, config=config)
 
 
 # ----------------------------------------------------------------------- placement
