@@ -76,8 +76,13 @@ class LoraWeights:
 
   @classmethod
   def create(cls, config: LoraConfig, target: Target, key) -> "LoraWeights":
-    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged."""
+    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged.
+    An embedding table gets PEFT's ``Embedding`` init instead (either ``init``): A zeros,
+    B standard normal; and no dropout (its input is token ids)."""
     a_shape, b_shape = factor_shapes(target)
+    if target.embedding:
+      b = jax.random.normal(key, b_shape, config.dtype)
+      return cls(a=jnp.zeros(a_shape, config.dtype), b=b, scale=target.scale, axes=target.axes)
     if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
       a = jax.random.normal(key, a_shape, config.dtype) / target.rank
     else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
