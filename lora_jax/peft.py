@@ -527,16 +527,19 @@ def _factor_pairs(tensors: Mapping[str, np.ndarray], file, *, dora: bool = False
                        f"(a convolution's lora_A / lora_B 3-D or more) and DoRA's magnitude "
                        f"vectors 1-D.")
     factor = "M" if m["magnitude"] else m["factor"] or m["table"]
-    pairs.setdefault(m["module"], {})[factor] = (key, value)
+    pair = pairs.setdefault(m["module"], {})
+    table = m["table"] is not None
+    if factor in pair or (factor != "M" and any(("lora_embedding_" in pair[f][0]) != table
+                                                for f in "AB" if f in pair)):
+      raise ValueError(f"{file}: module {m['module']!r} has both lora_A / lora_B and "
+                       f"lora_embedding_A / lora_embedding_B tensors; it is one or the other.")
+    pair[factor] = (key, value)
   for module, pair in pairs.items():
     for factor, partner in (("A", "B"), ("B", "A"), ("M", "A")):
       if factor in pair and partner not in pair:
         table = "_embedding" if "lora_embedding_" in pair[factor][0] else ""
         raise ValueError(f"{file}: tensor {pair[factor][0]!r} has no lora{table}_{partner} "
                          f"partner for module {module!r}.")
-    if len({"lora_embedding_" in key for key, _ in pair.values()}) > 1:
-      raise ValueError(f"{file}: module {module!r} has both lora_A / lora_B and "
-                       f"lora_embedding_A / lora_embedding_B tensors; it is one or the other.")
     if dora and "M" not in pair:
       raise ValueError(f"{file}: module {module!r} has no lora_magnitude_vector, which DoRA "
                        f"(use_dora) needs for every module.")
@@ -625,7 +628,7 @@ def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
   path, layer = index[module]
   k = kernels[path]
   if ("lora_embedding_" in a_key) != k.table:
-    raise ValueError(f"{file}: {a_key!r} is {'an embedding' if k.table else 'a Linear'} "
+    raise ValueError(f"{file}: {a_key!r} is {'a Linear' if k.table else 'an embedding'} "
                      f"factor, but {path!r} is {'an embedding table' if k.table else 'a kernel'}"
                      f"{' (PEFT names its factors lora_embedding_A / _B)' if k.table else ''}.")
   if "M" in pair and (a.ndim > 2 or k.table):
