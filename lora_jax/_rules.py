@@ -341,8 +341,10 @@ def _apply_gather(eqn, invals, ctx: Apply):
   k, ids = invals
   usable = isinstance(k, Kernel) and k.adapter is not None and not isinstance(ids, Kernel)
   rows = _lookup_roles(eqn, k) if usable else None
-  if rows is None:
+  factors = k.adapter.factors() if rows is not None else None
+  if factors is None:
     return _interpret.fallback(eqn, invals, ctx)
+  a, b, scale = factors
   (base,) = _interpret.bind(eqn, [k.dense(), ids])
   lw, dtype = k.adapter, k.dense().dtype
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)  # a: (*in, r), b: (r, *out)
@@ -352,7 +354,7 @@ def _apply_gather(eqn, invals, ctx: Apply):
   dims = lax.GatherDimensionNumbers(
       offset_dims=(batch,), collapsed_slice_dims=tuple(sorted(at.values())),
       start_index_map=tuple(at[d] for d in dn.start_index_map))
-  t = lax.gather(lw.a.astype(dtype), ids, dims, tuple(1 if c != "r" else lw.rank for c in a_sub),
+  t = lax.gather(a.astype(dtype), ids, dims, tuple(1 if c != "r" else a.shape[-1] for c in a_sub),
                  mode=eqn.params["mode"], fill_value=eqn.params["fill_value"],
                  indices_are_sorted=eqn.params["indices_are_sorted"],
                  unique_indices=eqn.params["unique_indices"])  # (*ids, r)
@@ -361,8 +363,8 @@ def _apply_gather(eqn, invals, ctx: Apply):
   looked_up = iter(t_sub[:batch])
   out_sub = "".join(next(kept) if d in dn.offset_dims else next(looked_up)
                     for d in range(base.ndim))
-  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(lw.scale, dtype),
-                     lw.b.astype(dtype))
+  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(scale, dtype),
+                     b.astype(dtype))
   return [lw.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
                       out_sub=out_sub)]
 
@@ -385,9 +387,10 @@ def _apply_conv(eqn, invals, ctx: Apply):
   with r output features and the base's strides, padding, dilations and layouts; B (r, out)
   maps its features (a 1×1 convolution). Together they are ``conv(x, W + s·A@B)``."""
   k = _conv_filter(eqn, invals)
-  if k is None:
+  factors = None if k is None else k.adapter.factors()
+  if factors is None:
     return _interpret.fallback(eqn, invals, ctx)
-  x, p, lw = invals[0], eqn.params, k.adapter
+  (x, _), p, lw, (a, b, scale) = invals, eqn.params, k.adapter, factors
   (base,) = _interpret.bind(eqn, [x, k.dense()])
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)
   at = [a_sub.index(_AXIS[k.axes[d]]) for d in p["dimension_numbers"].rhs_spec[1:]]
@@ -395,15 +398,15 @@ def _apply_conv(eqn, invals, ctx: Apply):
   if lw.dropout and ctx.key is not None:
     x = _dropout(x, lw.dropout, ctx.next_key())
   t = lax.conv_general_dilated(
-      x, lw.a.astype(k.dense().dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
+      x, a.astype(k.dense().dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
       p["rhs_dilation"], dims, precision=p["precision"],
       preferred_element_type=p["preferred_element_type"])  # features: r
   channel = dims.out_spec[1]
   free = iter(_FREE)
   t_sub = "".join("r" if d == channel else next(free) for d in range(t.ndim))
   out_sub = t_sub.replace("r", b_sub[1:])
-  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(lw.scale, t.dtype),
-                     lw.b.astype(t.dtype), precision=p["precision"],
+  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(scale, t.dtype),
+                     b.astype(t.dtype), precision=p["precision"],
                      preferred_element_type=p["preferred_element_type"])
   return [lw.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
                       out_sub=out_sub)]

@@ -134,6 +134,12 @@ class LoraWeights:
     t = t * jnp.asarray(self.scale, t.dtype)
     return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
 
+  def factors(self):
+    """``(a, b, scale)`` as one adapter's, for the rules that use A and B themselves (a row
+    lookup, a convolution); None where there is no one adapter (a bank's per-example slots),
+    which makes such a use the merged fallback."""
+    return self.a, self.b, self.scale
+
   def laid_out(self, a_spec, b_spec, wrap) -> "LoraWeights":
     """This adapter with every array replaced by its sharding, ``wrap(spec)``, given A's and
     B's PartitionSpecs (None: unspecified); ``lora_jax.sharding.adapter_shardings``."""

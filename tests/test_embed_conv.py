@@ -211,6 +211,22 @@ def test_conv_dropout_drops_adapter_inputs_only():
                              fn(params, x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_bank_runs_lookups_and_convolutions_per_example():
+  fn, state, ids = _nnx_case()
+  uses = lora_jax.analyze(fn, state, ids)
+  config = lora_jax.LoraConfig(targets=["embed", "conv"], rank=2)
+  trees = {n: _random_factors(lora_jax.init(config, state, key=jax.random.key(0), uses=uses),
+                              seed=i) for i, n in enumerate("ab")}
+  bank = lora_jax.bank.stack(trees, state)
+  adapted = lora_jax.lora(fn)
+  with pytest.raises(ValueError, match=r"used other than as x @ W .* pass per_example=True"):
+    adapted(state, bank, ids, adapter_index=np.array([1, 0], np.int32))
+  mixed = adapted(state, bank, ids, adapter_index=np.array([1, 0], np.int32), per_example=True)
+  for row, name in enumerate("ba"):
+    want = _no_fallback(adapted)(state, trees[name], ids[row:row + 1])[0]
+    np.testing.assert_allclose(mixed[row], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def _plain_uses(fn, w, *args):
   params = {"t": {"kernel": w}}
   return params, lora_jax.analyze(fn, params, *args)
