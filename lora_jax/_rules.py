@@ -1,9 +1,11 @@
 """Per-primitive rules for kernels in the interpreter, two tables kept apart:
 
 - ``APPLY_RULES`` run ``lora(fn)``: a ``dot_general`` with a kernel operand becomes the base
-  product plus the adapter's factored product, casts / transposes / role-preserving reshapes
-  keep a kernel a kernel, and the ``Apply`` context merges a kernel (``W + s·A@B``) wherever
-  no rule applies, recording the fallback.
+  product plus the adapter's factored product, a ``gather`` of whole rows of an embedding
+  table ``E[ids] + s·(A[ids] @ B)``, a ``conv_general_dilated`` with a kernel as its filter
+  ``conv(x, W) + s·(conv(x, A) @ B)``; casts / transposes / role-preserving reshapes keep a
+  kernel a kernel, and the ``Apply`` context merges a kernel (``W + s·A@B``) wherever no rule
+  applies, recording the fallback.
 - ``ANALYZE_RULES`` run ``analyze``: the same primitives, but they only record which axis
   roles each use implies (the ``Analyze`` context), computing nothing new.
 
@@ -18,9 +20,11 @@ import string
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lora_jax import _interpret
 from lora_jax._interpret import Kernel
+from lora_jax.adapters import factor_subscripts
 
 _FREE = [c for c in string.ascii_lowercase if c != "r"]  # subscripts of the activation's axes
 _AXIS = string.ascii_uppercase  # subscripts of kernel axes, as in adapters.factor_subscripts
@@ -94,11 +98,15 @@ class Record:
   roles: dict = dataclasses.field(default_factory=dict)  # original axis -> set of roles
   consumers: set = dataclasses.field(default_factory=set)
   merged: bool = False
+  lookup: dict = dataclasses.field(default_factory=dict)  # roles a row lookup (gather) gave
 
   def use(self, path: str, ndim: int) -> KernelUse:
+    """The roles all uses agree on; where they differ, a lookup's (an embedding table that
+    is also a tied output head, ``x @ E.T``, is (vocab, features): "io")."""
     axes = None
-    if all(len(self.roles.get(j, ())) == 1 for j in range(ndim)):
-      axes = "".join(next(iter(self.roles[j])) for j in range(ndim))
+    roles = {j: {self.lookup[j]} if j in self.lookup else r for j, r in self.roles.items()}
+    if all(len(roles.get(j, ())) == 1 for j in range(ndim)):
+      axes = "".join(next(iter(roles[j])) for j in range(ndim))
       axes = axes if "i" in axes and "o" in axes else None
     route = "unused" if not self.consumers else "merged" if self.merged else "factored"
     return KernelUse(path=path, axes=axes, route=route, consumers=tuple(sorted(self.consumers)))
@@ -119,13 +127,15 @@ class Analyze:
   def next_key(self):
     return None
 
-  def note(self, k: Kernel, consumer: str, roles=None, merged=False) -> None:
+  def note(self, k: Kernel, consumer: str, roles=None, merged=False, lookup=False) -> None:
     rec = self.records.setdefault(k.path, Record())
     rec.consumers.add(consumer)
     rec.merged |= merged
     for group, r in (roles or {}).items():  # one axis may stand for several (a reshape)
       for j in _flat(group):
         rec.roles.setdefault(j, set()).add(r)
+        if lookup:
+          rec.lookup[j] = r
 
   def materialize(self, x, consumer: str):
     if not isinstance(x, Kernel):
@@ -303,9 +313,109 @@ def _adapted_only(rule):
   return checked
 
 
+def _whole_rows(eqn) -> tuple[int, ...] | None:
+  """The operand dims a ``gather`` indexes when it takes whole rows (each indexed dim sliced
+  to size 1 and collapsed, every other dim taken whole, no batching dims), else None."""
+  dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+  shape = eqn.invars[0].aval.shape
+  indexed = tuple(dn.start_index_map)
+  if (dn.operand_batching_dims or sorted(dn.collapsed_slice_dims) != sorted(indexed)
+      or any(sizes[d] != (1 if d in indexed else shape[d]) for d in range(len(shape)))):
+    return None
+  return indexed
+
+
+def _lookup_roles(eqn, k: Kernel) -> tuple[int, ...] | None:
+  """The indexed dims of a whole-row ``gather`` of ``k`` when they are all of its input axes
+  and the other dims its output axes (an embedding table, roles "io"), else None."""
+  rows = _whole_rows(eqn)
+  roles = [k.role(d) for d in range(len(k.axes))]
+  if rows is None or sorted(roles[d] for d in rows) != sorted(r for r in roles if r != "o"):
+    return None
+  return rows if all(r in "io" for r in roles) and "i" in roles else None
+
+
+def _apply_gather(eqn, invals, ctx: Apply):
+  """``E[ids] + s·(A[ids] @ B)``: the rows of A taken by the same gather (slices of width r),
+  then one product with B; no vocab × features array is formed."""
+  k, ids = invals
+  usable = isinstance(k, Kernel) and k.adapter is not None and not isinstance(ids, Kernel)
+  rows = _lookup_roles(eqn, k) if usable else None
+  factors = k.adapter.factors() if rows is not None else None
+  if factors is None:
+    return _interpret.fallback(eqn, invals, ctx)
+  a, b, scale = factors
+  (base,) = _interpret.bind(eqn, [k.dense(), ids])
+  lw, dtype = k.adapter, k.dense().dtype
+  a_sub, b_sub = factor_subscripts(lw.axes, k.axes)  # a: (*in, r), b: (r, *out)
+  at = {d: a_sub.index(_AXIS[k.axes[d]]) for d in rows}  # A's dim of each indexed dim
+  dn = eqn.params["dimension_numbers"]
+  batch = ids.ndim - 1  # the ids' dims in the output (their last dim indexes the table)
+  dims = lax.GatherDimensionNumbers(
+      offset_dims=(batch,), collapsed_slice_dims=tuple(sorted(at.values())),
+      start_index_map=tuple(at[d] for d in dn.start_index_map))
+  t = lax.gather(a.astype(dtype), ids, dims, tuple(1 if c != "r" else a.shape[-1] for c in a_sub),
+                 mode=eqn.params["mode"], fill_value=eqn.params["fill_value"],
+                 indices_are_sorted=eqn.params["indices_are_sorted"],
+                 unique_indices=eqn.params["unique_indices"])  # (*ids, r)
+  t_sub = "".join(_FREE[:batch]) + "r"
+  kept = iter(_AXIS[k.axes[d]] for d in range(len(k.axes)) if d not in rows)  # W's offsets
+  looked_up = iter(t_sub[:batch])
+  out_sub = "".join(next(kept) if d in dn.offset_dims else next(looked_up)
+                    for d in range(base.ndim))
+  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(scale, dtype),
+                     b.astype(dtype))
+  return [lw.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
+                      out_sub=out_sub)]
+
+
+def _conv_filter(eqn, invals) -> Kernel | None:
+  """The kernel that is a ``conv_general_dilated``'s filter (rhs), with the image (lhs) not a
+  kernel, one group, and roles "o" on the filter's output-feature dim and "i" elsewhere."""
+  x, k = invals
+  p = eqn.params
+  if (isinstance(x, Kernel) or not isinstance(k, Kernel) or p["feature_group_count"] != 1
+      or p["batch_group_count"] != 1):
+    return None
+  out_dim = p["dimension_numbers"].rhs_spec[0]
+  ok = all(k.role(d) == ("o" if d == out_dim else "i") for d in range(len(k.axes)))
+  return k if ok else None
+
+
+def _apply_conv(eqn, invals, ctx: Apply):
+  """``conv(x, W) + s·(conv(x, A) @ B)``: A (*window, in, r) is the filter of a convolution
+  with r output features and the base's strides, padding, dilations and layouts; B (r, out)
+  maps its features (a 1×1 convolution). Together they are ``conv(x, W + s·A@B)``."""
+  k = _conv_filter(eqn, invals)
+  factors = None if k is None else k.adapter.factors()
+  if factors is None:
+    return _interpret.fallback(eqn, invals, ctx)
+  (x, _), p, lw, (a, b, scale) = invals, eqn.params, k.adapter, factors
+  (base,) = _interpret.bind(eqn, [x, k.dense()])
+  a_sub, b_sub = factor_subscripts(lw.axes, k.axes)
+  at = [a_sub.index(_AXIS[k.axes[d]]) for d in p["dimension_numbers"].rhs_spec[1:]]
+  dims = p["dimension_numbers"]._replace(rhs_spec=(len(a_sub) - 1, *at))
+  if lw.dropout and ctx.key is not None:
+    x = _dropout(x, lw.dropout, ctx.next_key())
+  t = lax.conv_general_dilated(
+      x, a.astype(k.dense().dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
+      p["rhs_dilation"], dims, precision=p["precision"],
+      preferred_element_type=p["preferred_element_type"])  # features: r
+  channel = dims.out_spec[1]
+  free = iter(_FREE)
+  t_sub = "".join("r" if d == channel else next(free) for d in range(t.ndim))
+  out_sub = t_sub.replace("r", b_sub[1:])
+  extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(scale, t.dtype),
+                     b.astype(t.dtype), precision=p["precision"],
+                     preferred_element_type=p["preferred_element_type"])
+  return [lw.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
+                      out_sub=out_sub)]
+
+
 APPLY_RULES = {name: _adapted_only(rule) for name, rule in {
     **_UNARY, "dot_general": _apply_dot, "reshape": _apply_reshape,
-    "squeeze": _apply_reshape}.items()}
+    "squeeze": _apply_reshape, "gather": _apply_gather,
+    "conv_general_dilated": _apply_conv}.items()}
 
 
 # ----------------------------------------------------------------------- analyze rules
@@ -340,8 +450,36 @@ def _analyze_reshape(eqn, invals, ctx: Analyze):
   return [k.replace(w=w, axes=axes)]
 
 
+def _analyze_gather(eqn, invals, ctx: Analyze):
+  """A whole-row lookup makes the indexed dims inputs and the others outputs (an embedding
+  table: "io"); any other gather of a parameter is a merged use."""
+  k, ids = invals
+  rows = None if isinstance(ids, Kernel) else _whole_rows(eqn)
+  if rows is None:
+    return _interpret.fallback(eqn, invals, ctx)
+  roles = {k.axes[d]: "i" if d in rows else "o" for d in range(len(k.axes))}
+  ctx.note(k, "gather", roles=roles, lookup=True)
+  return _interpret.bind(eqn, [k.dense(), ids])
+
+
+def _analyze_conv(eqn, invals, ctx: Analyze):
+  """A filter's output-feature dim is its output axis, the window and input-feature dims its
+  input axes ("iiio" for a 2-D Flax kernel (kh, kw, in, out)); a grouped or depthwise
+  convolution's filter has the same roles but is a merged use, as is a parameter image."""
+  x, k = invals
+  p = eqn.params
+  if isinstance(x, Kernel) or not isinstance(k, Kernel):
+    return _interpret.fallback(eqn, invals, ctx)
+  grouped = p["feature_group_count"] != 1 or p["batch_group_count"] != 1
+  out_dim = p["dimension_numbers"].rhs_spec[0]
+  roles = {k.axes[d]: "o" if d == out_dim else "i" for d in range(len(k.axes))}
+  ctx.note(k, "conv_general_dilated", roles=roles, merged=grouped)
+  return _interpret.bind(eqn, [x, k.dense()])
+
+
 ANALYZE_RULES = {**_UNARY, "dot_general": _analyze_dot, "reshape": _analyze_reshape,
-                 "squeeze": _analyze_reshape}
+                 "squeeze": _analyze_reshape, "gather": _analyze_gather,
+                 "conv_general_dilated": _analyze_conv}
 
 Apply.rules = APPLY_RULES
 Analyze.rules = ANALYZE_RULES

@@ -77,8 +77,13 @@ class LoraWeights:
 
   @classmethod
   def create(cls, config: LoraConfig, target: Target, key) -> "LoraWeights":
-    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged."""
+    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged.
+    An embedding table gets PEFT's ``Embedding`` init instead (either ``init``): A zeros,
+    B standard normal; and no dropout (its input is token ids)."""
     a_shape, b_shape = factor_shapes(target)
+    if target.embedding:
+      b = jax.random.normal(key, b_shape, config.dtype)
+      return cls(a=jnp.zeros(a_shape, config.dtype), b=b, scale=target.scale, axes=target.axes)
     if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
       a = jax.random.normal(key, a_shape, config.dtype) / target.rank
     else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
@@ -129,6 +134,12 @@ class LoraWeights:
     t = jnp.einsum(f"{x_sub},{first_sub}->{t_sub}", x, first.astype(dtype), **opts)
     t = t * jnp.asarray(self.scale, t.dtype)
     return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
+
+  def factors(self):
+    """``(a, b, scale)`` as one adapter's, for the rules that use A and B themselves (a row
+    lookup, a convolution); None where there is no one adapter (a bank's per-example slots),
+    which makes such a use the merged fallback."""
+    return self.a, self.b, self.scale
 
   def laid_out(self, a_spec, b_spec, wrap) -> "LoraWeights":
     """This adapter with every array replaced by its sharding, ``wrap(spec)``, given A's and

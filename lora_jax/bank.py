@@ -154,6 +154,9 @@ class SlotLora(LoraWeights):
                        "own.")
     return self.own().delta(axes=axes, precision=precision)
 
+  def factors(self):
+    return None if jnp.ndim(self.slot) else self.own().factors()
+
   def product(self, x, *, x_sub: str, out_sub: str, present, contracted, batched, **kwargs):
     if not jnp.ndim(self.slot):
       return self.own().product(x, x_sub=x_sub, out_sub=out_sub, present=present,

@@ -23,6 +23,11 @@ layer's).
 Tensors: ``base_model.model.<module>.lora_A.weight`` is ``a.T`` (r, in) and ``lora_B.weight``
 is ``b.T`` (out, r), as ``torch.nn.Linear`` stores (out, in); kernels with several input or
 output axes are flattened. GPT-2's ``Conv1D`` layers (``fan_in_fan_out``) use the same A and B.
+An embedding table (a leaf named ``embedding``, (vocab, features)) has PEFT's
+``lora_embedding_A`` (r, vocab) = ``a.T`` and ``lora_embedding_B`` (features, r) = ``b.T``
+(no ``.weight``). A convolution's kernel (*window, in, out) (a kernel ``analyze`` saw as a
+``conv_general_dilated`` filter) has a ``torch.nn.Conv*d`` layout: ``lora_A.weight``
+(r, in, *window) and ``lora_B.weight`` (out, r, 1, ...) from a (*window, in, r), b (r, out).
 The scale is not stored: it is ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``) after
 PEFT's ``rank_pattern`` and ``alpha_pattern``, which match a regular expression against the
 end of the dotted module name (``peft.utils.other.get_pattern_key``); the first key wins.
@@ -42,6 +47,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -49,7 +55,7 @@ from lora_jax import _tree, family
 from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, factor_shapes, split
 from lora_jax.config import BIASES, LoraConfig, is_real
-from lora_jax.targets import base_leaves, resolve, trains_bias
+from lora_jax.targets import EMBEDDING_NAMES, base_leaves, resolve, trains_bias
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -100,6 +106,7 @@ UNSUPPORTED = {
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 _FACTOR = re.compile(r"base_model\.model\.(?P<module>.+)\.(?:lora_(?P<factor>[AB])\.weight|"
+                     r"lora_embedding_(?P<table>[AB])|"
                      r"(?P<magnitude>lora_magnitude_vector))")
 
 
@@ -263,6 +270,48 @@ def _torch_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
   return np.ascontiguousarray(a.reshape(-1, r).T), np.ascontiguousarray(b.reshape(r, -1).T)
 
 
+def _torch_conv_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``(lora_A.weight (r, in, *window), lora_B.weight (out, r, 1, ...))``, a ``Conv*d``'s
+  layout, from a Flax convolution's ``a (*window, in, r)`` and ``b (r, out)``."""
+  n = a.ndim - 2  # window axes
+  a = np.transpose(a, (n + 1, n, *range(n)))
+  return np.ascontiguousarray(a), np.ascontiguousarray(b.T.reshape(*b.T.shape, *(1,) * n))
+
+
+def _layout(path: str, lw: LoraWeights, uses) -> str:
+  """How PEFT stores the adapter of the kernel at ``path``: ``"embedding"`` (a leaf named
+  ``embedding``, or one ``uses`` saw looked up), ``"conv"`` (one ``uses`` saw as a
+  convolution's filter, roles "i...io"), else ``"linear"``."""
+  consumers = getattr((uses or {}).get(path), "consumers", ())
+  if path.rsplit("/", 1)[-1] in EMBEDDING_NAMES or "gather" in consumers:
+    kind = "embedding"
+  elif "conv_general_dilated" in consumers:
+    kind = "conv"
+  else:
+    return "linear"
+  wanted = "io" if kind == "embedding" else "i" * (len(lw.axes) - 1) + "o"
+  if lw.axes != wanted or isinstance(lw, _dora_kinds()):
+    raise ValueError(f"adapter at {path!r} (axes {lw.axes!r}, {type(lw).__name__}) is on "
+                     f"{'an embedding table' if kind == 'embedding' else 'a convolution'}, "
+                     f"which PEFT stores only as plain LoRA with axes {wanted!r}.")
+  return kind
+
+
+def _dora_kinds() -> tuple[type, ...]:
+  from lora_jax import dora  # an adapter kind built on adapters.py's
+  return (dora.DoraWeights,)
+
+
+def _layer_tensors(name: str, kind: str, a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+  """PEFT's tensors of one module's factors (``a (*in, r)``, ``b (r, *out)``)."""
+  prefix = f"base_model.model.{name}"
+  if kind == "embedding":
+    a, b = _torch_factors(a, b)
+    return {f"{prefix}.lora_embedding_A": a, f"{prefix}.lora_embedding_B": b}
+  a, b = (_torch_conv_factors if kind == "conv" else _torch_factors)(a, b)
+  return {f"{prefix}.lora_A.weight": a, f"{prefix}.lora_B.weight": b}
+
+
 def _check_pattern_lookup(pattern_map: dict, wanted: dict[str, Any], default) -> None:
   for name, value in wanted.items():
     if pattern_value(pattern_map, name, default) != value:
@@ -307,7 +356,8 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
 def export_peft(directory, adapters, *, config: LoraConfig,
                 base_model_name_or_path: str | None = None, task_type: str | None = None,
                 name_map: Callable[[str, int | None], str] = torch_name,
-                fan_in_fan_out: bool | None = None, initial=None) -> None:
+                fan_in_fan_out: bool | None = None, initial=None,
+                uses: Mapping | None = None) -> None:
   """Writes ``adapters`` as a PEFT LoRA adapter folder that ``PeftModel.from_pretrained`` loads.
 
   Trained extras are written as the biases PEFT trains in place where ``config.bias`` trains
@@ -327,9 +377,15 @@ def export_peft(directory, adapters, *, config: LoraConfig,
       2r on the original base (``lora_jax.convert_to_lora``; PEFT's
       ``path_initial_model_for_weight_conversion``), with r and lora_alpha doubled.
 
+    uses: the ``lora_jax.analyze`` result of the model; kernels it saw as convolution filters
+      are written in ``torch.nn.Conv*d``'s layout (without it, as Linear layers), tables it
+      saw looked up as embeddings (a leaf named ``embedding`` is one anyway).
+
+
   Raises:
     ValueError: empty adapters, a leaf that disagrees with ``config``, module names that
-      PEFT could not tell apart, or a PiSSA / OLoRA config without ``initial``.
+      PEFT could not tell apart, a PiSSA / OLoRA config without ``initial``, or DoRA on an
+      embedding table or a convolution.
   """
   if config.changes_base != (initial is not None):
     raise ValueError(
@@ -352,15 +408,14 @@ def export_peft(directory, adapters, *, config: LoraConfig,
   modules: dict[str, tuple[int, float]] = {}
   for path, lw in flat.items():
     _check_agrees(path, lw, config)
+    kind = _layout(path, lw, uses)
     a_all, b_all = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
     for layer in _layers(path, lw):
       name = name_map(path, layer)
       if name in modules:
         raise ValueError(f"name_map gives the module name {name!r} twice (again for {path!r}).")
       at = () if layer is None else layer
-      a, b = _torch_factors(a_all[at], b_all[at])
-      tensors[f"base_model.model.{name}.lora_A.weight"] = a
-      tensors[f"base_model.model.{name}.lora_B.weight"] = b
+      tensors.update(_layer_tensors(name, kind, a_all[at], b_all[at]))
       if getattr(lw, "magnitude", None) is not None:  # DoRA: one per output feature
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.asarray(
             lw.magnitude, np.float32)[at].reshape(-1)
@@ -494,14 +549,14 @@ def read_tensors(file) -> dict[str, np.ndarray]:
 
 
 def _not_lora(key: str, file) -> str:
-  what = ("LoRA on an embedding layer" if "lora_embedding_" in key else
-          "DoRA's magnitude vector" if "lora_magnitude_vector" in key else
+  what = ("DoRA's magnitude vector" if "lora_magnitude_vector" in key else
           "a trained bias on lora_B" if key.endswith("lora_B.bias") else
           "a modules_to_save copy, a trained bias or another non-LoRA weight")
   return (f"{file}: tensor {key!r} is not a LoRA factor (base_model.model.<module>.lora_A.weight "
-          f"or .lora_B.weight) but {what}, which lora_jax adapters cannot hold (a module "
-          f"trained in full must be listed in the config's modules_to_save, a trained bias "
-          f"needs the config's bias \"all\" or \"lora_only\").")
+          f"or .lora_B.weight, or an embedding's .lora_embedding_A or .lora_embedding_B) but "
+          f"{what}, which lora_jax adapters cannot hold (a module trained in full must be "
+          f"listed in the config's modules_to_save, a trained bias needs the config's bias "
+          f"\"all\" or \"lora_only\").")
 
 
 def _factor_pairs(tensors: Mapping[str, np.ndarray], file, *, dora: bool = False
@@ -513,15 +568,25 @@ def _factor_pairs(tensors: Mapping[str, np.ndarray], file, *, dora: bool = False
     m = _FACTOR.fullmatch(key)
     if m is None or (m["magnitude"] and not dora):
       raise ValueError(_not_lora(key, file))
-    if value.ndim != (1 if m["magnitude"] else 2):
+    if not (value.ndim == 1 if m["magnitude"] else
+            value.ndim == 2 or (m["factor"] and value.ndim > 2)):
       raise ValueError(f"{file}: tensor {key!r} has shape {value.shape}; LoRA factors are 2-D "
-                       f"and DoRA's magnitude vectors 1-D.")
-    pairs.setdefault(m["module"], {})["M" if m["magnitude"] else m["factor"]] = (key, value)
+                       f"(a convolution's lora_A / lora_B 3-D or more) and DoRA's magnitude "
+                       f"vectors 1-D.")
+    factor = "M" if m["magnitude"] else m["factor"] or m["table"]
+    pair = pairs.setdefault(m["module"], {})
+    table = m["table"] is not None
+    if factor in pair or (factor != "M" and any(("lora_embedding_" in pair[f][0]) != table
+                                                for f in "AB" if f in pair)):
+      raise ValueError(f"{file}: module {m['module']!r} has both lora_A / lora_B and "
+                       f"lora_embedding_A / lora_embedding_B tensors; it is one or the other.")
+    pair[factor] = (key, value)
   for module, pair in pairs.items():
     for factor, partner in (("A", "B"), ("B", "A"), ("M", "A")):
       if factor in pair and partner not in pair:
-        raise ValueError(f"{file}: tensor {pair[factor][0]!r} has no lora_{partner} partner "
-                         f"for module {module!r}.")
+        table = "_embedding" if "lora_embedding_" in pair[factor][0] else ""
+        raise ValueError(f"{file}: tensor {pair[factor][0]!r} has no lora{table}_{partner} "
+                         f"partner for module {module!r}.")
     if dora and "M" not in pair:
       raise ValueError(f"{file}: module {module!r} has no lora_magnitude_vector, which DoRA "
                        f"(use_dora) needs for every module.")
@@ -532,6 +597,7 @@ class _Kernel(NamedTuple):
   keys: tuple[str, ...]  # the pytree keys of the kernel leaf
   shape: tuple[int, ...]
   axes: str  # roles: l stacked layer, i input, o output
+  table: bool = False  # an embedding table (PEFT's lora_embedding_A / _B)
 
   def size(self, role: str) -> int:
     return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
@@ -544,15 +610,18 @@ def _kernel_axes(path: str, shape, uses) -> str | None:
 
 
 def _kernels(params, uses) -> dict[str, _Kernel]:
-  """The matmul kernels of ``params`` with their axis roles (from ``uses``, else ``io`` for
-  2-D and ``lio`` for 3-D, a scanned Dense stack); kernels with unknown roles are left out."""
+  """The matmul kernels and embedding tables of ``params`` with their axis roles (from
+  ``uses``, else ``io`` for 2-D and ``lio`` for 3-D, a scanned Dense stack); kernels with
+  unknown roles are left out."""
   out = {}
   for keys, leaf in base_leaves(params).items():
     shape = tuple(getattr(leaf, "shape", ()))
     path = _tree.join(keys)
-    axes = _kernel_axes(path, shape, uses) if keys and keys[-1] == "kernel" else None
+    table = bool(keys) and keys[-1] in EMBEDDING_NAMES and len(shape) == 2
+    named = table or (bool(keys) and keys[-1] == "kernel")
+    axes = _kernel_axes(path, shape, uses) if named else None
     if axes and len(axes) == len(shape) and axes.count("l") <= 1:
-      out[path] = _Kernel(keys, shape, axes)
+      out[path] = _Kernel(keys, shape, axes, table)
   return out
 
 
@@ -570,6 +639,21 @@ def _module_index(kernels: Mapping[str, _Kernel], name_map) -> dict[str, tuple[s
                          f"and {path!r}.")
       index[name] = (path, layer)
   return index
+
+
+def _conv_as_linear(a_key, a, b_key, b, path: str, k: _Kernel, file):
+  """A ``Conv*d``'s ``lora_A.weight`` (r, in, *window) and ``lora_B.weight`` (out, r, 1, ...)
+  as the (r, *window * in) and (out, r) factors of the Flax kernel (*window, in, out)."""
+  n = a.ndim - 2
+  if (k.axes != "i" * (n + 1) + "o" or b.ndim != a.ndim or any(d != 1 for d in b.shape[2:])
+      or a.shape[1:] != (k.shape[-2], *k.shape[:-2])):
+    raise ValueError(f"{file}: {a_key!r} has shape {a.shape} and {b_key!r} {b.shape}, a "
+                     f"convolution's factors, which do not fit {path!r} of shape {k.shape} "
+                     f"and axes {k.axes!r} (a Flax convolution kernel (*window, in, out) with "
+                     f"axes 'i...io' needs lora_A (r, in, *window), lora_B (out, r, 1, ...); "
+                     f"pass uses=lora_jax.analyze(...) for its axes).")
+  r = a.shape[0]
+  return np.moveaxis(a, 1, -1).reshape(r, -1), b.reshape(b.shape[0], r)
 
 
 class _Entry(NamedTuple):
@@ -590,6 +674,15 @@ def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
                      f"kernel of the base params; modules include {listing(index)}.")
   path, layer = index[module]
   k = kernels[path]
+  if ("lora_embedding_" in a_key) != k.table:
+    raise ValueError(f"{file}: {a_key!r} is {'a Linear' if k.table else 'an embedding'} "
+                     f"factor, but {path!r} is {'an embedding table' if k.table else 'a kernel'}"
+                     f"{' (PEFT names its factors lora_embedding_A / _B)' if k.table else ''}.")
+  if "M" in pair and (a.ndim > 2 or k.table):
+    raise ValueError(f"{file}: {pair['M'][0]!r} is DoRA on {path!r}, an embedding table or a "
+                     f"convolution, where lora_jax imports plain LoRA only.")
+  if a.ndim > 2:
+    a, b = _conv_as_linear(a_key, a, b_key, b, path, k, file)
   ins, outs = k.size("i"), k.size("o")
   if a.shape[1] != ins or b.shape[0] != outs:
     raise ValueError(f"{file}: {a_key!r} has shape {a.shape} and {b_key!r} {b.shape}, which do "
@@ -663,7 +756,8 @@ def _adapter(target, group: list[_Entry], config: LoraConfig, kernel) -> LoraWei
     a[at] = e.a.T.reshape(a_shape[len(at):])
     b[at] = e.b.T.reshape(b_shape[len(at):])
   lw = LoraWeights(a=jnp.asarray(a, config.dtype), b=jnp.asarray(b, config.dtype),
-                   scale=target.scale, axes=target.axes, dropout=config.dropout)
+                   scale=target.scale, axes=target.axes,
+                   dropout=0.0 if target.embedding else config.dropout)
   if not config.use_dora:
     return lw
   from lora_jax import dora  # an adapter kind built on adapters.py's
@@ -686,7 +780,8 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
     params: the base params (concrete or ``jax.eval_shape``-abstract), e.g. of
       ``lora_jax.models.BertModel``; scanned or unrolled layer stacks.
     uses: optional ``lora_jax.analyze`` result (or ``{path: roles}``) for kernels other than
-      2-D Dense kernels and 3-D scanned Dense stacks.
+      2-D Dense kernels, 3-D scanned Dense stacks and embedding tables (a convolution's
+      kernel needs it: roles "i...io").
     name_map: ``(flax kernel path, layer index or None) -> PyTorch module name``; it raises
       KeyError or ValueError for kernels it cannot name (no tensor may refer to those).
     fan_in_fan_out: whether the torch model's layers are GPT-2 Conv1D; None: from the family.
@@ -702,11 +797,12 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   Raises:
     FileNotFoundError: a missing file (named).
     ValueError: an unreadable file, anything lora_jax cannot reproduce exactly (other PEFT
-      types, embeddings, a bias on lora_B, a fan_in_fan_out that does not fit the model, the
-      biases in the file not being exactly those the config's bias trains, different
-      ranks or scales across one stacked kernel's layers), or a tensor that does not fit the
-      base (the message names the file and the key). Nothing is returned until everything is
-      checked.
+      types, a bias on lora_B, DoRA on embeddings or convolutions, a base-weight copy (PEFT's
+      ``save_embedding_layers``) that is not the base's, a fan_in_fan_out that does not fit the
+      model, the biases in the file not being exactly those the config's bias trains,
+      different ranks or scales across one stacked kernel's layers), or a tensor that does
+      not fit the base (the message names the file and the key). Nothing is returned until
+      everything is checked.
   Warns:
     PeftConfigWarning: adapter_config.json keys PEFT 0.21 does not know.
   """
@@ -717,10 +813,13 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   kernels = _kernels(params, uses)
   conv1d = _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
   saved, biases, rest = _sorted_tensors(tensors, data)
-  pairs = _factor_pairs(rest, weights_file, dora=data.get("use_dora", False))
+  copies = {k: v for k, v in rest.items() if _BASE_COPY.fullmatch(k)}
+  pairs = _factor_pairs({k: v for k, v in rest.items() if k not in copies}, weights_file,
+                        dora=data.get("use_dora", False))
   if not pairs and not saved:
     raise ValueError(f"{weights_file} holds no LoRA factors.")
   index = _module_index(kernels, name_map)
+  _check_base_copies(copies, pairs, index, kernels, base_leaves(params), weights_file)
   groups = _by_kernel([_entry(m, p, index, kernels, data, weights_file)
                        for m, p in pairs.items()], weights_file)
   extras = _extras(saved, params, name_map, conv1d, weights_file)
@@ -781,6 +880,36 @@ def _bias_values(tensors: Mapping[str, np.ndarray], in_place, adapted: Iterable[
     out = values.setdefault(keys, np.zeros(shape, np.float32))
     out[() if layer is None else layer] = tensors[key].reshape(one)
   return {k: jnp.asarray(v, leaves[k].dtype) for k, v in values.items()}
+
+
+_BASE_COPY = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
+
+
+def _check_base_copies(copies, pairs, index, kernels, leaves, file) -> None:
+  """PEFT saves the base weights of the input and output embeddings beside an adapter that
+  targets an embedding (``save_embedding_layers``, as ``<module>.base_layer.weight``) and
+  loads them over the base's: each must be a copy of the base leaf (checked when the params
+  are concrete), so the adapter alone gives PEFT's outputs."""
+  for key, tensor in copies.items():
+    module = _BASE_COPY.fullmatch(key)["module"]
+    if module not in pairs or module not in index or index[module][1] is not None:
+      raise ValueError(_not_lora(key, file))
+    k = kernels[index[module][0]]
+    value = tensor if k.table else tensor.T
+    leaf = leaves[k.keys]
+    if value.shape != k.shape:
+      raise ValueError(f"{file}: {key!r} (PEFT's copy of the base weight) has shape "
+                       f"{tensor.shape}, but the base {_tree.join(k.keys)!r} has {k.shape}: the "
+                       f"adapter was saved on a model with another vocabulary or width.")
+    if _concrete(leaf) and not np.array_equal(np.asarray(leaf, np.float32), value):
+      raise ValueError(f"{file}: {key!r} (PEFT's copy of the base weight, which PEFT loads over "
+                       f"the base's) differs from the base params' {_tree.join(k.keys)!r}; load "
+                       f"onto the base the adapter was trained on.")
+
+
+def _concrete(x) -> bool:
+  return isinstance(x, np.ndarray) or (isinstance(x, jax.Array)
+                                       and not isinstance(x, jax.core.Tracer))
 
 
 def _is_saved(key: str, modules: Iterable[str]) -> bool:

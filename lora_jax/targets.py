@@ -61,6 +61,7 @@ class Target:
   route: str | None = None  # "factored" or "merged", when the plan was made with analyze()
   keys: tuple[str, ...] = ()  # the path as tree keys (a key may hold a '/')
   dora: bool = False  # DoRA: a trained magnitude per output column besides A and B
+  embedding: bool = False  # an embedding table (rows looked up): PEFT's init, no dropout
 
   def _prod(self, role: str) -> int:
     return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
@@ -85,32 +86,43 @@ class Target:
     return self.stack * self.rank * (self.in_features + self.out_features) + magnitudes
 
 
+EMBEDDING_NAMES = ("embedding",)
+"""Leaf names of embedding tables (Flax's ``nn.Embed`` / ``nnx.Embed``, (vocab, features)):
+adapted when a target pattern names them, never by the ``all-linear`` preset."""
+
+
 def _is_kernel(config: LoraConfig, keys: _tree.Path, leaf) -> bool:
   return bool(keys) and keys[-1] in config.kernel_names and _ndim(leaf) >= 2
+
+
+def _is_embedding(keys: _tree.Path, leaf) -> bool:
+  return bool(keys) and keys[-1] in EMBEDDING_NAMES and _ndim(leaf) == 2
 
 
 def _module(path: str) -> str:
   return path.rsplit("/", 1)[0] if "/" in path else ""
 
 
-def _match_pattern(config, pattern, leaves, kernels) -> set[str]:
-  """The kernels ``pattern`` selects. A pattern that matches nothing, matches no kernel, or
-  matches a weight matrix that is not a kernel (an embedding) outside any selected module is
-  an error; biases and norms beside a selected kernel, or inside a selected block, are not."""
+def _match_pattern(config, pattern, leaves, kernels, tables) -> set[str]:
+  """The kernels (and embedding ``tables``) ``pattern`` selects. A pattern that matches
+  nothing, matches no kernel, or matches a weight matrix that is not a kernel outside any
+  selected module is an error; biases and norms beside a selected kernel, or inside a
+  selected block, are not. ``all-linear`` selects kernels only, as PEFT's Linear layers."""
   if pattern == ALL_LINEAR:
     return {p for p in kernels if not re.search(HEAD_PATTERN, p)}
   matched = [p for p in leaves if re.search(pattern, p)]
   if not matched:
     raise ValueError(f"target pattern {pattern!r} matched no parameter; available paths "
                      f"include {listing(leaves)}.")
-  chosen = {p for p in matched if p in kernels}
+  chosen = {p for p in matched if p in kernels or p in tables}
   modules = {_module(p) for p in chosen}
   for p in matched:
     if p not in chosen and (not chosen or (_ndim(leaves[p]) >= 2 and _module(p) not in modules)):
       raise ValueError(
           f"target pattern {pattern!r} matched {p!r} (shape {_shape(leaves[p])}), which is not "
-          f"a matmul kernel (a leaf named one of {config.kernel_names} with 2 or more axes); "
-          f"kernels include {listing(kernels)}.")
+          f"a matmul kernel (a leaf named one of {config.kernel_names} with 2 or more axes) "
+          f"nor an embedding table (a 2-D leaf named one of {EMBEDDING_NAMES}); kernels "
+          f"include {listing(kernels)}.")
   return chosen
 
 
@@ -142,10 +154,12 @@ def _axes_for(config: LoraConfig, path: str, shape, uses) -> str:
 def _target(config, path, leaf, uses, keys) -> Target:
   axes = _axes_for(config, path, leaf.shape, uses)
   rank = config.rank_for(path)
+  consumers = getattr(uses.get(path), "consumers", ()) if uses else ()
   target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes, rank=rank,
                   alpha=config.alpha_for(path), scale=config.scale_for(path),
                   route=getattr(uses.get(path), "route", None) if uses else None, keys=keys,
-                  dora=config.use_dora)
+                  dora=config.use_dora,
+                  embedding=_is_embedding(keys, leaf) or "gather" in consumers)
   limit = min(target.in_features, target.out_features)
   if rank > limit:
     raise ValueError(f"rank {rank} for kernel {path!r} is larger than min(in, out) = {limit} "
@@ -182,9 +196,10 @@ def resolve(config: LoraConfig, params, *, uses: Mapping | None = None
 
 def _targets(config: LoraConfig, keys, leaves, uses) -> list[Target]:
   kernels = {p: leaf for p, leaf in leaves.items() if _is_kernel(config, keys[p], leaf)}
+  tables = {p for p, leaf in leaves.items() if _is_embedding(keys[p], leaf)}
   chosen: set[str] = set()
   for pattern in config.target_patterns:
-    chosen |= _match_pattern(config, pattern, leaves, kernels)
+    chosen |= _match_pattern(config, pattern, leaves, kernels, tables)
   chosen = {p for p in chosen if not any(re.search(e, p) for e in config.exclude_patterns)}
   targeted = [p for p in leaves if p in chosen]
   if not targeted and config.target_patterns:

@@ -35,9 +35,9 @@ def test_rank_and_alpha_patterns_matching_nothing(params):
 
 
 def test_matched_leaf_not_a_matmul_kernel():
-  params = {"embed": {"embedding": jnp.ones((10, 4))}, "dense": {"kernel": jnp.ones((4, 4)),
-                                                              "bias": jnp.ones((4,))}}
-  with pytest.raises(ValueError, match=r"target pattern 'embed' matched 'embed/embedding' \(shape "
+  params = {"embed": {"table": jnp.ones((10, 4))}, "dense": {"kernel": jnp.ones((4, 4)),
+                                                          "bias": jnp.ones((4,))}}
+  with pytest.raises(ValueError, match=r"target pattern 'embed' matched 'embed/table' \(shape "
                                        r"\(10, 4\)\), which is not a matmul kernel .* kernels "
                                        r"include dense/kernel"):
     lora_jax.plan(lora_jax.LoraConfig(targets="embed"), params)

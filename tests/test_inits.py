@@ -14,7 +14,6 @@ import pytest
 import lora_jax
 import test_models
 from _models import nnx_case, nnx_stack_case
-from _utils import randomize_b
 from lora_jax import models
 
 IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)

@@ -561,7 +561,7 @@ def test_config_features_that_cannot_be_reproduced_are_refused(exported, changes
 
 
 @pytest.mark.parametrize("key,match", [
-    ("base_model.model.embeddings.word_embeddings.lora_embedding_A", "LoRA on an embedding"),
+    ("base_model.model.embeddings.word_embeddings.base_layer.weight", "a modules_to_save copy"),
     ("base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector", "DoRA"),
     ("base_model.model.encoder.layer.0.attention.self.query.lora_B.bias", "a trained bias"),
     ("base_model.model.pooler.dense.weight", "a modules_to_save copy"),

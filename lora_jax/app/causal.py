@@ -646,9 +646,9 @@ def export_peft(run, out) -> pathlib.Path:
   if task.options.full:
     raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
   initial = None if task.initial is None else jax.device_get(task.initial)
+  hub_name = HUB_NAMES.get(task.options.model, task.options.model)
   lora_jax.peft.export_peft(out, jax.device_get(trainable), config=task.lora_config,
-                            initial=initial, base_model_name_or_path=HUB_NAMES.get(task.options.model,
-                                                                  task.options.model),
+                            initial=initial, base_model_name_or_path=hub_name,
                             task_type="CAUSAL_LM")
   return out
 
