@@ -135,7 +135,7 @@ class LoraWeights:
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
     if isinstance(self.scale, tuple):
-      return self.folded().delta(axes=axes, precision=precision)
+      return LoraWeights.delta(self.folded(), axes=axes, precision=precision)
     axes = tuple(range(len(self.axes))) if axes is None else tuple(axes)
     a_sub, b_sub = factor_subscripts(self.axes, axes)
     w_sub = "".join(_LETTERS[j] for j in axes)
