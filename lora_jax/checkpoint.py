@@ -252,8 +252,8 @@ def _rebuild(meta: dict, arrays: list) -> dict:
   flat = {}
   for e in meta["adapters"]:
     data = {name: next(arrays) for name in e["arrays"]}
-    meta = {k: tuple(v) if isinstance(v, list) else v for k, v in e["meta"].items()}
-    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **meta)  # JSON lists: tuples
+    static = {k: tuple(v) if isinstance(v, list) else v for k, v in e["meta"].items()}
+    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **static)  # JSON lists: tuples
   for e in meta.get("extras", []):
     flat[tuple(e["keys"])] = next(arrays)
   return _tree.nest(flat)
