@@ -61,7 +61,9 @@ class Apply:
     return x.adapter.merged(x.dense(), axes=x.axes)
 
   def unstack(self, k: Kernel, consumer: str):
-    """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis."""
+    """``k`` as ``lax.scan`` xs: its leading axis must be the first stacked-layer axis. An
+    adapter with per-layer scales has them folded into B first, so each step's slice is an
+    adapter of scale 1 (``LoraWeights.folded``)."""
     if isinstance(k.w, _interpret.Lazy) and k.w.ops:  # ops on the stack: not sliceable
       k = k.replace(w=k.dense())
     if k.adapter is None:  # a kernel kind without adapter: sliced like any stacked array
@@ -69,7 +71,7 @@ class Apply:
     stacked = [j for j in k.axes if k.roles[j] == "l"]
     if k.role(0) != "l" or k.axes[0] != min(stacked):
       return self.materialize(k, consumer)
-    return k.replace(axes=k.axes[1:])
+    return k.replace(adapter=k.adapter.folded(), axes=k.axes[1:])  # per-layer scales into B
 
 
 @dataclasses.dataclass(frozen=True)

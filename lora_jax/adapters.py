@@ -6,6 +6,16 @@ query, (d, heads, head_dim)) or ``"lio"`` (a scanned stack, (layers, d, k)):
     a: (*stack, *in, rank)      b: (*stack, rank, *out)
     W' = W + scale * a @ b      (contracting the rank axis, stack axes batched)
 
+A stacked kernel (one ``l`` axis) may hold layers of different ranks and scales
+(``LoraConfig.rank_pattern`` naming single layers): ``rank`` is then the largest, layer l's
+unused columns of ``a`` and rows of ``b`` are zero (they get zero gradients, so they stay
+zero), and ``scale`` and ``ranks`` are static tuples, one entry per layer:
+
+    W'_l = W_l + scale[l] * a_l @ b_l = W_l + a_l @ (scale[l] * b_l)
+
+Every use folds the scales into B along the stacked axis (``LoraWeights.folded``), so a
+``lax.scan`` slices an adapter of scale 1 and nothing per layer is traced into static fields.
+
 An adapter kind (``LoraWeights`` here; DoRA will sit beside it) owns its factor shapes, its
 init, its delta ``W' - W`` (for merge and the merged fallback), its factored product with an
 activation (for the transform) and its reshape; everything else handles it as an opaque
@@ -60,20 +70,52 @@ class LoraWeights:
   Attributes:
     a: (*stack, *in, rank), trained.
     b: (*stack, rank, *out), trained; zeros at init.
-    scale: alpha / rank (or alpha / sqrt(rank) with rsLoRA); static, not trained.
+    scale: alpha / rank (or alpha / sqrt(rank) with rsLoRA); static, not trained. A tuple of
+      one scale per layer when a stacked kernel's layers have different scales.
     axes: the kernel's axis roles (``l`` stacked layer, ``i`` input, ``o`` output); static.
     dropout: dropout rate on the adapter branch's input; static.
+    ranks: None, or a tuple of each layer's true rank when a stacked kernel's layers have
+      different ranks (``rank``, the factors' width, is then the largest); static.
   """
 
   a: jax.Array
   b: jax.Array
-  scale: float
+  scale: float | tuple[float, ...]
   axes: str
   dropout: float = 0.0
+  ranks: tuple[int, ...] | None = None
 
   @property
   def rank(self) -> int:
+    """The width of the factors' rank axis (the largest layer rank when ``ranks`` is set)."""
     return self.a.shape[-1]
+
+  @property
+  def per_layer(self) -> bool:
+    """Whether the layers of this stacked adapter have their own ranks or scales."""
+    return isinstance(self.scale, tuple) or self.ranks is not None
+
+  @property
+  def num_params(self) -> int:
+    """Trained parameters, as PEFT counts them: every array's size, less the zero padding of
+    layers whose rank is below ``rank``."""
+    size = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(self))
+    if self.ranks is None:
+      return size
+    n = self.axes.count("l")
+    width = math.prod(self.a.shape[n:-1]) + math.prod(self.b.shape[n + 1:])
+    return size - sum(self.rank - r for r in self.ranks) * width
+
+  def folded(self) -> "LoraWeights":
+    """This adapter with per-layer scales folded into B along the stacked axis,
+    ``scale[l] * a_l @ b_l = a_l @ (scale[l] * b_l)``, and scale 1: what every product,
+    delta and ``lax.scan`` slice uses (gradients reach ``b`` through the product). Itself
+    when the scale is one float."""
+    if not isinstance(self.scale, tuple):
+      return self
+    dtype = jnp.promote_types(self.b.dtype, jnp.float32)
+    s = jnp.asarray(self.scale, dtype).reshape((-1,) + (1,) * (self.b.ndim - 1))
+    return dataclasses.replace(self, b=self.b.astype(dtype) * s, scale=1.0)
 
   @classmethod
   def create(cls, config: LoraConfig, target: Target, key) -> "LoraWeights":
@@ -85,15 +127,21 @@ class LoraWeights:
       b = jax.random.normal(key, b_shape, config.dtype)
       return cls(a=jnp.zeros(a_shape, config.dtype), b=b, scale=target.scale, axes=target.axes)
     if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
-      a = jax.random.normal(key, a_shape, config.dtype) / target.rank
+      rank = _per_layer_ranks(target, a_shape) if target.ranks else target.rank
+      a = jax.random.normal(key, a_shape, config.dtype) / rank
     else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
       bound = 1.0 / math.sqrt(target.in_features)
       a = jax.random.uniform(key, a_shape, config.dtype, -bound, bound)
-    return cls(a=a, b=jnp.zeros(b_shape, config.dtype), scale=target.scale, axes=target.axes,
-               dropout=config.dropout)
+    if target.ranks:  # each layer's columns beyond its rank: zero
+      columns = jnp.arange(target.rank).reshape((1,) * (len(a_shape) - 1) + (-1,))
+      a = jnp.where(columns < _per_layer_ranks(target, a_shape), a, 0)
+    return cls(a=a, b=jnp.zeros(b_shape, config.dtype), axes=target.axes,
+               dropout=config.dropout, **static_scale(target))
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
+    if isinstance(self.scale, tuple):
+      return LoraWeights.delta(self.folded(), axes=axes, precision=precision)
     axes = tuple(range(len(self.axes))) if axes is None else tuple(axes)
     a_sub, b_sub = factor_subscripts(self.axes, axes)
     w_sub = "".join(_LETTERS[j] for j in axes)
@@ -120,6 +168,9 @@ class LoraWeights:
       dtype: the dtype the factors are cast to (the kernel's).
       **opts: ``precision`` and ``preferred_element_type`` of the product.
     """
+    if isinstance(self.scale, tuple):
+      return self.folded().product(x, x_sub=x_sub, out_sub=out_sub, present=present,
+                                   contracted=contracted, batched=batched, dtype=dtype, **opts)
     roles = self.axes
     free = [j for j in present if j not in contracted and j not in batched]
     if not {roles[j] for j in batched} <= {"l"}:
@@ -162,6 +213,8 @@ class LoraWeights:
   def reshaped(self, roles: str, shape) -> "LoraWeights":
     """The adapter of the kernel reshaped to ``shape`` with axis ``roles`` (a reshape that
     only splits or merges axes of one role; A and B are reshaped alike)."""
+    if self.per_layer:  # the stacked axes may change: per-layer scales folded first
+      return dataclasses.replace(self.folded(), ranks=None).reshaped(roles, shape)
     dims = {r: tuple(n for n, q in zip(shape, roles) if q == r) for r in "lio"}
     return dataclasses.replace(self, a=self.a.reshape(*dims["l"], *dims["i"], self.rank),
                                b=self.b.reshape(*dims["l"], self.rank, *dims["o"]), axes=roles)
@@ -173,15 +226,42 @@ class LoraWeights:
                        f"one role per axis of the base kernel of shape {tuple(w.shape)}; rebuild "
                        f"the adapters with lora_jax.init on this base.")
     t = Target(path=path, shape=tuple(w.shape), dtype=w.dtype, axes=self.axes, rank=self.rank,
-               alpha=0.0, scale=self.scale)
+               alpha=0.0, scale=0.0)
     if factor_shapes(t) != (tuple(self.a.shape), tuple(self.b.shape)):
       raise ValueError(f"adapter at {path!r} (a {tuple(self.a.shape)}, b {tuple(self.b.shape)}, "
                        f"axes {self.axes!r}) does not fit the base kernel of shape "
                        f"{tuple(w.shape)}; rebuild the adapters with lora_jax.init on this base.")
+    if self.per_layer:
+      self._check_layers(path, t.stack)
+
+  def _check_layers(self, path: str, layers: int) -> None:
+    """Raises ValueError unless per-layer scales and ranks give one value per layer."""
+    scales = self.scale if isinstance(self.scale, tuple) else (self.scale,) * layers
+    ranks = self.ranks if self.ranks is not None else (self.rank,) * layers
+    if (self.axes.count("l") != 1 or len(scales) != layers or len(ranks) != layers
+            or not all(0 < r <= self.rank for r in ranks)):
+      raise ValueError(f"adapter at {path!r} has per-layer scales {self.scale!r} and ranks "
+                       f"{self.ranks!r}, which must give one scale and one rank in [1, "
+                       f"{self.rank}] to each of the {layers} layers of its one stacked axis "
+                       f"(axes {self.axes!r}); rebuild the adapters with lora_jax.init.")
+
+
+def static_scale(target: Target) -> dict:
+  """``{"scale": ..., "ranks": ...}`` of the adapter of ``target``: one scale and None, or a
+  tuple per layer for whichever of the two differs between a stacked kernel's layers."""
+  if not target.scales:
+    return {"scale": target.scale, "ranks": None}
+  return {"scale": target.scales if len(set(target.scales)) > 1 else target.scales[0],
+          "ranks": target.ranks if len(set(target.ranks)) > 1 else None}
+
+
+def _per_layer_ranks(target: Target, a_shape) -> jax.Array:
+  """Each layer's rank, shaped to broadcast against ``a`` (its stacked axis first)."""
+  return jnp.asarray(target.ranks).reshape((-1,) + (1,) * (len(a_shape) - 1))
 
 
 jax.tree_util.register_dataclass(
-    LoraWeights, data_fields=["a", "b"], meta_fields=["scale", "axes", "dropout"])
+    LoraWeights, data_fields=["a", "b"], meta_fields=["scale", "axes", "dropout", "ranks"])
 
 ADAPTER_KINDS: tuple[type, ...] = (LoraWeights,)
 

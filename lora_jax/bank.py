@@ -57,7 +57,7 @@ class LoraArrays(LoraWeights):
 
 
 jax.tree_util.register_dataclass(
-    LoraArrays, data_fields=["a", "b", "scale"], meta_fields=["axes", "dropout"])
+    LoraArrays, data_fields=["a", "b", "scale"], meta_fields=["axes", "dropout", "ranks"])
 register_kind(LoraArrays)  # a picked adapter saves and restores like any other
 
 
@@ -189,7 +189,7 @@ class SlotLora(LoraWeights):
 
 
 jax.tree_util.register_dataclass(SlotLora, data_fields=["a", "b", "scale", "slot"],
-                                 meta_fields=["axes", "dropout", "slot_rank"])
+                                 meta_fields=["axes", "dropout", "slot_rank", "ranks"])
 
 
 def traced_scales(adapters):
@@ -197,7 +197,9 @@ def traced_scales(adapters):
   jitted function taking them retraces for new shapes only, not for a new alpha."""
   def convert(x):
     if isinstance(x, LoraWeights) and not isinstance(x, LoraArrays):
-      return LoraArrays(a=x.a, b=x.b, scale=jnp.asarray(x.scale, jnp.float32), axes=x.axes)
+      x = x.folded()  # per-layer scales into B: one scale left
+      return LoraArrays(a=x.a, b=x.b, scale=jnp.asarray(x.scale, jnp.float32), axes=x.axes,
+                        ranks=x.ranks)
     return x
 
   return jax.tree_util.tree_map(convert, adapters, is_leaf=lambda x: isinstance(x, LoraWeights))
@@ -342,6 +344,10 @@ def _is_slots(x) -> bool:
 
 def _padded(lw: LoraWeights, rank: int, path, name) -> LoraWeights:
   """``lw`` with rank ``rank``: zero columns of A, zero rows of B."""
+  if isinstance(lw.scale, tuple):
+    raise ValueError(f"adapter {name!r} has one scale per layer at {_tree.join(path)!r} (layers "
+                     f"with their own alpha or rank), which a bank does not hold (one scale per "
+                     f"slot); serve it merged or on its own.")
   extra = rank - lw.rank
   if extra < 0:
     raise ValueError(f"adapter {name!r} has rank {lw.rank} at {_tree.join(path)!r}, above the "

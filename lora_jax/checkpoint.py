@@ -9,10 +9,11 @@ replaces the last good one; the newest ``keep`` are kept). Each step holds:
               (each adapter's factors, then each ``modules_to_save`` extra), so any tree key,
               one holding a '/' included, round-trips (orbax ``StandardSave``)
   opt_state   the optax state's leaves, if given (restored into the caller's template)
-  meta        JSON: the LoraConfig, each adapter's key path / kind / static fields (scale, axis
-              roles, dropout) / array shapes, each extra's key path and shape, the base
-              model's identity (name, a hash of every leaf's path, shape and dtype, and the
-              adapted kernels' shapes), the step and the data position.
+  meta        JSON: the LoraConfig, each adapter's key path / kind / static fields (scale or
+              per-layer scales, axis roles, dropout, per-layer ranks) / array shapes, each
+              extra's key path and shape, the base model's identity (name, a hash of every
+              leaf's path, shape and dtype, and the adapted kernels' shapes), the step and
+              the data position.
 
 ``restore`` refuses a base whose adapted (or saved) leaves differ in name or shape from the one
 the adapters were trained on, and can place the restored arrays on any sharding.
@@ -251,7 +252,8 @@ def _rebuild(meta: dict, arrays: list) -> dict:
   flat = {}
   for e in meta["adapters"]:
     data = {name: next(arrays) for name in e["arrays"]}
-    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **e["meta"])
+    static = {k: tuple(v) if isinstance(v, list) else v for k, v in e["meta"].items()}
+    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **static)  # JSON lists: tuples
   for e in meta.get("extras", []):
     flat[tuple(e["keys"])] = next(arrays)
   return _tree.nest(flat)

@@ -148,6 +148,11 @@ def _flat_adapters(adapters) -> list[dict]:
           f"{type(lora[other[0]]).__name__} at {_tree.join(other[0])!r}; only LoraWeights "
           f"adapters can be combined." if other else "no LoraWeights; pass adapter trees "
           "made by lora_jax.init or training."))
+    layered = [p for p, lw in lora.items() if isinstance(lw.scale, tuple)]
+    if layered:
+      raise ValueError(f"adapters[{i}] has one scale per layer at {_tree.join(layered[0])!r} "
+                       f"(layers with their own alpha or rank), which combine does not weigh; "
+                       f"combine adapters whose layers share one scale per kernel.")
     flats.append(lora)
     for path in extra:
       extras.setdefault(path, []).append(i)

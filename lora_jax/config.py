@@ -108,7 +108,12 @@ class LoraConfig(Serializable):
     rank: r, the inner dimension of A (in, r) and B (r, out).
     alpha: the numerator of the scale ``alpha / rank``.
     rank_pattern: ``{pattern: rank}`` overrides per path; the first matching pattern wins.
-    alpha_pattern: ``{pattern: alpha}`` overrides per path; the first matching pattern wins.
+      For a kernel in the scanned layer stack of a registered model family
+      (``lora_jax.family``), a pattern is also matched against each layer's path in the
+      unrolled model (``model/layers_3/...`` for layer 3 of ``model/layers/...``): layers
+      given different ranks share one stacked adapter, padded to the largest rank.
+    alpha_pattern: ``{pattern: alpha}`` overrides per path, matched as ``rank_pattern``; the
+      first matching pattern wins.
     axes_pattern: ``{pattern: roles}`` for kernels with more than two axes: one letter per
       axis, ``l`` a stacked-layer axis, ``i`` an input axis, ``o`` an output axis, e.g.
       ``"ioo"`` for a DenseGeneral query kernel (d, heads, head_dim), ``"lio"`` for a
@@ -220,18 +225,24 @@ class LoraConfig(Serializable):
       values["dtype"] = jnp.dtype(values["dtype"])
     return super().from_dict(values)
 
-  def rank_for(self, path: str) -> int:
-    """The rank for ``path``: the first matching ``rank_pattern`` entry, else ``rank``."""
-    return int(_first_match(self.rank_pattern, path, self.rank))
+  def rank_for(self, path: str, layer_path: str | None = None) -> int:
+    """The rank for ``path``: the first matching ``rank_pattern`` entry, else ``rank``.
 
-  def alpha_for(self, path: str) -> float:
-    """The alpha for ``path``: the first matching ``alpha_pattern`` entry, else ``alpha``."""
-    return float(_first_match(self.alpha_pattern, path, self.alpha))
+    ``layer_path``: for one layer of a stacked kernel, that layer's path in the unrolled
+    model (``lora_jax.family.unrolled_path``); an entry matching either path applies.
+    """
+    return int(_first_match(self.rank_pattern, (path, layer_path), self.rank))
 
-  def scale_for(self, path: str) -> float:
-    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, for ``path``."""
-    rank = int(self.rank_for(path))
-    alpha = float(self.alpha_for(path))
+  def alpha_for(self, path: str, layer_path: str | None = None) -> float:
+    """The alpha for ``path`` (and ``layer_path``, as ``rank_for``): the first matching
+    ``alpha_pattern`` entry, else ``alpha``."""
+    return float(_first_match(self.alpha_pattern, (path, layer_path), self.alpha))
+
+  def scale_for(self, path: str, layer_path: str | None = None) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA, for ``path`` (and
+    ``layer_path``, as ``rank_for``)."""
+    rank = int(self.rank_for(path, layer_path))
+    alpha = float(self.alpha_for(path, layer_path))
     return alpha / (math.sqrt(rank) if self.use_rslora else rank)
 
 
@@ -244,8 +255,9 @@ def check_roles(name: str, roles: str) -> None:
         f"or 'o' (output) per kernel axis with at least one 'i' and one 'o', got {roles!r}.")
 
 
-def _first_match(patterns: Mapping[str, Any], path: str, default):
-  return next((v for p, v in patterns.items() if re.search(p, path)), default)
+def _first_match(patterns: Mapping[str, Any], paths: tuple, default):
+  return next((v for p, v in patterns.items()
+               if any(path is not None and re.search(p, path) for path in paths)), default)
 
 
 def _as_patterns(name, value, allow_empty=False) -> tuple[str, ...]:

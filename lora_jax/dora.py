@@ -41,7 +41,7 @@ class DoraWeights(LoraWeights):
   def of(cls, lw: LoraWeights, w) -> "DoraWeights":
     """``lw`` with DoRA's magnitude initialised to the columns' norms of ``W + s·A@B``."""
     out = cls(a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout,
-              magnitude=jnp.zeros((), lw.a.dtype))
+              ranks=lw.ranks, magnitude=jnp.zeros((), lw.a.dtype))
     return dataclasses.replace(out, magnitude=out.column_norm(w).astype(lw.a.dtype))
 
   def _subscripts(self, present):
@@ -55,6 +55,8 @@ class DoraWeights(LoraWeights):
   def column_norm(self, w, present=None) -> jax.Array:
     """``||W + s·A@B||`` per output column, (*stack, *out), in float32, from the factored
     expansion (no W-sized sum is formed; the per-column parts are elementwise reductions)."""
+    if isinstance(self.scale, tuple):  # per-layer scales: folded into B along the stack
+      return self.folded().column_norm(w, present)
     present = range(len(self.axes)) if present is None else present
     a_sub, b_sub, w_sub, n_sub = self._subscripts(present)
     f32 = jnp.float32
@@ -115,7 +117,8 @@ class DoraWeights(LoraWeights):
 
 
 jax.tree_util.register_dataclass(
-    DoraWeights, data_fields=["a", "b", "magnitude"], meta_fields=["scale", "axes", "dropout"])
+    DoraWeights, data_fields=["a", "b", "magnitude"],
+    meta_fields=["scale", "axes", "dropout", "ranks"])
 register_kind(DoraWeights)
 
 
@@ -125,7 +128,7 @@ def with_magnitude(lw: LoraWeights, w) -> DoraWeights:
   if isinstance(w, jax.ShapeDtypeStruct):
     shape = lw.b.shape[:lw.axes.count("l")] + lw.b.shape[lw.axes.count("l") + 1:]
     return DoraWeights(a=lw.a, b=lw.b, scale=lw.scale, axes=lw.axes, dropout=lw.dropout,
-                       magnitude=jnp.zeros(shape, lw.a.dtype))
+                       ranks=lw.ranks, magnitude=jnp.zeros(shape, lw.a.dtype))
   return DoraWeights.of(lw, kernels.dense(w))
 
 

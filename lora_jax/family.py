@@ -13,6 +13,8 @@ the registered records. Adding a family is one new file plus one ``register`` ca
 from __future__ import annotations
 
 import dataclasses
+import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -113,3 +115,31 @@ def get(name: str) -> Family:
     raise ValueError(f"unknown model family {name!r}; registered: {known} (import "
                      f"lora_jax.models for the reference families).")
   return _REGISTRY[name]
+
+
+def stack_re() -> re.Pattern:
+  """Matches the layer-stack module of any registered family in a '/'-joined module path:
+  group ``stack`` the stack's name, group ``index`` the layer of an unrolled stack
+  (``model/layers_3``) or None in a scanned one (``model/layers``)."""
+  return _stack_pattern(frozenset(f.layer_stack for f in _REGISTRY.values()))
+
+
+@functools.lru_cache(maxsize=8)
+def _stack_pattern(stacks: frozenset) -> re.Pattern:
+  names = sorted((re.escape(s) for s in stacks), key=len, reverse=True) or ["(?!)"]
+  return re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(names) + r")(?:_(?P<index>\d+))?(?=/)")
+
+
+def unrolled_path(path: str, layer: int) -> str | None:
+  """The path that layer ``layer`` of the stacked kernel at ``path`` has in the same model
+  built unrolled (``scan_layers=False``), or None when ``path`` is not in the scanned layer
+  stack of a registered family.
+
+  Example: ``params/model/layers/self_attn/q_proj/kernel`` and 3 give
+  ``params/model/layers_3/self_attn/q_proj/kernel``.
+  """
+  module, _, leaf = path.rpartition("/")
+  m = stack_re().search(module)
+  if m is None or m["index"] is not None:
+    return None
+  return f"{module[:m.end()]}_{layer}{module[m.end():]}/{leaf}"

@@ -75,6 +75,9 @@ def olora_factors(m, rank: int):
 
 
 def _factors(config: LoraConfig, lw: LoraWeights, w, key) -> tuple:
+  if isinstance(lw.scale, tuple):
+    raise ValueError(f"init={config.init!r} with per-layer ranks or alphas in one stacked kernel "
+                     f"is not supported; use one rank and alpha per kernel, or an unrolled model.")
   m, _ = _matrix(w, lw.axes)
   if config.init == "olora":
     a, b = olora_factors(m, lw.rank)

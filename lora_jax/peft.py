@@ -36,7 +36,6 @@ end of the dotted module name (``peft.utils.other.get_pattern_key``); the first 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -53,7 +52,7 @@ import numpy as np
 
 from lora_jax import _tree, family
 from lora_jax._tree import listing
-from lora_jax.adapters import LoraWeights, factor_shapes, split
+from lora_jax.adapters import LoraWeights, factor_shapes, split, static_scale
 from lora_jax.config import BIASES, LoraConfig, is_real
 from lora_jax.targets import EMBEDDING_NAMES, base_leaves, resolve, trains_bias
 
@@ -62,15 +61,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_VERSION = "0.21.2"  # the PEFT release whose format this module writes and reads
 
 
-def _stack_re() -> re.Pattern:
-  """Matches the layer-stack module of any registered family in a '/'-joined module path."""
-  return _stack_pattern(frozenset(f.layer_stack for f in family.registered().values()))
-
-
-@functools.lru_cache(maxsize=8)
-def _stack_pattern(stacks: frozenset) -> re.Pattern:
-  names = sorted((re.escape(s) for s in stacks), key=len, reverse=True) or ["(?!)"]
-  return re.compile(r"(?:^|(?<=/))(?P<stack>" + "|".join(names) + r")(?:_(?P<index>\d+))?(?=/)")
+_stack_re = family.stack_re  # the registered families' layer stacks, in a module path
 
 
 # Every field PEFT 0.21's LoraConfig writes, with its default (``inference_mode`` as saved).
@@ -243,16 +234,33 @@ def _number(x: float) -> int | float:
   return int(x) if float(x).is_integer() else float(x)
 
 
-def _check_agrees(path: str, lw: LoraWeights, config: LoraConfig) -> None:
-  """Raises ValueError unless the leaf's rank and scale are the config's for ``path``."""
-  rank, alpha = config.rank_for(path), config.alpha_for(path)
-  leaf_alpha = lw.scale * (math.sqrt(lw.rank) if config.use_rslora else lw.rank)
-  if lw.rank != rank or not math.isclose(leaf_alpha, alpha, rel_tol=1e-6):
+def _check_agrees(path: str, lw: LoraWeights, config: LoraConfig, layer: int | None
+                  ) -> tuple[int, float]:
+  """``(rank, alpha)`` of the leaf at ``path`` (of one ``layer`` of a stacked one); raises
+  ValueError unless they are the config's for ``path`` (and the layer's unrolled path)."""
+  layer_path = None if layer is None else family.unrolled_path(path, layer)
+  rank, alpha = config.rank_for(path, layer_path), config.alpha_for(path, layer_path)
+  leaf_rank = lw.rank if lw.ranks is None else lw.ranks[layer]
+  leaf_scale = lw.scale[layer] if isinstance(lw.scale, tuple) else lw.scale
+  leaf_alpha = leaf_scale * (math.sqrt(leaf_rank) if config.use_rslora else leaf_rank)
+  if leaf_rank != rank or not math.isclose(leaf_alpha, alpha, rel_tol=1e-6):
+    where = f" (layer {layer})" if lw.per_layer else ""
     raise ValueError(
-        f"adapter at {path!r} has rank {lw.rank} and scale {lw.scale:g} (alpha {leaf_alpha:g}), "
-        f"but the config gives rank {rank}, alpha {alpha:g}, scale {config.scale_for(path):g}"
-        f"{' (rsLoRA)' if config.use_rslora else ''}; export with the LoraConfig the adapters "
-        f"were made with.")
+        f"adapter at {path!r}{where} has rank {leaf_rank} and scale {leaf_scale:g} (alpha "
+        f"{leaf_alpha:g}), but the config gives rank {rank}, alpha {alpha:g}, scale "
+        f"{config.scale_for(path, layer_path):g}{' (rsLoRA)' if config.use_rslora else ''}; "
+        f"export with the LoraConfig the adapters were made with.")
+  return rank, alpha
+
+
+def _true_rank(path: str, layer, a: np.ndarray, b: np.ndarray, rank: int):
+  """One layer's ``a (*in, width)`` and ``b (width, *out)`` cut to its true ``rank``; the
+  padding beyond it must be zero (it is, unless something other than training set it)."""
+  if np.any(a[..., rank:]) or np.any(b[rank:]):
+    raise ValueError(f"adapter at {path!r} has nonzero entries beyond layer {layer}'s rank "
+                     f"{rank} (columns of a, rows of b), which PEFT's tensors of that rank "
+                     f"cannot hold; keep the padding of per-layer ranks zero.")
+  return a[..., :rank], b[:rank]
 
 
 def _layers(path: str, lw: LoraWeights) -> list[int | None]:
@@ -407,19 +415,20 @@ def export_peft(directory, adapters, *, config: LoraConfig,
   tensors: dict[str, np.ndarray] = {}
   modules: dict[str, tuple[int, float]] = {}
   for path, lw in flat.items():
-    _check_agrees(path, lw, config)
     kind = _layout(path, lw, uses)
     a_all, b_all = np.asarray(lw.a, np.float32), np.asarray(lw.b, np.float32)
     for layer in _layers(path, lw):
+      rank, alpha = _check_agrees(path, lw, config, layer)
       name = name_map(path, layer)
       if name in modules:
         raise ValueError(f"name_map gives the module name {name!r} twice (again for {path!r}).")
       at = () if layer is None else layer
-      tensors.update(_layer_tensors(name, kind, a_all[at], b_all[at]))
+      tensors.update(_layer_tensors(name, kind, *_true_rank(path, layer, a_all[at], b_all[at],
+                                                            rank)))
       if getattr(lw, "magnitude", None) is not None:  # DoRA: one per output feature
         tensors[f"base_model.model.{name}.lora_magnitude_vector"] = np.asarray(
             lw.magnitude, np.float32)[at].reshape(-1)
-      modules[name] = (lw.rank, config.alpha_for(path))
+      modules[name] = (rank, alpha)
   paths = [*flat, *(_tree.join(p) for p in extras)]
   conv1d = model_fan_in_fan_out(paths) if fan_in_fan_out is None else fan_in_fan_out
   biases = {k: x for k, x in extras.items() if trains_bias(config, k, lora)}
@@ -701,17 +710,20 @@ def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
 
 
 def _by_kernel(entries: Iterable[_Entry], file) -> dict[str, list[_Entry]]:
-  """Entries grouped by Flax kernel; one rank and alpha across the layers of a stacked one."""
+  """Entries grouped by Flax kernel. The layers of a stacked one may have different ranks or
+  alphas only in a registered family's scanned layer stack, whose layers a LoraConfig names
+  by their unrolled paths (``lora_jax.family.unrolled_path``)."""
   out: dict[str, list[_Entry]] = {}
   for e in entries:
     out.setdefault(e.path, []).append(e)
   for path, group in out.items():
     settings = sorted({(e.rank, e.alpha) for e in group})
-    if len(settings) > 1:
+    if len(settings) > 1 and family.unrolled_path(path, 0) is None:
       shown = ", ".join(f"rank {r} alpha {a:g}" for r, a in settings)
       raise ValueError(f"{file}: the layers of the stacked kernel {path!r} have different ranks "
-                       f"or scales ({shown}), which one stacked adapter cannot hold; load onto "
-                       f"the params of the model built with scan_layers=False.")
+                       f"or scales ({shown}), which a LoraConfig names per layer only in the "
+                       f"layer stack of a registered model family (lora_jax.family); load onto "
+                       f"the params of the model built unrolled.")
   return out
 
 
@@ -734,12 +746,17 @@ def _lora_config(data: dict, groups: Mapping[str, list[_Entry]], kernels,
                  extras: Mapping) -> LoraConfig:
   """The LoraConfig that makes these kernels' adapters with lora_jax.init / plan."""
   rank, alpha = data.get("r", 8), float(data.get("lora_alpha", 8))
-  first = {path: group[0] for path, group in groups.items()}
+  settings = {}  # {kernel path, or a layer's unrolled path where the layers differ: entry}
+  for path, group in groups.items():
+    if len({(e.rank, e.alpha) for e in group}) > 1:
+      settings.update({family.unrolled_path(path, e.layer): e for e in group})
+    else:
+      settings[path] = group[0]
   return LoraConfig(
       modules_to_save=tuple(f"^(?:{p})$" for p in patterns(_tree.join(k) for k in extras)),
       targets=[f"^(?:{p})$" for p in patterns(groups)], rank=rank, alpha=alpha,
-      rank_pattern=_anchored({p: e.rank for p, e in first.items() if e.rank != rank}),
-      alpha_pattern=_anchored({p: e.alpha for p, e in first.items() if e.alpha != alpha}),
+      rank_pattern=_anchored({p: e.rank for p, e in settings.items() if e.rank != rank}),
+      alpha_pattern=_anchored({p: e.alpha for p, e in settings.items() if e.alpha != alpha}),
       axes_pattern=_anchored({p: kernels[p].axes for p in groups if kernels[p].axes != "io"}),
       dropout=float(data.get("lora_dropout", 0.0)), use_rslora=data.get("use_rslora", False),
       use_dora=data.get("use_dora", False), bias=data.get("bias", "none"),
@@ -751,13 +768,13 @@ def _adapter(target, group: list[_Entry], config: LoraConfig, kernel) -> LoraWei
   tensors stay zero (DoRA: their magnitudes are the base columns' norms, the identity)."""
   a_shape, b_shape = factor_shapes(target)
   a, b = np.zeros(a_shape, np.float32), np.zeros(b_shape, np.float32)
-  for e in group:
+  for e in group:  # a layer of a smaller rank than the stack's fills its first e.rank
     at = () if e.layer is None else (e.layer,)
-    a[at] = e.a.T.reshape(a_shape[len(at):])
-    b[at] = e.b.T.reshape(b_shape[len(at):])
+    a[(*at, ..., slice(e.rank))] = e.a.T.reshape(*a_shape[len(at):-1], e.rank)
+    b[(*at, slice(e.rank))] = e.b.T.reshape(e.rank, *b_shape[len(at) + 1:])
   lw = LoraWeights(a=jnp.asarray(a, config.dtype), b=jnp.asarray(b, config.dtype),
-                   scale=target.scale, axes=target.axes,
-                   dropout=0.0 if target.embedding else config.dropout)
+                   axes=target.axes, dropout=0.0 if target.embedding else config.dropout,
+                   **static_scale(target))
   if not config.use_dora:
     return lw
   from lora_jax import dora  # an adapter kind built on adapters.py's
@@ -792,7 +809,10 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
     the trainable tree: float32 factors, and the ``modules_to_save`` leaves and trained biases
     in their base leaves' dtype.
     Layers of a stacked kernel that the adapter leaves out (``layers_to_transform``) get zero
-    factors.
+    factors. Layers of a scanned stack with their own rank or alpha (PEFT's ``rank_pattern``
+    naming ``model.layers.0.self_attn.q_proj``) share one stacked adapter padded to the
+    largest rank, with one scale per layer; the config names them by their unrolled paths
+    (``^(?:params/model/layers_0/self_attn/q_proj/kernel)$``).
 
   Raises:
     FileNotFoundError: a missing file (named).
@@ -800,7 +820,8 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
       types, a bias on lora_B, DoRA on embeddings or convolutions, a base-weight copy (PEFT's
       ``save_embedding_layers``) that is not the base's, a fan_in_fan_out that does not fit the
       model, the biases in the file not being exactly those the config's bias trains,
-      different ranks or scales across one stacked kernel's layers), or a tensor that does
+      different ranks or scales across the layers of a stacked kernel outside a
+      registered family's layer stack), or a tensor that does
       not fit the base (the message names the file and the key). Nothing is returned until
       everything is checked.
   Warns:

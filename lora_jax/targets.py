@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree, kernels
+from lora_jax import _tree, family, kernels
 from lora_jax._tree import listing
 from lora_jax.config import ALL_LINEAR, HEAD_PATTERN, LoraConfig, check_roles
 
@@ -49,7 +49,13 @@ def size(leaf) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One adapted kernel: where it is, its shape and axis roles, and its adapter's size."""
+  """One adapted kernel: where it is, its shape and axis roles, and its adapter's size.
+
+  A stacked kernel whose layers the config gives different ranks or scales (patterns on
+  the unrolled layers' paths, ``LoraConfig.rank_pattern``) has ``ranks``, ``alphas`` and
+  ``scales``, one per layer; ``rank`` is then the largest (the adapter's padded width) and
+  ``alpha`` / ``scale`` are the kernel path's own setting.
+  """
 
   path: str  # '/'-joined, for display and patterns
   shape: tuple[int, ...]
@@ -62,6 +68,9 @@ class Target:
   keys: tuple[str, ...] = ()  # the path as tree keys (a key may hold a '/')
   dora: bool = False  # DoRA: a trained magnitude per output column besides A and B
   embedding: bool = False  # an embedding table (rows looked up): PEFT's init, no dropout
+  ranks: tuple[int, ...] | None = None  # per layer, when the layers differ
+  alphas: tuple[float, ...] | None = None
+  scales: tuple[float, ...] | None = None
 
   def _prod(self, role: str) -> int:
     return math.prod(n for n, r in zip(self.shape, self.axes) if r == role)
@@ -80,10 +89,20 @@ class Target:
 
   @property
   def num_params(self) -> int:
-    """Trainable parameters of A and B, ``stack * rank * (in + out)``, plus DoRA's magnitudes
-    (``stack * out``)."""
+    """Trainable parameters of A and B, ``stack * rank * (in + out)`` (per-layer ranks: their
+    sum, as PEFT counts each layer's module; the padding is not counted), plus DoRA's
+    magnitudes (``stack * out``)."""
     magnitudes = self.stack * self.out_features if self.dora else 0
-    return self.stack * self.rank * (self.in_features + self.out_features) + magnitudes
+    ranks = sum(self.ranks) if self.ranks else self.stack * self.rank
+    return ranks * (self.in_features + self.out_features) + magnitudes
+
+  def layer_paths(self) -> list[str]:
+    """The paths in the unrolled model of this stacked kernel's layers (``[]`` unless it has
+    one stacked axis in a registered family's scanned layer stack)."""
+    if self.axes.count("l") != 1:
+      return []
+    paths = [family.unrolled_path(self.path, i) for i in range(self.stack)]
+    return [] if None in paths else paths
 
 
 EMBEDDING_NAMES = ("embedding",)
@@ -153,19 +172,37 @@ def _axes_for(config: LoraConfig, path: str, shape, uses) -> str:
 
 def _target(config, path, leaf, uses, keys) -> Target:
   axes = _axes_for(config, path, leaf.shape, uses)
-  rank = config.rank_for(path)
   consumers = getattr(uses.get(path), "consumers", ()) if uses else ()
-  target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes, rank=rank,
-                  alpha=config.alpha_for(path), scale=config.scale_for(path),
+  target = Target(path=path, shape=tuple(leaf.shape), dtype=leaf.dtype, axes=axes,
+                  rank=config.rank_for(path), alpha=config.alpha_for(path),
+                  scale=config.scale_for(path),
                   route=getattr(uses.get(path), "route", None) if uses else None, keys=keys,
                   dora=config.use_dora,
                   embedding=_is_embedding(keys, leaf) or "gather" in consumers)
+  target = _per_layer(config, target)
   limit = min(target.in_features, target.out_features)
-  if rank > limit:
-    raise ValueError(f"rank {rank} for kernel {path!r} is larger than min(in, out) = {limit} "
-                     f"(in {target.in_features}, out {target.out_features}); use a rank <= "
-                     f"{limit} (rank_pattern sets it per path).")
+  if target.rank > limit:
+    raise ValueError(f"rank {target.rank} for kernel {path!r} is larger than min(in, out) = "
+                     f"{limit} (in {target.in_features}, out {target.out_features}); use a rank "
+                     f"<= {limit} (rank_pattern sets it per path).")
   return target
+
+
+def _per_layer(config: LoraConfig, target: Target) -> Target:
+  """``target`` with the settings its layers' unrolled paths get (one rank, alpha and scale
+  when they agree; one per layer, padded to the largest rank, when they do not)."""
+  if not (config.rank_pattern or config.alpha_pattern):
+    return target
+  paths = target.layer_paths()
+  settings = [(config.rank_for(target.path, p), config.alpha_for(target.path, p),
+               config.scale_for(target.path, p)) for p in paths]
+  if not settings:
+    return target
+  if len(set(settings)) == 1:
+    rank, alpha, scale = settings[0]
+    return dataclasses.replace(target, rank=rank, alpha=alpha, scale=scale)
+  ranks, alphas, scales = (tuple(x) for x in zip(*settings))
+  return dataclasses.replace(target, rank=max(ranks), ranks=ranks, alphas=alphas, scales=scales)
 
 
 def resolve(config: LoraConfig, params, *, uses: Mapping | None = None
@@ -205,9 +242,12 @@ def _targets(config: LoraConfig, keys, leaves, uses) -> list[Target]:
   if not targeted and config.target_patterns:
     raise ValueError(f"targets {config.targets!r} minus exclude {config.exclude!r} left no "
                      f"kernel to adapt; kernels include {listing(kernels)}.")
-  for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
-    _check_pattern_keys(name, getattr(config, name), targeted)
-  return [_target(config, p, leaves[p], uses, keys[p]) for p in targeted]
+  _check_pattern_keys("axes_pattern", config.axes_pattern, targeted)
+  targets = [_target(config, p, leaves[p], uses, keys[p]) for p in targeted]
+  layers = [p for t in targets for p in t.layer_paths()]  # patterns may name single layers
+  for name in ("rank_pattern", "alpha_pattern"):
+    _check_pattern_keys(name, getattr(config, name), targeted + layers)
+  return targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,14 +349,16 @@ def count(base, adapters, *, config: LoraConfig | None = None) -> ParamCount:
   extra PEFT counts once in the trainable count and twice in the total (the frozen original
   and the trained copy); a bias ``config.bias`` trains PEFT trains in place, so it counts once,
   in the trainable count only. Without ``config`` every extra counts as a ``modules_to_save``
-  copy. Works on concrete arrays and on ``jax.ShapeDtypeStruct`` trees alike; see
-  ``num_params`` for what counts as a base parameter.
+  copy. An adapter counts its true per-layer ranks, not the zero padding of a stacked one
+  (``LoraWeights.num_params``). Works on concrete arrays and on ``jax.ShapeDtypeStruct``
+  trees alike; see ``num_params`` for what counts as a base parameter.
   """
-  trainable = sum(size(x) for x in jax.tree_util.tree_leaves(adapters))
+  from lora_jax.adapters import is_adapter, split  # adapters.py builds on this module
+
+  leaves = jax.tree_util.tree_leaves(adapters, is_leaf=is_adapter)
+  trainable = sum(x.num_params if is_adapter(x) else size(x) for x in leaves)
   in_place = 0
   if config is not None and config.bias != "none":
-    from lora_jax.adapters import split  # adapters builds on this module
-
     lora, extras = split(adapters)
     in_place = sum(size(x) for k, x in extras.items() if trains_bias(config, k, lora))
   return ParamCount(trainable=trainable, total=num_params(base) + trainable - in_place)
@@ -344,9 +386,10 @@ class Plan:
   def __str__(self) -> str:
     routes = any(t.route for t in self.targets)
     header = ("path", "shape", "axes", "rank", "alpha", "scale", "params") + ("route",) * routes
-    rows = [header] + [(t.path, "x".join(map(str, t.shape)), t.axes, str(t.rank), f"{t.alpha:g}",
-                        f"{t.scale:g}", f"{t.num_params:,d}") + (t.route or "-",) * routes
-                       for t in self.targets]
+    rows = [header] + [(t.path, "x".join(map(str, t.shape)), t.axes,
+                        _per_layer_text(t.ranks, t.rank), _per_layer_text(t.alphas, t.alpha),
+                        _per_layer_text(t.scales, t.scale), f"{t.num_params:,d}")
+                       + (t.route or "-",) * routes for t in self.targets]
     rows += [(e.path, "x".join(map(str, e.shape)), "-", "-", "-", "-", f"{e.num_params:,d}")
              + ("bias" if e.in_place else "saved",) * routes for e in self.extras]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -360,6 +403,16 @@ class Plan:
     if self.fallbacks:
       summary += f"; {len(self.fallbacks)} used outside a matmul (merged fallback)"
     return "\n".join(lines + [summary])
+
+
+def _per_layer_text(values, value) -> str:
+  """A table cell: ``value``, or per-layer ``values`` as the most common one and the layers
+  that differ, e.g. ``8 [0: 4, 3: 2]``."""
+  if not values:
+    return f"{value:g}"
+  common = max(values, key=values.count)
+  others = ", ".join(f"{i}: {v:g}" for i, v in enumerate(values) if v != common)
+  return f"{common:g} [{others}]" if others else f"{common:g}"
 
 
 def plan(config: LoraConfig, params, *, uses: Mapping | None = None) -> Plan:

@@ -158,7 +158,8 @@ def test_a_bank_and_combine_refuse_dora():
   config = lora_jax.LoraConfig(targets="q_proj", rank=2, use_dora=True)
   tree = lora_jax.init(config, params, key=jax.random.key(0),
                        uses=lora_jax.analyze(model.apply, params, IDS))
-  with pytest.raises(ValueError, match="'t' holds DoraWeights adapters, which a bank does not hold"):
+  with pytest.raises(ValueError,
+                     match="'t' holds DoraWeights adapters, which a bank does not hold"):
     lora_jax.bank.stack({"t": tree}, params)
   with pytest.raises(ValueError, match="only LoraWeights adapters can be combined"):
     lora_jax.combine.weighted([tree, tree], [0.5, 0.5], combination_type="cat")

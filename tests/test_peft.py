@@ -383,32 +383,52 @@ def test_custom_name_map_for_other_models(tmp_path):
                           name_map=name_map)
 
 
-def test_per_layer_ranks_need_unrolled_params(tmp_path):
-  unrolled, scanned = _tiny("bert", False), _tiny("bert", True)
-  params = _abstract(unrolled)
+def test_per_layer_ranks_import_onto_scanned_params(tmp_path):
+  unrolled, scanned = _abstract(_tiny("bert", False)), _abstract(_tiny("bert", True))
   config = lora_jax.LoraConfig(targets=["query", "value"], rank=4, alpha=8,
                                rank_pattern={"layer_1/attention/self/query": 2})
-  adapters = _trained_like(params, config)
+  adapters = _trained_like(unrolled, config)
   lora_peft.export_peft(tmp_path, adapters, config=config)
   data = json.loads((tmp_path / "adapter_config.json").read_text())
   assert data["rank_pattern"] == {r"encoder\.layer\.1\.attention\.self\.query": 2}
-  _assert_same_adapters(lora_peft.import_peft(tmp_path, params)[1], adapters)
-  with pytest.raises(ValueError, match=r"adapter_model\.safetensors: the layers of the stacked "
-                                       r"kernel 'params/encoder/layer/attention/self/query/kernel' "
-                                       r"have different ranks or scales \(rank 2 alpha 8, rank 4 "
-                                       r"alpha 8\).*scan_layers=False"):
-    lora_peft.import_peft(tmp_path, _abstract(scanned))
+  _assert_same_adapters(lora_peft.import_peft(tmp_path, unrolled)[1], adapters)
+  got_config, got = lora_peft.import_peft(tmp_path, scanned)
+  lw = _flat(got)["params/encoder/layer/attention/self/query/kernel"]
+  assert (lw.ranks, lw.scale, lw.a.shape) == ((4, 2), (2.0, 4.0), (2, 32, 4))
+  want = _flat(adapters)["params/encoder/layer_1/attention/self/query/kernel"]
+  np.testing.assert_array_equal(lw.a[1], np.pad(want.a, ((0, 0), (0, 2))))
+  np.testing.assert_array_equal(lw.b[1], np.pad(want.b, ((0, 2), (0, 0))))
+  assert got_config.rank_pattern == {
+      r"^(?:params/encoder/layer_1/attention/self/query/kernel)$": 2}
+  remade = lora_jax.init(got_config, scanned, key=jax.random.key(0), uses=_stack_axes(scanned))
+  assert (jax.tree_util.tree_structure(remade) == jax.tree_util.tree_structure(got)
+          and lora_jax.count(scanned, remade) == lora_jax.count(unrolled, adapters))
 
 
-def test_per_layer_alphas_need_unrolled_params(tmp_path):
+def test_per_layer_alphas_import_onto_scanned_params(tmp_path):
   unrolled = _tiny("bert", False)
   config = lora_jax.LoraConfig(targets="value", rank=4, alpha=8,
                                alpha_pattern={"layer_0/": 16})
   lora_peft.export_peft(tmp_path, _trained_like(_abstract(unrolled), config),
                         config=config)
-  with pytest.raises(ValueError, match=r"different ranks or scales \(rank 4 alpha 8, rank 4 alpha "
-                                       r"16\)"):
-    lora_peft.import_peft(tmp_path, _abstract(_tiny("bert", True)))
+  lw = _flat(lora_peft.import_peft(tmp_path, _abstract(_tiny("bert", True)))[1])[
+      "params/encoder/layer/attention/self/value/kernel"]
+  assert (lw.scale, lw.ranks) == ((4.0, 2.0), None)
+
+
+def test_per_layer_ranks_outside_a_family_stack_are_refused(tmp_path):
+  params = {"params": {"blocks": {"kernel": jax.ShapeDtypeStruct((2, 4, 6), jnp.float32)}}}
+  rng = np.random.default_rng(0)
+  save_file({f"base_model.model.blocks.{i}.{name}.weight": rng.normal(size=shape).astype(
+      np.float32) for i, r in enumerate((2, 3)) for name, shape in
+      (("lora_A", (r, 4)), ("lora_B", (6, r)))}, tmp_path / "adapter_model.safetensors")
+  (tmp_path / "adapter_config.json").write_text(json.dumps(
+      {"peft_type": "LORA", "target_modules": ["blocks"], "r": 3, "rank_pattern": {"0": 2}}))
+  with pytest.raises(ValueError, match=r"adapter_model\.safetensors: the layers of the stacked "
+                                       r"kernel 'params/blocks/kernel' have different ranks or "
+                                       r"scales \(rank 2 alpha 8, rank 3 alpha 8\).*registered "
+                                       r"model family"):
+    lora_peft.import_peft(tmp_path, params, name_map=lambda path, layer: f"blocks.{layer}")
 
 
 def test_export_refuses_adapters_that_disagree_with_the_config(tmp_path):
