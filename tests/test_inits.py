@@ -13,6 +13,7 @@ import pytest
 
 import lora_jax
 import test_models
+from test_dora import _peft_llama  # the tiny torch Llama and its Flax twins
 from _models import nnx_case, nnx_stack_case
 from lora_jax import models
 
@@ -198,18 +199,6 @@ def test_bad_uses_are_refused_with_the_fix():
 # ---- PEFT both ways ------------------------------------------------------------------------
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
-
-
-def _peft_llama():
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
-  from test_peft import _copy_torch_weights, _tiny
-
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **TINY["llama"], bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5)).eval()
-  return torch, peft, hf, _tiny, _copy_torch_weights
 
 
 def _logits(torch, model):
