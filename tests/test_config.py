@@ -76,7 +76,8 @@ def test_alpha_not_positive(alpha):
 def test_other_bad_options():
   with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
     lora_jax.LoraConfig(targets="d", dropout=1.0)
-  with pytest.raises(ValueError, match=r"init must be one of \('kaiming_uniform', 'gaussian'\)"):
+  with pytest.raises(ValueError, match=r"init must be one of \('kaiming_uniform', 'gaussian', "
+                                       r"'pissa', 'olora'\) or 'pissa_niter_<N>'"):
     lora_jax.LoraConfig(targets="d", init="xavier")
   with pytest.raises(ValueError, match=r"dtype must be a floating dtype such as float32"):
     lora_jax.LoraConfig(targets="d", dtype=jnp.int8)
