@@ -347,8 +347,9 @@ def _apply_gather(eqn, invals, ctx: Apply):
   if factors is None:
     return _interpret.fallback(eqn, invals, ctx)
   a, b, scale = factors
-  (base,) = _interpret.bind(eqn, [k.dense(), ids])
-  lw, dtype = k.adapter, k.dense().dtype
+  w = k.dense()
+  (base,) = _interpret.bind(eqn, [w, ids])
+  lw, dtype = k.adapter, w.dtype
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)  # a: (*in, r), b: (r, *out)
   at = {d: a_sub.index(_AXIS[k.axes[d]]) for d in rows}  # A's dim of each indexed dim
   dn = eqn.params["dimension_numbers"]
@@ -393,14 +394,15 @@ def _apply_conv(eqn, invals, ctx: Apply):
   if factors is None:
     return _interpret.fallback(eqn, invals, ctx)
   (x, _), p, lw, (a, b, scale) = invals, eqn.params, k.adapter, factors
-  (base,) = _interpret.bind(eqn, [x, k.dense()])
+  w = k.dense()
+  (base,) = _interpret.bind(eqn, [x, w])
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)
   at = [a_sub.index(_AXIS[k.axes[d]]) for d in p["dimension_numbers"].rhs_spec[1:]]
   dims = p["dimension_numbers"]._replace(rhs_spec=(len(a_sub) - 1, *at))
   if lw.dropout and ctx.key is not None:
     x = _dropout(x, lw.dropout, ctx.next_key())
   t = lax.conv_general_dilated(
-      x, a.astype(k.dense().dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
+      x, a.astype(w.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
       p["rhs_dilation"], dims, precision=p["precision"],
       preferred_element_type=p["preferred_element_type"])  # features: r
   channel = dims.out_spec[1]

@@ -485,10 +485,8 @@ class CausalLM:
     self.total_steps = o.steps or max(1, math.ceil(o.epochs * self.steps_per_epoch))
 
   def _build(self, key) -> None:
-    params = self.model.params
-    example = jnp.ones((1, 8), jnp.int32)
-    uses = lora_jax.analyze(self.module.apply, params, example)
-    params, trainable = lora_jax.init_with_base(self.lora_config, params, key=key, uses=uses)
+    params, trainable = lora_jax.init_with_base(self.lora_config, self.model.params, key=key,
+                                                uses=analyze(self.model))
     self.initial = trainable if self.lora_config.changes_base else None  # PiSSA / OLoRA
     self.base, self.trainable = self.placement.both(params, trainable)
 

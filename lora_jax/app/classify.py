@@ -198,13 +198,12 @@ class Classify:
     params["params"]["bert"] = {k: v for k, v in encoder["params"].items()
                                 if k in params["params"]["bert"]}  # "mean": no pooler
     uses = lora_jax.analyze(self.module.apply, params, example)  # axis roles, routes
-    self.original = params  # PiSSA / OLoRA train on a residual base (init_with_base)
-    params, trainable = lora_jax.init_with_base(self.lora_config, params,
-                                                key=jax.random.fold_in(key, 1), uses=uses)
-    self.initial = trainable if self.lora_config.changes_base else None
-    self.base, self.trainable = self.placement.both(params, trainable)
-    if self.initial is None:
-      self.original = self.base  # placed; a residual base keeps the original beside it
+    base, trainable = lora_jax.init_with_base(self.lora_config, params,
+                                              key=jax.random.fold_in(key, 1), uses=uses)
+    self.initial = trainable if self.lora_config.changes_base else None  # PiSSA / OLoRA
+    self.base, self.trainable = self.placement.both(base, trainable)
+    # the base every row of a mixed evaluation runs on: a PiSSA / OLoRA run's is a residual
+    self.original = self.base if self.initial is None else self.placement.both(params, {})[0]
 
   def place(self, trainable):
     """A restored trainable tree onto the mesh: adapters and extras follow the base."""
