@@ -29,18 +29,12 @@ from lora_jax.config import LoraConfig
 
 
 def _matrix(w, roles: str):
-  """``w`` as (stack, in, out) in float32 (float64 if ``w`` is), and the inverse."""
+  """``w`` as (stack, in, out) in float32 (float64 if ``w`` is): its axes ordered as A's and
+  B's (stacked, input, output), so the factors reshape to ``factor_shapes``."""
   order = [j for r in "lio" for j, q in enumerate(roles) if q == r]
-  t = jnp.transpose(w, order)
-  dims = {r: [n for n, q in zip(w.shape, roles) if q == r] for r in "lio"}
-  m = t.reshape(math.prod(dims["l"]), math.prod(dims["i"]), math.prod(dims["o"]))
-  m = m.astype(jnp.promote_types(w.dtype, jnp.float32))
-  inverse = [order.index(j) for j in range(len(roles))]
-
-  def back(x):
-    return jnp.transpose(x.reshape(*dims["l"], *dims["i"], *dims["o"]), inverse)
-
-  return m, back
+  size = {r: math.prod(n for n, q in zip(w.shape, roles) if q == r) for r in "lio"}
+  m = jnp.transpose(w, order).reshape(size["l"], size["i"], size["o"])
+  return m.astype(jnp.promote_types(w.dtype, jnp.float32))
 
 
 def _top_singular(m, rank: int, niter: int | None, key):
@@ -78,7 +72,7 @@ def _factors(config: LoraConfig, lw: LoraWeights, w, key) -> tuple:
   if isinstance(lw.scale, tuple):
     raise ValueError(f"init={config.init!r} with per-layer ranks or alphas in one stacked kernel "
                      f"is not supported; use one rank and alpha per kernel, or an unrolled model.")
-  m, _ = _matrix(w, lw.axes)
+  m = _matrix(w, lw.axes)
   if config.init == "olora":
     a, b = olora_factors(m, lw.rank)
   else:
