@@ -14,6 +14,8 @@ DESCRIPTIONS = {  # the README table's wording of each training row
     "frozen_bound": "frozen bound: backprop through every frozen layer, no weight gradient",
     "lora": "**LoRA with lora_jax** (`LoraConfig` → `analyze` → `init` → `train_step`)",
     "dora": "DoRA with lora_jax (`use_dora=True`; column norms factored)",
+    "pissa": "PiSSA with lora_jax (`init=\"pissa\"`; residual base)",
+    "olora": "OLoRA with lora_jax (`init=\"olora\"`; residual base)",
     "merged": "W + s·A@B formed each step, autodiff (what LoRA avoids)",
     "full": "full fine-tuning",
     "qlora_nf4": "QLoRA with lora_jax: the frozen projections in NF4 (`lora_jax.quant`)",

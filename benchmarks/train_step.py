@@ -14,6 +14,8 @@ Training rows, all on the same model, batch and AdamW:
                 adapters, no weight gradient. No LoRA step can be faster.
   lora          lora_jax's public path: LoraConfig -> analyze -> init -> train_step.
   dora          the same with use_dora=True: DoRA's magnitudes, the column norms factored.
+  pissa         lora with init="pissa": the principal factors in A, B; the residual as the base.
+  olora         the same with init="olora" (QR factors).
   merged        W + s·A@B formed each step and differentiated by autodiff (what LoRA avoids).
   full          full fine-tuning.
   qlora_nf4     lora with the frozen projections in NF4 (lora_jax.quant), dequantized per layer.
@@ -249,16 +251,19 @@ def setup(s: Shape, *, scan: bool, remat: bool, abstract: bool) -> Setup:
   return Setup(model, params, batch, optax.adamw(LR), abstract)
 
 
-def lora_adapters(x: Setup, *, dora: bool = False):
-  """lora_jax's adapters on the seven projections (DoRA's with ``dora``) and the trainable
-  count."""
+def lora_adapters(x: Setup, *, dora: bool = False, init: str = "kaiming_uniform"):
+  """lora_jax's base to train on (the residual for PiSSA / OLoRA, else the params), its
+  adapters on the seven projections (DoRA's with ``dora``) and the trainable count."""
   import jax
 
   import lora_jax
-  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA, use_dora=dora)
+  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA, use_dora=dora,
+                               init=init)
   uses = lora_jax.analyze(x.apply, x.params, x.batch["inputs"])
-  adapters = lora_jax.init(config, x.params, key=jax.random.key(1), uses=uses)
-  return adapters, lora_jax.count(x.params, adapters).trainable
+  if x.abstract:  # shapes only: the residual and the factors have lora's shapes, so the
+    config = dataclasses.replace(config, init="gaussian")  # compiled step is the same
+  base, adapters = lora_jax.init_with_base(config, x.params, key=jax.random.key(1), uses=uses)
+  return base, adapters, lora_jax.count(base, adapters).trainable
 
 
 @row("frozen_bound", sharded=True)
@@ -277,16 +282,16 @@ def frozen_bound(x: Setup):
 
 
 @row("lora", sharded=True)
-def lora(x: Setup, *, dora: bool = False):
+def lora(x: Setup, *, dora: bool = False, init: str = "kaiming_uniform"):
   """lora_jax's public path: LoraConfig -> analyze -> init -> train_step."""
   import lora_jax
-  adapters, count = lora_adapters(x, dora=dora)
+  base, adapters, count = lora_adapters(x, dora=dora, init=init)
   lora_step = lora_jax.train_step(x.loss, x.optimizer, jit=False)
 
   def step(frozen, state, b):
     out = lora_step(frozen, state[0], state[1], b)
     return (out.adapters, out.opt_state), out.loss
-  return x.train(step, x.params, adapters, count)
+  return x.train(step, base, adapters, count)
 
 
 @row("dora")
@@ -296,11 +301,24 @@ def dora(x: Setup):
   return lora(x, dora=True)
 
 
+@row("pissa")
+def pissa(x: Setup):
+  """PiSSA through lora_jax (``init="pissa"``, ``init_with_base``): the same product as lora's
+  on the residual base, with nonzero B from the first step."""
+  return lora(x, init="pissa")
+
+
+@row("olora")
+def olora(x: Setup):
+  """OLoRA through lora_jax (``init="olora"``): the QR factors, the residual as the base."""
+  return lora(x, init="olora")
+
+
 @row("merged", sharded=True)
 def merged(x: Setup):
   """W + s·A@B formed each step and differentiated by autodiff (what LoRA avoids)."""
   import lora_jax
-  adapters, count = lora_adapters(x)
+  _, adapters, count = lora_adapters(x)
   step = x.descend(lambda a, frozen, b: x.loss(lora_jax.merge(frozen, a), b))
   return x.train(step, x.params, adapters, count)
 

@@ -79,8 +79,9 @@ def test_median_round_keeps_the_median_run():
 
 def test_the_registry_holds_exactly_the_rows_that_rows_accepts():
   bench = _bench()
-  rows = ["frozen_bound", "lora", "dora", "merged", "full", "qlora_nf4", "qlora_int8", "qwix",
-          "qwix_qlora_nf4", "peft_eager", "peft_compiled", "infer"]  # the docstring's order
+  rows = ["frozen_bound", "lora", "dora", "pissa", "olora", "merged", "full", "qlora_nf4",
+          "qlora_int8", "qwix", "qwix_qlora_nf4", "peft_eager", "peft_compiled",
+          "infer"]  # the docstring's order
   assert list(bench.ROWS) == rows and bench.parse([]).rows == ",".join(rows)  # default: all
   for name in rows:
     assert bench.planned(bench.parse(["--rows", name])) in ([f"scan/{name}"], [f"torch/{name}"])
@@ -90,10 +91,27 @@ def test_the_registry_holds_exactly_the_rows_that_rows_accepts():
   assert bench.planned(bench.parse(everything + ["--mesh", "2x4"])) == [
       "scan/frozen_bound", "scan/lora", "scan/merged", "scan/full"]
   assert bench.planned(bench.parse(everything + ["--compile-only", "--layers", "unroll"])) == [
-      "unroll/frozen_bound", "unroll/lora", "unroll/dora", "unroll/merged", "unroll/full",
+      "unroll/frozen_bound", "unroll/lora", "unroll/dora", "unroll/pissa", "unroll/olora",
+      "unroll/merged", "unroll/full",
       "unroll/qlora_nf4",
       "unroll/qlora_int8", "unroll/qwix", "unroll/qwix_qlora_nf4"]
   assert set(bench.report.DESCRIPTIONS) == set(rows) - {"infer"}  # every training row's words
+
+
+def test_pissa_and_olora_rows_train_lora_count_from_the_original_model():
+  bench = _bench()  # their first loss is the pretrained model's (the residual + A₀B₀ = W)
+  shape = bench.Shape(**bench.SIZES["tiny"])
+  first = {}
+  for name in ("lora", "pissa", "olora"):
+    x = bench.setup(shape, scan=True, remat=False, abstract=False)
+    step, args, count = bench.ROWS[name](x)
+    residual_alone = x.loss(args[0], x.batch)  # the frozen tree the row trains on, no adapters
+    first[name] = (float(step(*args)[1]), count, float(residual_alone))
+  assert first["pissa"][1] == first["olora"][1] == first["lora"][1]
+  assert first["lora"][2] == pytest.approx(first["lora"][0], abs=1e-5)  # on W itself, B = 0
+  for name in ("pissa", "olora"):  # bf16 base: the residual is rounded (measured ≤ 1.5e-3)
+    assert first[name][0] == pytest.approx(first["lora"][0], abs=3e-3)
+    assert abs(first[name][2] - first["lora"][0]) > 1e-2  # the residual alone is not W
 
 
 def test_report_summarizes_a_hand_made_result():
