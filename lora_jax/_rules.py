@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax import _interpret
+from lora_jax import _interpret, _product
 from lora_jax._interpret import Kernel
 from lora_jax.adapters import factor_subscripts
 
@@ -38,13 +38,13 @@ class Apply:
 
   rules: dict = {}  # APPLY_RULES, set below
 
-  def __init__(self, *, key=None, fallbacks=None):
-    self.key = key
+  def __init__(self, *, key=None, fallbacks=None, product: str = "auto"):
+    self.key, self.product = key, product
     self.fallbacks = [] if fallbacks is None else fallbacks
     self._count = 0
 
   def with_key(self, key) -> "Apply":
-    return Apply(key=key, fallbacks=self.fallbacks)
+    return Apply(key=key, fallbacks=self.fallbacks, product=self.product)
 
   def next_key(self):
     self._count += 1
@@ -168,8 +168,9 @@ def _operands(eqn, kernel_is_lhs: bool):
   return ((rc, lc), (rb, lb)) if kernel_is_lhs else ((lc, rc), (lb, rb))
 
 
-def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
-  """The adapter's share of ``dot_general(x, W)``, or None when its axes do not allow it."""
+def _subscripts(eqn, x, k: Kernel, kernel_is_lhs: bool):
+  """einsum subscripts of x and of the product, and the original kernel axes contracted and
+  batched, for ``dot_general(x, W)``: kernel axis j is ``_AXIS[j]``, x's own axes lower-case."""
   (xc, kc), (xb, kb) = _operands(eqn, kernel_is_lhs)
   kfree = [d for d in range(len(k.axes)) if d not in kc and d not in kb]
   letters = {xd: _AXIS[k.axes[kd]] for xd, kd in (*zip(xc, kc), *zip(xb, kb))}
@@ -179,14 +180,67 @@ def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
   k_free = "".join(_AXIS[k.axes[d]] for d in kfree)
   batch = "".join(_AXIS[k.axes[d]] for d in kb)
   out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
+  return x_sub, out_sub, {k.axes[d] for d in kc}, {k.axes[d] for d in kb}
+
+
+def _opts(eqn) -> dict:
+  return dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+
+
+def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
+  """The adapter's share of ``dot_general(x, W)``, or None when its axes do not allow it."""
+  x_sub, out_sub, contracted, batched = _subscripts(eqn, x, k, kernel_is_lhs)
   if k.adapter.dropout and ctx.key is not None:
     x = _dropout(x, k.adapter.dropout, ctx.next_key())
   extra = k.adapter.product(
-      x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted={k.axes[d] for d in kc},
-      batched={k.axes[d] for d in kb}, dtype=k.dense().dtype,
-      precision=eqn.params.get("precision"),
-      preferred_element_type=eqn.params.get("preferred_element_type"))
+      x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted=contracted, batched=batched,
+      dtype=k.dense().dtype, **_opts(eqn))
   return extra, out_sub
+
+
+def _route(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
+  """(route, terms, x_sub, out_sub) of the hand-written backward (``lora_jax._product``) for
+  this product, or None for autodiff of ``adapter.product``: asked for with
+  ``product="autodiff"``, and taken for adapters whose scale is not one static float (a
+  bank's; per-layer scales are folded into B before a scan slices them) or a contraction the
+  adapter's terms do not cover."""
+  lw = k.adapter
+  if ctx.product == "autodiff" or not isinstance(lw.scale, (int, float)):
+    return None
+  x_sub, out_sub, contracted, batched = _subscripts(eqn, x, k, kernel_is_lhs)
+  terms = lw.terms(x_sub=x_sub, present=k.axes, contracted=contracted, batched=batched)
+  if terms is None:
+    return None
+  dropping = bool(lw.dropout) and ctx.key is not None
+  merged_ok = not dropping and _product.dense_base(k)
+  route = ctx.product
+  if route == "auto":
+    cheaper = merged_ok and _product.cheaper_merged(x.shape, k.dense().shape, x_sub=x_sub,
+                                                    terms=terms)
+    route = "merged_weight" if cheaper else "factored"
+  if route == "merged_weight" and not merged_ok:
+    route = "factored"  # adapter dropout, or a quantized base: W' cannot hold them
+  return route, terms, x_sub, out_sub
+
+
+def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
+  """``dot_general(x, W)`` adapted, through ``lora_jax._product``'s backward."""
+  name, terms, x_sub, out_sub = route
+  lw, w = k.adapter, k.dense()
+  first, second = terms.first.astype(w.dtype), terms.second.astype(w.dtype)
+  opts = dict(x_sub=x_sub, out_sub=out_sub, scale=float(lw.scale), opts=_opts(eqn))
+  if name == "merged_weight":
+    def base_product(x, w):
+      return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
+    out = _product.merged_weight(terms, base_product=base_product, **opts)(x, w, first, second)
+  else:
+    base = _base_dot(eqn, k, x, kernel_is_lhs)
+    if lw.dropout and ctx.key is not None:
+      x = _dropout(x, lw.dropout, ctx.next_key())
+    extra = _product.factored(terms, **opts)(x, first, second)
+    out = base + extra.astype(base.dtype)
+  return [lw.rescaled(out, w=k.dense, present=k.axes, out_sub=out_sub)]
 
 
 def _kernel_operand(eqn, invals, ctx):
@@ -218,6 +272,9 @@ def _apply_dot(eqn, invals, ctx: Apply):
   k, x, kernel_is_lhs = operand
   if k.adapter is None:  # a quantized kernel that is not adapted
     return [_base_dot(eqn, k, x, kernel_is_lhs)]
+  route = _route(eqn, x, k, kernel_is_lhs, ctx)
+  if route is not None:
+    return _hand_vjp_dot(eqn, x, k, kernel_is_lhs, ctx, route)
   extra, out_sub = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
   if extra is None:
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])

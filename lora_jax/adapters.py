@@ -33,6 +33,7 @@ import dataclasses
 import math
 import string
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,19 @@ def factor_shapes(target: Target) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """Shapes of ``a`` and ``b`` for ``target``."""
   dims = {r: [n for n, role in zip(target.shape, target.axes) if role == r] for r in "lio"}
   return ((*dims["l"], *dims["i"], target.rank), (*dims["l"], target.rank, *dims["o"]))
+
+
+class Terms(NamedTuple):
+  """One adapted product's factors and subscripts (``LoraWeights.terms``): ``first`` (A for
+  ``x @ W``, B for ``x @ W.T``) is applied to x, giving t (``t_sub``, a rank axis ``r``),
+  then ``second``; ``w_sub`` is the kernel operand's own layout, for ``W + s·A@B``."""
+
+  first: jax.Array
+  second: jax.Array
+  first_sub: str
+  t_sub: str
+  second_sub: str
+  w_sub: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +185,20 @@ class LoraWeights:
     if isinstance(self.scale, tuple):
       return self.folded().product(x, x_sub=x_sub, out_sub=out_sub, present=present,
                                    contracted=contracted, batched=batched, dtype=dtype, **opts)
+    terms = self.terms(x_sub=x_sub, present=present, contracted=contracted, batched=batched)
+    if terms is None:
+      return None
+    t = jnp.einsum(f"{x_sub},{terms.first_sub}->{terms.t_sub}", x,
+                   terms.first.astype(dtype), **opts)
+    t = t * jnp.asarray(self.scale, t.dtype)
+    return jnp.einsum(f"{terms.t_sub},{terms.second_sub}->{out_sub}", t,
+                      terms.second.astype(dtype), **opts)
+
+  def terms(self, *, x_sub: str, present, contracted, batched) -> "Terms | None":
+    """The two factors in the order ``product`` applies them, with the einsum subscripts of
+    each and of the rank-sized intermediate t (the arguments as ``product``'s);
+    None if the contraction mixes roles. ``lora_jax._product``'s hand-written backward
+    works from these."""
     roles = self.axes
     free = [j for j in present if j not in contracted and j not in batched]
     if not {roles[j] for j in batched} <= {"l"}:
@@ -182,9 +210,8 @@ class LoraWeights:
     (first, first_sub), (second, second_sub) = order
     kept = [c for c in x_sub if c.islower() or _LETTERS.index(c) in batched]
     t_sub = "".join(kept) + "".join(_LETTERS[j] for j in free if roles[j] == "l") + "r"
-    t = jnp.einsum(f"{x_sub},{first_sub}->{t_sub}", x, first.astype(dtype), **opts)
-    t = t * jnp.asarray(self.scale, t.dtype)
-    return jnp.einsum(f"{t_sub},{second_sub}->{out_sub}", t, second.astype(dtype), **opts)
+    w_sub = "".join(_LETTERS[j] for j in present)
+    return Terms(first, second, first_sub, t_sub, second_sub, w_sub)
 
   def factors(self):
     """``(a, b, scale)`` as one adapter's, for the rules that use A and B themselves (a row

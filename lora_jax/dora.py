@@ -71,12 +71,12 @@ class DoraWeights(LoraWeights):
     per_column = jnp.einsum(f"{b_sub}->{n_sub}", b * (2 * s * wa + s * s * gb))
     return jnp.sqrt(jnp.maximum(squares + per_column, 0.0))
 
-  def product(self, x, *, contracted, **kwargs):
-    """LoRA's factored share for ``x @ W``; None (the merged kernel, correct) when the product
+  def terms(self, *, contracted, **kwargs):
+    """LoRA's factored terms for ``x @ W``; None (the merged kernel, correct) when the product
     contracts W's output axes (``x @ W.T``), where the rescaling would fall on x."""
     if {self.axes[j] for j in contracted} != {"i"}:
       return None
-    return LoraWeights.product(self, x, contracted=contracted, **kwargs)
+    return LoraWeights.terms(self, contracted=contracted, **kwargs)
 
   def rescaled(self, y, *, w, present, out_sub: str):
     """``y = x@W + s·(x@A)@B`` (subscripts ``out_sub``) times ``m / n`` per output column,

@@ -28,7 +28,8 @@ class StepOutput(NamedTuple):
 
 
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-               has_aux: bool = False, donate: bool = False, jit: bool = True) -> Callable:
+               has_aux: bool = False, donate: bool = False, jit: bool = True,
+               product: str = "auto") -> Callable:
   """A LoRA training step for ``loss_fn(params, batch)``, which sees ``params`` as if merged.
 
   Args:
@@ -41,6 +42,8 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     donate: donate the adapters and optimizer state buffers to the step (off by default:
       the caller's arrays stay valid).
     jit: compile the step with ``jax.jit``.
+    product: how adapted products and their backward pass are computed (``lora_jax.lora``'s
+      ``product``: ``"auto"``, ``"factored"``, ``"merged_weight"`` or ``"autodiff"``).
 
   Returns:
     ``step(base, adapters, opt_state, batch, *, key=None) -> StepOutput(adapters, opt_state,
@@ -51,7 +54,7 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     >>> opt_state = optax.adamw(1e-3).init(adapters)
     >>> adapters, opt_state, loss, _ = step(params, adapters, opt_state, batch)
   """
-  grad_fn = value_and_grad(loss_fn, has_aux=has_aux)
+  grad_fn = value_and_grad(loss_fn, has_aux=has_aux, product=product)
 
   def step(base, adapters, opt_state, batch, *, key=None) -> StepOutput:
     value, grads = grad_fn(base, adapters, batch, lora_dropout_key=key)
@@ -64,14 +67,16 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
   return jax.jit(step, donate_argnames=("adapters", "opt_state") if donate else ())
 
 
-def value_and_grad(loss_fn: Callable, *, has_aux: bool = False) -> Callable:
+def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
+                   product: str = "auto") -> Callable:
   """``jax.value_and_grad`` for LoRA: differentiates with respect to the trainable tree only.
 
   Returns ``f(base, adapters, *args, **kwargs) -> (value, grads)``, where value is
   ``loss_fn(merge(base, adapters), *args, **kwargs)`` (computed factored) and ``grads`` has the
   trainable tree's structure (A, B and any trained extras). The base is never differentiated.
+  ``product`` is ``lora_jax.lora``'s.
   """
-  adapted = lora(loss_fn)
+  adapted = lora(loss_fn, product=product)
 
   def f(base, adapters, *args, **kwargs):
     objective = lambda a: adapted(base, a, *args, **kwargs)  # noqa: E731

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _interpret, _rules, _tree, bank, kernels
+from lora_jax import _interpret, _product, _rules, _tree, bank, kernels
 from lora_jax._interpret import Kernel
 from lora_jax._rules import KernelUse
 from lora_jax.adapters import match
@@ -90,7 +90,7 @@ def _inputs(base, trainable) -> list:
   return inputs
 
 
-def lora(fn):
+def lora(fn, *, product: str = "auto"):
   """Transforms ``fn(params, *args, **kwargs)`` to ``adapted(base, adapters, *args, **kwargs)``.
 
   The result equals ``fn(lora_jax.merge(base, adapters), *args, **kwargs)``, but every matrix
@@ -103,6 +103,15 @@ def lora(fn):
   Args:
     fn: a function whose first argument is the parameter pytree. Array arguments are traced;
       other arguments (Python scalars, strings, flags) are treated as static.
+    product: how each adapted product and its backward pass are computed (the same values
+      either way, up to rounding): ``"factored"``, ``x@W + s·(x@A)@B`` with a hand-written
+      backward that keeps only x and x@A; ``"merged_weight"``, ``x@W'`` with ``W' = W +
+      s·A@B`` formed from A and B in the forward pass and again for dx (four token-sized
+      adapter products instead of six; no weight gradient; W' rounded to the kernel's dtype);
+      ``"autodiff"``, JAX's autodiff of the factored form; ``"auto"`` (default), per product,
+      ``"merged_weight"`` where it costs fewer multiplies (N·(in + out) > 2·in·out for N
+      activation rows), else ``"factored"``. Adapter dropout, a quantized base and DoRA's
+      transposed uses keep the factored form; banks use autodiff (``lora_jax._product``).
 
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
@@ -116,6 +125,9 @@ def lora(fn):
     >>> y = adapted(params, adapters, x)   # == model.apply(merge(params, adapters), x)
   """
 
+  if product not in _product.PRODUCTS:
+    raise ValueError(f"product must be one of {_product.PRODUCTS}, got {product!r}.")
+
   def adapted(base, adapters, *args, lora_dropout_key=None, adapter_index=None,
               example_axes=None, example_out_axes=0, per_example=False, **kwargs):
     if isinstance(adapters, bank.AdapterBank) or adapter_index is not None:
@@ -123,7 +135,7 @@ def lora(fn):
                     dict(example_axes=example_axes, example_out_axes=example_out_axes,
                          per_example=per_example))
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
-    ctx = _rules.Apply(key=lora_dropout_key)
+    ctx = _rules.Apply(key=lora_dropout_key, product=product)
     outs = _interpret.run(closed, _inputs(base, adapters) + dyn, ctx)
     _warn(ctx.fallbacks)
     return jax.tree_util.tree_unflatten(out_def, outs)

@@ -1,0 +1,204 @@
+"""The hand-written backward of the adapted product (``lora(fn, product=...)``): forward and
+A/B gradients of "factored", "merged_weight" and "auto" against a float64 dense reference
+(merge in float64, then autodiff) and against autodiff of the factored form, in every model
+style, on the reference Llama (scanned and unrolled), with dropout, DoRA and odd layouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+import test_models
+from _models import ALL_CASES
+from _utils import assert_trees_close, randomize_b
+from test_transform import _reference
+from lora_jax import _product, models
+from test_train import BIG, _dots_into_big_weight
+
+HAND = ["factored", "merged_weight", "auto"]
+IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
+
+
+def _loss(fn):
+  return lambda p, x: jnp.mean(jnp.sin(jax.tree_util.tree_leaves(fn(p, x))[0]))
+
+
+def _value_and_grad(fn, params, adapters, x, *, product, key=None):
+  f = lora_jax.value_and_grad(_loss(fn), product=product)
+  return jax.jit(f)(params, adapters, x, lora_dropout_key=key)
+
+
+def _dense_reference(fn, params, adapters, x):
+  """Loss and adapter gradients of ``fn`` on ``merge(params, adapters)``, all in float64:
+  the dense W + s·A@B formed and differentiated by autodiff."""
+  with jax.enable_x64(True):
+    up = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda v: jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
+    p64, a64 = up(params), up(adapters)
+    value, grads = jax.value_and_grad(lambda a: _loss(fn)(lora_jax.merge(p64, a), up(x)))(a64)
+    return float(value), jax.tree_util.tree_map(np.asarray, grads)
+
+
+def _check(fn, params, adapters, x, product):
+  value, grads = _value_and_grad(fn, params, adapters, x, product=product)
+  want, want_grads = _dense_reference(fn, params, adapters, x)
+  np.testing.assert_allclose(float(value), want, rtol=1e-5, atol=1e-6)
+  for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+  auto_value, auto_grads = _value_and_grad(fn, params, adapters, x, product="autodiff")
+  np.testing.assert_allclose(float(value), float(auto_value), rtol=1e-5, atol=1e-6)
+  assert_trees_close(grads, auto_grads, rtol=1e-4, atol=1e-6)
+  assert any(np.abs(g).max() > 0 for g in jax.tree_util.tree_leaves(grads))
+
+
+def _adapters(fn, params, x, *, rank=4, alpha=8.0, **options):
+  uses = lora_jax.analyze(fn, params, x)
+  config = lora_jax.LoraConfig(targets="all-linear", rank=rank, alpha=alpha, **options)
+  return randomize_b(lora_jax.init(config, params, key=jax.random.key(1), uses=uses),
+                     jax.random.key(2))
+
+
+@pytest.mark.parametrize("product", HAND)
+@pytest.mark.parametrize("make_case", ALL_CASES, ids=lambda c: c.__name__)
+def test_each_model_style_equals_the_dense_reference(make_case, product):
+  case = make_case(jnp.float32)  # forward: the case's float64 NumPy formula; gradients: the
+  adapters = _adapters(case.fn, case.params, case.x)  # dense W + s·A@B, autodiff (float32)
+  out = jax.jit(lora_jax.lora(case.fn, product=product))(case.params, adapters, case.x)
+  np.testing.assert_allclose(np.asarray(out, np.float64), _reference(case, adapters),
+                             rtol=1e-5, atol=1e-5)
+  _, grads = _value_and_grad(case.fn, case.params, adapters, case.x, product=product)
+  want = jax.grad(lambda a: _loss(case.fn)(lora_jax.merge(case.params, a), case.x))(adapters)
+  assert_trees_close(grads, want, rtol=1e-4, atol=1e-5)
+  _, auto = _value_and_grad(case.fn, case.params, adapters, case.x, product="autodiff")
+  assert_trees_close(grads, auto, rtol=1e-4, atol=1e-6)
+
+
+def _llama(scan):
+  model = models.get(test_models.FAMILY_MODEL["llama"], **test_models.TINY["llama"],
+                     scan_layers=scan)
+  return model.apply, model.init(jax.random.key(0), IDS)
+
+
+@pytest.mark.parametrize("product", HAND)
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_llama_equals_the_float64_dense_reference(scan, product):
+  fn, params = _llama(scan)
+  _check(fn, params, _adapters(fn, params, IDS), IDS, product)
+
+
+@pytest.mark.parametrize("product", HAND)
+def test_transposed_generalized_and_batched_layouts(product):
+  k = iter(jax.random.split(jax.random.key(0), 8))
+  params = {"tied": {"kernel": jax.random.normal(next(k), (10, 6))},  # used as x @ W.T
+            "heads": {"kernel": jax.random.normal(next(k), (10, 2, 3))},  # (d, heads, dim)
+            "stack": {"kernel": jax.random.normal(next(k), (3, 10, 10))}}  # vmapped layers
+
+  def fn(p, x):
+    h = x @ p["tied"]["kernel"].T  # (4, 10)
+    hs = jnp.stack([h, 2 * h, -h])  # one activation per layer: batched against the stack
+    h = jax.vmap(lambda w, v: jnp.tanh(v @ w))(p["stack"]["kernel"], hs)
+    return jnp.einsum("lbd,dhk->lbhk", h, p["heads"]["kernel"])
+
+  x = jax.random.normal(next(k), (4, 6))
+  uses = lora_jax.analyze(fn, params, x)
+  assert uses["stack/kernel"].axes == "lio" and uses["tied/kernel"].axes == "oi"
+  adapters = randomize_b(lora_jax.init(lora_jax.LoraConfig(targets=".*", rank=2), params,
+                                       key=jax.random.key(1), uses=uses), jax.random.key(2))
+  _check(fn, params, adapters, x, product)
+
+
+@pytest.mark.parametrize("product", ["factored", "merged_weight"])
+def test_dropout_draws_the_same_masks_as_autodiff(product):
+  fn, params = _llama(True)
+  adapters = _adapters(fn, params, IDS, dropout=0.5)
+  key = jax.random.key(7)
+  got = _value_and_grad(fn, params, adapters, IDS, product=product, key=key)
+  want = _value_and_grad(fn, params, adapters, IDS, product="autodiff", key=key)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+  assert_trees_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+  plain = _value_and_grad(fn, params, adapters, IDS, product=product)
+  assert abs(float(plain[0]) - float(got[0])) > 1e-4  # the masks did change the loss
+
+
+@pytest.mark.parametrize("product", HAND)
+def test_dora_rescales_the_hand_written_product(product):
+  fn, params = _llama(False)
+  adapters = _adapters(fn, params, IDS, use_dora=True)
+  got = _value_and_grad(fn, params, adapters, IDS, product=product)
+  want = _value_and_grad(fn, params, adapters, IDS, product="autodiff")
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  assert_trees_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_takes_the_merged_weight_where_it_costs_fewer_multiplies(monkeypatch):
+  terms = lora_jax.adapters.Terms(None, None, "Ar", "abr", "rB", "AB")
+  # N·(in + out) against 2·in·out: 2048·1024 > 2·512·512, 1·1024 < 2·512·512
+  assert _product.cheaper_merged((8, 256, 512), (512, 512), x_sub="abA", terms=terms)
+  assert not _product.cheaper_merged((1, 1, 512), (512, 512), x_sub="abA", terms=terms)
+  assert not _product.cheaper_merged((1, 512, 512), (512, 512), x_sub="abA", terms=terms)
+  taken = []
+  for name in ("factored", "merged_weight"):
+    original = getattr(_product, name)
+    monkeypatch.setattr(_product, name, lambda *a, _n=name, _f=original, **kw: (
+        taken.append(_n), _f(*a, **kw))[1])
+  params = {"w": {"kernel": jnp.ones((8, 8))}}
+  adapters = lora_jax.init(lora_jax.LoraConfig(targets="w", rank=2), params,
+                           key=jax.random.key(0))
+  fn = lambda p, x: x @ p["w"]["kernel"]  # noqa: E731
+  for rows, route in ((4, "factored"), (64, "merged_weight")):  # 2·8·8 = 128 = 8·(8 + 8)
+    taken.clear()
+    lora_jax.lora(fn)(params, adapters, jnp.ones((rows, 8)))
+    assert taken == [route]
+
+
+def test_merged_weight_builds_no_weight_gradient():
+  base = {"proj": {"kernel": jax.ShapeDtypeStruct((BIG, BIG), jnp.float32)}}
+  adapters = lora_jax.init(lora_jax.LoraConfig(targets="proj", rank=8), base,
+                           key=jax.random.key(0))
+  x = jax.ShapeDtypeStruct((2, 128, BIG), jnp.float32)  # 256 tokens
+  loss = lambda p, x: jnp.mean((x @ p["proj"]["kernel"]) ** 2)  # noqa: E731
+  step = lora_jax.value_and_grad(loss, product="merged_weight")
+  jaxpr = jax.make_jaxpr(step)(base, adapters, x).jaxpr
+  assert _dots_into_big_weight(jaxpr, 256) == []  # W' contracts the rank (8), not tokens
+  control = jax.make_jaxpr(lambda w, a, x: jax.grad(  # merge() + autodiff does build xᵀ·dy
+      lambda a: loss(lora_jax.merge(w, a), x))(a))(base, adapters, x).jaxpr
+  assert _dots_into_big_weight(control, 256)
+
+
+def test_a_quantized_base_keeps_the_factored_form():
+  from lora_jax import quant
+  fn, params = _llama(True)
+  uses = lora_jax.analyze(fn, params, IDS)
+  q = quant.quantize(params, "int8", targets="all-linear", uses=uses)
+  adapters = _adapters(fn, params, IDS)
+  got = _value_and_grad(fn, q, adapters, IDS, product="merged_weight")
+  want = _value_and_grad(fn, q, adapters, IDS, product="autodiff")
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  assert_trees_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_product_is_named():
+  with pytest.raises(ValueError, match="product must be one of .*'factored'.*got 'fast'"):
+    lora_jax.lora(lambda p, x: x, product="fast")
+  with pytest.raises(ValueError, match="product must be one of"):
+    lora_jax.train_step(lambda p, b: 0.0, None, product="fast")
+
+
+def test_the_hand_written_backward_is_the_one_that_runs(monkeypatch):
+  fn, params = _llama(True)  # a wrong bwd must show: scale its dA by 2 and the check fails
+  adapters = _adapters(fn, params, IDS)
+  original = _product._backward_terms
+
+  def doubled(*args):
+    dt, d_first, d_second = original(*args)
+    return dt, 2 * d_first, d_second
+
+  monkeypatch.setattr(_product, "_backward_terms", doubled)
+  _, grads = _value_and_grad(fn, params, adapters, IDS, product="factored")
+  monkeypatch.undo()
+  _, want = _value_and_grad(fn, params, adapters, IDS, product="autodiff")
+  a_of = lambda g: [x.a for x in jax.tree_util.tree_leaves(  # noqa: E731
+      g, is_leaf=lambda x: isinstance(x, lora_jax.LoraWeights))]
+  for got, ref in zip(a_of(grads), a_of(want)):
+    np.testing.assert_allclose(got, 2 * ref, rtol=1e-4, atol=1e-7)
