@@ -13,6 +13,10 @@ from __future__ import annotations
 DESCRIPTIONS = {  # the README table's wording of each training row
     "frozen_bound": "frozen bound: backprop through every frozen layer, no weight gradient",
     "lora": "**LoRA with lora_jax** (`LoraConfig` → `analyze` → `init` → `train_step`)",
+    "lora_autodiff": "lora_jax, `product=\"autodiff\"` (autodiff of the factored form)",
+    "lora_factored": "lora_jax, `product=\"factored\"` (hand-written backward)",
+    "lora_merged_weight": "lora_jax, `product=\"merged_weight\"` (W' formed, hand-written "
+                          "backward)",
     "dora": "DoRA with lora_jax (`use_dora=True`; column norms factored)",
     "pissa": "PiSSA with lora_jax (`init=\"pissa\"`; residual base)",
     "olora": "OLoRA with lora_jax (`init=\"olora\"`; residual base)",

@@ -123,15 +123,88 @@ def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
     write(v, x)
   for v, x in zip(jaxpr.invars, args):
     write(v, x)
-  for eqn in jaxpr.eqns:
-    invals = [read(v) for v in eqn.invars]
-    if any(isinstance(x, Kernel) for x in invals):
-      outvals = _rule(eqn.primitive.name, ctx)(eqn, invals, ctx)
+  ahead = Siblings(jaxpr, env, ctx) if getattr(ctx, "siblings", False) else None
+  for i, eqn in enumerate(jaxpr.eqns):
+    if ahead is not None and i in ahead.done:
+      outvals = ahead.done.pop(i)
     else:
-      outvals = bind(eqn, invals)
+      invals = [read(v) for v in eqn.invars]
+      if not any(isinstance(x, Kernel) for x in invals):
+        outvals = bind(eqn, invals)
+      elif ahead is not None and eqn.primitive.name == "dot_general":
+        outvals = ahead.dot(i, eqn, invals)
+      else:
+        outvals = _rule(eqn.primitive.name, ctx)(eqn, invals, ctx)
     for v, x in zip(eqn.outvars, outvals):
       write(v, x)
   return [read(v) for v in jaxpr.outvars]
+
+
+_KEEPS_KERNEL = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "copy",
+                           "copy_p", "sharding_constraint"})
+
+
+class Siblings:
+  """Sibling products of one jaxpr: ``dot_general``s later in it that take the same
+  activation (the same variable, on the same side) with another kernel, such as q, k and v
+  of one attention layer. At the first of them, the later ones' kernels are brought forward
+  (the casts, transposes and reshapes that make them run early: pure equations on a kernel)
+  and ``ctx.dots`` computes the group at once; what it computed is kept in ``done`` for the
+  loop to take when it reaches those equations."""
+
+  def __init__(self, jaxpr, env: dict, ctx):
+    self.jaxpr, self.env, self.ctx = jaxpr, env, ctx
+    self.done: dict[int, list] = {}
+    self.producer, self.users = {}, {}
+    for i, eqn in enumerate(jaxpr.eqns):
+      for v in eqn.outvars:
+        self.producer[v] = i
+      if eqn.primitive.name == "dot_general":
+        for v in eqn.invars:
+          if not isinstance(v, core.Literal):
+            self.users.setdefault(v, []).append(i)
+
+  def dot(self, i: int, eqn, invals) -> list:
+    rule = _rule("dot_general", self.ctx)
+    kernels = [isinstance(x, Kernel) for x in invals]
+    side = kernels.index(False) if kernels.count(True) == 1 else None
+    if side is None or isinstance(eqn.invars[side], core.Literal):
+      return rule(eqn, invals, self.ctx)
+    x = eqn.invars[side]
+    group, at = [(eqn, invals)], [i]
+    later = [j for j in self.users.get(x, ()) if j > i and j not in self.done]
+    for j in later:
+      other = self.jaxpr.eqns[j]
+      if other.invars[side] is x and not isinstance(other.invars[1 - side], core.Literal):
+        k = self.force(other.invars[1 - side])
+        if isinstance(k, Kernel):
+          group.append((other, [invals[side], k] if side == 0 else [k, invals[side]]))
+          at.append(j)
+    outs = self.ctx.dots(group) if len(group) > 1 else [None]
+    for j, out in zip(at[1:], outs[1:]):
+      if out is not None:
+        self.done[j] = out
+    return outs[0] if outs[0] is not None else rule(eqn, invals, self.ctx)
+
+  def force(self, v, depth: int = 0):
+    """``v``'s value, computing the kernel-keeping unary equations it comes from now (None
+    when it comes from anything else)."""
+    if v in self.env:
+      return self.env[v]
+    i = self.producer.get(v)
+    if i is None or depth > 8:
+      return None
+    eqn = self.jaxpr.eqns[i]
+    if eqn.primitive.name not in _KEEPS_KERNEL or len(eqn.invars) != 1:
+      return None
+    k = self.force(eqn.invars[0], depth + 1)
+    if not isinstance(k, Kernel):
+      return None
+    outs = _rule(eqn.primitive.name, self.ctx)(eqn, [k], self.ctx)
+    self.done[i] = outs
+    for out_v, out in zip(eqn.outvars, outs):
+      self.env[out_v] = out
+    return self.env[v]
 
 
 def run(closed, args, ctx) -> list:

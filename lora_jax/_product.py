@@ -21,6 +21,10 @@ batched.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -30,79 +34,124 @@ from lora_jax.adapters import Terms
 PRODUCTS = ("auto", "autodiff", "factored", "merged_weight")
 
 
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One adapted product of a group that shares its activation x (a single product is a
+  group of one): its terms (``LoraWeights.terms``; its arrays are passed apart), its output
+  subscripts and static scale, and, for the W' form, ``base_product(x, w)``: the model's own
+  ``dot_general``. A factored member gives only ``s·(x@A)@B``; a W' member the whole y."""
+
+  terms: Terms
+  out_sub: str
+  scale: float
+  base_product: Callable | None = None
+
+  @property
+  def merged(self) -> bool:
+    return self.base_product is not None
+
+
 def _einsum(spec: str, *operands, opts: dict, like):
   return jnp.einsum(spec, *operands, **opts).astype(like.dtype)
 
 
 def _backward_terms(terms: Terms, x_sub: str, out_sub: str, scale: float, opts: dict,
                     x, first, second, t, dy):
-  """dt, d(first), d(second) from t = x@first (unscaled) and the output's cotangent."""
+  """dt, d(first), d(second) of one member from t = x@first (unscaled) and its output's
+  cotangent; d(first) is None here when the group forms it (``x`` None)."""
   d_second = _einsum(f"{terms.t_sub},{out_sub}->{terms.second_sub}", t * scale, dy,
                      opts=opts, like=second)
   dt = _einsum(f"{out_sub},{terms.second_sub}->{terms.t_sub}", dy, second, opts=opts,
                like=t) * jnp.asarray(scale, t.dtype)
+  if x is None:
+    return dt, None, d_second
   d_first = _einsum(f"{x_sub},{terms.t_sub}->{terms.first_sub}", x, dt, opts=opts, like=first)
   return dt, d_first, d_second
 
 
-def factored(terms: Terms, *, x_sub: str, out_sub: str, scale: float, opts: dict):
-  """``f(x, first, second) = s·(x@first)@second`` (the factors in the kernel's dtype), with
-  the backward above: residuals x and t."""
-  t_spec = f"{x_sub},{terms.first_sub}->{terms.t_sub}"
-  y_spec = f"{terms.t_sub},{terms.second_sub}->{out_sub}"
+def _merged(member: Member, w, first, second):
+  """``W' = W + s·A@B`` in the kernel operand's layout, summed in float32 (at least), in
+  w's dtype."""
+  t = member.terms
+  wide = jnp.promote_types(w.dtype, jnp.float32)
+  delta = jnp.einsum(f"{t.first_sub},{t.second_sub}->{t.w_sub}", first.astype(wide),
+                     second.astype(wide), precision=jax.lax.Precision.HIGHEST)
+  return (w.astype(wide) + member.scale * delta).astype(w.dtype)
+
+
+def _split(t, widths, axis):
+  """``t`` cut along ``axis`` into pieces of ``widths``."""
+  cuts = list(itertools.accumulate(widths))[:-1]
+  return jnp.split(t, cuts, axis=axis) if cuts else [t]
+
+
+def _concat(arrays, axis):
+  return arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, axis=axis)
+
+
+def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
+  """``f(x, ws, firsts, seconds) -> outputs``, one per member, with the hand-written backward.
+
+  The members share x and the subscripts of their first factor and of t, so their first
+  factors are concatenated along the rank axis: ``t = x @ [A₁|A₂|…]`` is one product, and in
+  the backward pass ``d[A₁|A₂|…] = xᵀ [dt₁|dt₂|…]`` and the factored members' share of dx,
+  ``[dt₁|…] [A₁|…]ᵀ``, are one product each. ``ws[i]`` is member i's dense kernel for a W'
+  member and None otherwise (a factored member's base product is the caller's).
+  Residuals: x, t, the factors and the kernels (inputs of the step already)."""
+  first_sub, t_sub = members[0].terms.first_sub, members[0].terms.t_sub
+  r_first = first_sub.index("r")
+  t_spec = f"{x_sub},{first_sub}->{t_sub}"
 
   @jax.custom_vjp
-  def f(x, first, second):
-    return fwd(x, first, second)[0]
+  def f(x, ws, firsts, seconds):
+    return fwd(x, ws, firsts, seconds)[0]
 
-  def fwd(x, first, second):
-    t = jnp.einsum(t_spec, x, first, **opts)
-    y = jnp.einsum(y_spec, t * jnp.asarray(scale, t.dtype), second, **opts)
-    return y, (x, first, second, t)
+  def fwd(x, ws, firsts, seconds):
+    widths = [a.shape[r_first] for a in firsts]
+    t = jnp.einsum(t_spec, x, _concat(firsts, r_first), **opts)
+    outs = []
+    for m, w, first, second, t_m in zip(members, ws, firsts, seconds, _split(t, widths, -1)):
+      if m.merged:
+        outs.append(m.base_product(x, _merged(m, w, first, second)))
+      else:
+        outs.append(jnp.einsum(f"{t_sub},{m.terms.second_sub}->{m.out_sub}",
+                               t_m * jnp.asarray(m.scale, t_m.dtype), second, **opts))
+    return outs, (x, ws, firsts, seconds, t)
 
-  def bwd(res, dy):
-    x, first, second, t = res
-    dt, d_first, d_second = _backward_terms(terms, x_sub, out_sub, scale, opts, x, first,
-                                            second, t, dy)
-    dx = _einsum(f"{terms.t_sub},{terms.first_sub}->{x_sub}", dt, first, opts=opts, like=x)
-    return dx, d_first, d_second
+  def bwd(res, dys):
+    x, ws, firsts, seconds, t = res
+    widths = [a.shape[r_first] for a in firsts]
+    dts, d_seconds = [], []
+    for m, second, t_m, dy in zip(members, seconds, _split(t, widths, -1), dys):
+      dt, _, d_second = _backward_terms(m.terms, x_sub, m.out_sub, m.scale, opts, None,
+                                        None, second, t_m, dy)
+      dts.append(dt)
+      d_seconds.append(d_second)
+    d_first = _einsum(f"{x_sub},{t_sub}->{first_sub}", x, _concat(dts, -1), opts=opts,
+                      like=firsts[0])
+    dx = _factored_dx(members, firsts, dts, x_sub=x_sub, opts=opts, like=x)
+    for m, w, first, second, dy in zip(members, ws, firsts, seconds, dys):
+      if m.merged:
+        w_prime = _merged(m, w, first, second)
+        (d,) = jax.linear_transpose(lambda x, w_prime=w_prime, m=m: m.base_product(x, w_prime),
+                                    x)(dy)
+        dx = d if dx is None else dx + d
+    return dx, [None] * len(ws), _split(d_first, widths, r_first), d_seconds
 
   f.defvjp(fwd, bwd)
   return f
 
 
-def merged_weight(terms: Terms, *, x_sub: str, out_sub: str, scale: float, opts: dict,
-                  base_product):
-  """``f(x, w, first, second) = base_product(x, W + s·A@B)`` (``base_product(x, w)`` the
-  model's own ``dot_general``), with the backward above: residuals x and t, W' formed again
-  for dx; w gets no cotangent (it is frozen)."""
-  t_spec = f"{x_sub},{terms.first_sub}->{terms.t_sub}"
-  w_spec = f"{terms.first_sub},{terms.second_sub}->{terms.w_sub}"
-
-  def merged(w, first, second):
-    wide = jnp.promote_types(w.dtype, jnp.float32)
-    delta = jnp.einsum(w_spec, first.astype(wide), second.astype(wide),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (w.astype(wide) + scale * delta).astype(w.dtype)
-
-  @jax.custom_vjp
-  def f(x, w, first, second):
-    return fwd(x, w, first, second)[0]
-
-  def fwd(x, w, first, second):
-    y = base_product(x, merged(w, first, second))
-    return y, (x, w, first, second, jnp.einsum(t_spec, x, first, **opts))
-
-  def bwd(res, dy):
-    x, w, first, second, t = res
-    w_prime = merged(w, first, second)
-    (dx,) = jax.linear_transpose(lambda x: base_product(x, w_prime), x)(dy)
-    _, d_first, d_second = _backward_terms(terms, x_sub, out_sub, scale, opts, x, first,
-                                           second, t, dy)
-    return dx, None, d_first, d_second
-
-  f.defvjp(fwd, bwd)
-  return f
+def _factored_dx(members, firsts, dts, *, x_sub: str, opts: dict, like):
+  """The factored members' share of dx, ``[dt₁|…] [A₁|…]ᵀ`` (one product), or None."""
+  picked = [(a, dt) for m, a, dt in zip(members, firsts, dts) if not m.merged]
+  if not picked:
+    return None
+  terms = members[0].terms
+  r_first = terms.first_sub.index("r")
+  return _einsum(f"{terms.t_sub},{terms.first_sub}->{x_sub}",
+                 _concat([dt for _, dt in picked], -1),
+                 _concat([a for a, _ in picked], r_first), opts=opts, like=like)
 
 
 def cheaper_merged(x_shape, w_shape, *, x_sub: str, terms: Terms) -> bool:

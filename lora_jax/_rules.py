@@ -38,13 +38,19 @@ class Apply:
 
   rules: dict = {}  # APPLY_RULES, set below
 
-  def __init__(self, *, key=None, fallbacks=None, product: str = "auto"):
-    self.key, self.product = key, product
+  def __init__(self, *, key=None, fallbacks=None, product: str = "auto", siblings=True):
+    self.key, self.product, self.siblings = key, product, siblings
     self.fallbacks = [] if fallbacks is None else fallbacks
     self._count = 0
 
   def with_key(self, key) -> "Apply":
-    return Apply(key=key, fallbacks=self.fallbacks, product=self.product)
+    return Apply(key=key, fallbacks=self.fallbacks, product=self.product,
+                 siblings=self.siblings)
+
+  def dots(self, group) -> list:
+    """Outputs of sibling ``dot_general``s ``[(eqn, invals), ...]`` (one activation), computed
+    together where they can be (``_apply_dots``); None for each left to its own rule."""
+    return _apply_dots(group, self)
 
   def next_key(self):
     self._count += 1
@@ -224,23 +230,82 @@ def _route(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
   return route, terms, x_sub, out_sub
 
 
-def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
-  """``dot_general(x, W)`` adapted, through ``lora_jax._product``'s backward."""
-  name, terms, x_sub, out_sub = route
-  lw, w = k.adapter, k.dense()
-  first, second = terms.first.astype(w.dtype), terms.second.astype(w.dtype)
-  opts = dict(x_sub=x_sub, out_sub=out_sub, scale=float(lw.scale), opts=_opts(eqn))
+def _member(eqn, x, k: Kernel, kernel_is_lhs: bool, route):
+  """``route``'s ``_product.Member`` and its arrays: (member, w or None, first, second)."""
+  name, terms, _, out_sub = route
+  w = k.dense()
+  base_product = None
   if name == "merged_weight":
     def base_product(x, w):
       return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
-    out = _product.merged_weight(terms, base_product=base_product, **opts)(x, w, first, second)
-  else:
-    base = _base_dot(eqn, k, x, kernel_is_lhs)
-    if lw.dropout and ctx.key is not None:
-      x = _dropout(x, lw.dropout, ctx.next_key())
-    extra = _product.factored(terms, **opts)(x, first, second)
-    out = base + extra.astype(base.dtype)
-  return [lw.rescaled(out, w=k.dense, present=k.axes, out_sub=out_sub)]
+  member = _product.Member(terms, out_sub, float(k.adapter.scale), base_product)
+  return (member, w if member.merged else None, terms.first.astype(w.dtype),
+          terms.second.astype(w.dtype))
+
+
+def _hand_vjp_dots(items, x, ctx: Apply) -> list:
+  """Adapted ``dot_general``s ``[(eqn, k, kernel_is_lhs, route), ...]`` that share x (and
+  the subscripts of x, A and t), through one ``_product.products``: their A factors are
+  applied to x as one product."""
+  parts = [_member(eqn, x, k, lhs, route) for eqn, k, lhs, route in items]
+  eqn, _, _, (_, _, x_sub, _) = items[0]
+  outs = _product.products(tuple(p[0] for p in parts), x_sub=x_sub, opts=_opts(eqn))(
+      x, [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts])
+  results = []
+  for (eqn, k, lhs, route), (member, *_), out in zip(items, parts, outs):
+    if not member.merged:
+      base = _base_dot(eqn, k, x, lhs)
+      out = base + out.astype(base.dtype)
+    results.append([k.adapter.rescaled(out, w=k.dense, present=k.axes, out_sub=route[3])])
+  return results
+
+
+def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
+  """One adapted ``dot_general(x, W)`` through ``lora_jax._product``'s backward; adapter
+  dropout (factored only) applies to the adapter's x, not the base product's."""
+  if route[0] == "merged_weight" or not (k.adapter.dropout and ctx.key is not None):
+    return _hand_vjp_dots([(eqn, k, kernel_is_lhs, route)], x, ctx)[0]
+  dropped = _dropout(x, k.adapter.dropout, ctx.next_key())
+  member, _, first, second = _member(eqn, x, k, kernel_is_lhs, route)
+  (extra,) = _product.products((member,), x_sub=route[2], opts=_opts(eqn))(
+      dropped, [None], [first], [second])
+  base = _base_dot(eqn, k, x, kernel_is_lhs)
+  return [k.adapter.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
+                             out_sub=route[3])]
+
+
+def _apply_dots(group, ctx: Apply) -> list:
+  """Sibling products (``_interpret.Siblings``): those on the hand-written route with the
+  same x, subscripts of x, A and t, factor dtype and precision, and no adapter dropout
+  drawn, computed as one group; None for the rest (each then runs on its own, in order, so
+  dropout keys are drawn as without grouping)."""
+  picked = []
+  for eqn, invals in group:
+    operand = _kernel_operand(eqn, invals, ctx)
+    k, x, lhs = operand if operand is not None else (None, None, None)
+    route = None
+    if k is not None and k.adapter is not None:
+      route = _route(eqn, x, k, lhs, ctx)
+    dropping = route is not None and bool(k.adapter.dropout) and ctx.key is not None
+    picked.append(None if route is None or dropping else (eqn, k, lhs, route))
+
+  def key(item):
+    eqn, k, _, (_, terms, x_sub, _) = item
+    return (x_sub, terms.first_sub, terms.t_sub, k.dense().dtype, _opts_key(eqn))
+
+  first = picked[0]
+  if first is None:
+    return [None] * len(group)
+  same = [i for i, item in enumerate(picked) if item is not None and key(item) == key(first)]
+  if len(same) < 2:
+    return [None] * len(group)
+  x = _kernel_operand(*group[0], ctx)[1]
+  outs = dict(zip(same, _hand_vjp_dots([picked[i] for i in same], x, ctx)))
+  return [outs.get(i) for i in range(len(group))]
+
+
+def _opts_key(eqn) -> tuple:
+  return (str(eqn.params.get("precision")), str(eqn.params.get("preferred_element_type")))
 
 
 def _kernel_operand(eqn, invals, ctx):

@@ -29,7 +29,7 @@ class StepOutput(NamedTuple):
 
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                has_aux: bool = False, donate: bool = False, jit: bool = True,
-               product: str = "auto") -> Callable:
+               product: str = "auto", siblings: bool = True) -> Callable:
   """A LoRA training step for ``loss_fn(params, batch)``, which sees ``params`` as if merged.
 
   Args:
@@ -44,6 +44,7 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     jit: compile the step with ``jax.jit``.
     product: how adapted products and their backward pass are computed (``lora_jax.lora``'s
       ``product``: ``"auto"``, ``"factored"``, ``"merged_weight"`` or ``"autodiff"``).
+    siblings: compute products that share an activation together (``lora_jax.lora``'s).
 
   Returns:
     ``step(base, adapters, opt_state, batch, *, key=None) -> StepOutput(adapters, opt_state,
@@ -54,7 +55,7 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     >>> opt_state = optax.adamw(1e-3).init(adapters)
     >>> adapters, opt_state, loss, _ = step(params, adapters, opt_state, batch)
   """
-  grad_fn = value_and_grad(loss_fn, has_aux=has_aux, product=product)
+  grad_fn = value_and_grad(loss_fn, has_aux=has_aux, product=product, siblings=siblings)
 
   def step(base, adapters, opt_state, batch, *, key=None) -> StepOutput:
     value, grads = grad_fn(base, adapters, batch, lora_dropout_key=key)
@@ -67,16 +68,16 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
   return jax.jit(step, donate_argnames=("adapters", "opt_state") if donate else ())
 
 
-def value_and_grad(loss_fn: Callable, *, has_aux: bool = False,
-                   product: str = "auto") -> Callable:
+def value_and_grad(loss_fn: Callable, *, has_aux: bool = False, product: str = "auto",
+                   siblings: bool = True) -> Callable:
   """``jax.value_and_grad`` for LoRA: differentiates with respect to the trainable tree only.
 
   Returns ``f(base, adapters, *args, **kwargs) -> (value, grads)``, where value is
   ``loss_fn(merge(base, adapters), *args, **kwargs)`` (computed factored) and ``grads`` has the
   trainable tree's structure (A, B and any trained extras). The base is never differentiated.
-  ``product`` is ``lora_jax.lora``'s.
+  ``product`` and ``siblings`` are ``lora_jax.lora``'s.
   """
-  adapted = lora(loss_fn, product=product)
+  adapted = lora(loss_fn, product=product, siblings=siblings)
 
   def f(base, adapters, *args, **kwargs):
     objective = lambda a: adapted(base, a, *args, **kwargs)  # noqa: E731

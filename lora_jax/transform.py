@@ -90,7 +90,7 @@ def _inputs(base, trainable) -> list:
   return inputs
 
 
-def lora(fn, *, product: str = "auto"):
+def lora(fn, *, product: str = "auto", siblings: bool = True):
   """Transforms ``fn(params, *args, **kwargs)`` to ``adapted(base, adapters, *args, **kwargs)``.
 
   The result equals ``fn(lora_jax.merge(base, adapters), *args, **kwargs)``, but every matrix
@@ -112,6 +112,10 @@ def lora(fn, *, product: str = "auto"):
       ``"merged_weight"`` where it costs fewer multiplies (N·(in + out) > 2·in·out for N
       activation rows), else ``"factored"``. Adapter dropout, a quantized base and DoRA's
       transposed uses keep the factored form; banks use autodiff (``lora_jax._product``).
+    siblings: with a hand-written ``product``, compute the adapted products that share one
+      activation (q, k and v; gate and up) together: ``x @ [A_q|A_k|A_v]`` as one product,
+      and in the backward pass their A gradients and share of dx as one product each.
+      Adapters with dropout drawn run on their own.
 
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
@@ -135,7 +139,8 @@ def lora(fn, *, product: str = "auto"):
                     dict(example_axes=example_axes, example_out_axes=example_out_axes,
                          per_example=per_example))
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
-    ctx = _rules.Apply(key=lora_dropout_key, product=product)
+    ctx = _rules.Apply(key=lora_dropout_key, product=product,
+                       siblings=siblings and product != "autodiff")
     outs = _interpret.run(closed, _inputs(base, adapters) + dyn, ctx)
     _warn(ctx.fallbacks)
     return jax.tree_util.tree_unflatten(out_def, outs)

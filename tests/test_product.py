@@ -137,19 +137,27 @@ def test_auto_takes_the_merged_weight_where_it_costs_fewer_multiplies(monkeypatc
   assert _product.cheaper_merged((8, 256, 512), (512, 512), x_sub="abA", terms=terms)
   assert not _product.cheaper_merged((1, 1, 512), (512, 512), x_sub="abA", terms=terms)
   assert not _product.cheaper_merged((1, 512, 512), (512, 512), x_sub="abA", terms=terms)
-  taken = []
-  for name in ("factored", "merged_weight"):
-    original = getattr(_product, name)
-    monkeypatch.setattr(_product, name, lambda *a, _n=name, _f=original, **kw: (
-        taken.append(_n), _f(*a, **kw))[1])
+  taken = _spy(monkeypatch)
   params = {"w": {"kernel": jnp.ones((8, 8))}}
   adapters = lora_jax.init(lora_jax.LoraConfig(targets="w", rank=2), params,
                            key=jax.random.key(0))
   fn = lambda p, x: x @ p["w"]["kernel"]  # noqa: E731
-  for rows, route in ((4, "factored"), (64, "merged_weight")):  # 2·8·8 = 128 = 8·(8 + 8)
+  for rows, merged in ((4, False), (64, True)):  # 2·8·8 = 128 = 8·(8 + 8)
     taken.clear()
     lora_jax.lora(fn)(params, adapters, jnp.ones((rows, 8)))
-    assert taken == [route]
+    assert taken == [(merged,)]
+
+
+def _spy(monkeypatch) -> list:
+  """Records each ``_product.products`` group as its members' W' flags."""
+  taken, original = [], _product.products
+
+  def products(members, **kwargs):
+    taken.append(tuple(m.merged for m in members))
+    return original(members, **kwargs)
+
+  monkeypatch.setattr(_product, "products", products)
+  return taken
 
 
 def test_merged_weight_builds_no_weight_gradient():
@@ -192,13 +200,54 @@ def test_the_hand_written_backward_is_the_one_that_runs(monkeypatch):
 
   def doubled(*args):
     dt, d_first, d_second = original(*args)
-    return dt, 2 * d_first, d_second
+    return dt, d_first, 2 * d_second
 
   monkeypatch.setattr(_product, "_backward_terms", doubled)
   _, grads = _value_and_grad(fn, params, adapters, IDS, product="factored")
   monkeypatch.undo()
   _, want = _value_and_grad(fn, params, adapters, IDS, product="autodiff")
-  a_of = lambda g: [x.a for x in jax.tree_util.tree_leaves(  # noqa: E731
+  b_of = lambda g: [x.b for x in jax.tree_util.tree_leaves(  # noqa: E731
       g, is_leaf=lambda x: isinstance(x, lora_jax.LoraWeights))]
-  for got, ref in zip(a_of(grads), a_of(want)):
+  for got, ref in zip(b_of(grads), b_of(want)):
     np.testing.assert_allclose(got, 2 * ref, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("product", ["factored", "merged_weight"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_siblings_share_one_product_and_equal_separate_ones(scan, product, monkeypatch):
+  fn, params = _llama(scan)
+  adapters = _adapters(fn, params, IDS)
+  taken = _spy(monkeypatch)
+  together = jax.value_and_grad(lambda a: lora_jax.lora(_loss(fn), product=product)(
+      params, a, IDS))(adapters)
+  layers = 1 if scan else 2  # a scanned body is traced once
+  merged = product == "merged_weight"
+  assert sorted(taken) == sorted([(merged,) * 3, (merged,) * 2, (merged,), (merged,)] * layers)
+  apart = jax.value_and_grad(lambda a: lora_jax.lora(_loss(fn), product=product,
+                                                      siblings=False)(params, a, IDS))(adapters)
+  np.testing.assert_allclose(float(together[0]), float(apart[0]), rtol=1e-6)
+  assert_trees_close(together[1], apart[1], rtol=1e-5, atol=1e-7)
+
+
+def test_partial_siblings_group_the_adapted_ones_only(monkeypatch):
+  fn, params = _llama(False)
+  uses = lora_jax.analyze(fn, params, IDS)
+  config = lora_jax.LoraConfig(targets=["q_proj", "v_proj", "up_proj"], rank=4, alpha=8.0)
+  adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(1), uses=uses),
+                         jax.random.key(2))
+  taken = _spy(monkeypatch)
+  _check(fn, params, adapters, IDS, "factored")  # against the float64 dense reference
+  assert taken[:3] == [(False, False), (False,), (False, False)]  # q+v, up; then layer 1
+
+
+def test_siblings_with_dropout_run_apart_with_the_same_masks(monkeypatch):
+  fn, params = _llama(True)
+  adapters = _adapters(fn, params, IDS, dropout=0.3)
+  key = jax.random.key(3)
+  taken = _spy(monkeypatch)
+  got = _value_and_grad(fn, params, adapters, IDS, product="factored", key=key)
+  assert taken and all(len(group) == 1 for group in taken)
+  f = lora_jax.value_and_grad(_loss(fn), product="factored", siblings=False)
+  want = jax.jit(f)(params, adapters, IDS, lora_dropout_key=key)
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+  assert_trees_close(got[1], want[1], rtol=1e-5, atol=1e-7)
