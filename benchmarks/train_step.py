@@ -40,7 +40,10 @@ Usage:
   python benchmarks/train_step.py --size cpu --json out.json
   python benchmarks/train_step.py --size cpu --rows frozen_bound,lora,qwix --rounds 3 --paired \
       --json out.json                                                  # a noisy, shared machine
-  python benchmarks/train_step.py --size 1b --layers unroll,scan --json results/1b.json   # GPU
+  python benchmarks/train_step.py --size 1b --layers unroll,scan --paired \
+      --rows frozen_bound,lora,merged,full,qwix,peft_eager,peft_compiled \
+      --json benchmarks/results/train_step_1b_gpu.json                 # the README's GPU table
+  python benchmarks/readme_table.py benchmarks/results/train_step_1b_gpu.json   # written there
   python benchmarks/train_step.py --size 1b --compile-only --remat --rows frozen_bound,lora
 """
 from __future__ import annotations
@@ -619,28 +622,39 @@ def spawn(key: str, args) -> dict:
 def paired(args, keys: list[str]) -> dict:
   """Each JAX training row against its frozen bound in one process, their steps alternating
   (bound, row, bound, row, ...): a slow spell of a shared machine then slows both sides of
-  every ratio. Returns, per row, the median of the adjacent ratios and all of them."""
+  every ratio. One row at a time beside its layer stack's bound: the GPU command's ten rows'
+  params and states at once (about 26 GiB at the 1b size by XLA's CPU estimate) beside a full
+  fine-tuning step's temporaries (53 GiB) would not fit the 60 GiB JAX takes of an 80 GB GPU.
+  Returns, per row, the median of the adjacent ratios and all of them."""
   import jax
   s = Shape(**SIZES[args.size])
-  steps = {}
-  for key in keys:
+
+  def compiled(key):
     layers, name = key.split("/")
-    if ROWS[name].kind == "train" and f"{layers}/frozen_bound" in keys:
-      step, row_args, _ = ROWS[name](setup(s, scan=layers == "scan", remat=args.remat,
-                                            abstract=False))
-      steps[key] = carried(step.lower(*row_args).compile(), row_args)
-  for run_step in steps.values():
+    step, row_args, _ = ROWS[name](setup(s, scan=layers == "scan", remat=args.remat,
+                                         abstract=False))
+    run_step = carried(step.lower(*row_args).compile(), row_args)
     time_steps(run_step, warmup=args.warmup, iters=0, sync=jax.block_until_ready)
-  once = lambda key: time_steps(steps[key], warmup=0, iters=1,  # noqa: E731
-                                sync=jax.block_until_ready)[0]
-  rows = [k for k in steps if not k.endswith("/frozen_bound")]
-  ratios = {key: [] for key in rows}
-  for _ in range(args.iters):
+    return run_step
+
+  once = lambda run_step: time_steps(run_step, warmup=0, iters=1,  # noqa: E731
+                                     sync=jax.block_until_ready)[0]
+  out = {}
+  for layers in dict.fromkeys(k.split("/")[0] for k in keys):
+    rows = [k for k in keys if k.startswith(layers + "/") and not k.endswith("/frozen_bound")
+            and ROWS[k.split("/")[1]].kind == "train"]
+    if f"{layers}/frozen_bound" not in keys or not rows:
+      continue
+    bound = compiled(f"{layers}/frozen_bound")
     for key in rows:
-      bound = once(key.split("/")[0] + "/frozen_bound")
-      ratios[key].append(once(key) / bound)
-  return {key: {"ratio_to_bound": statistics.median(r), "ratios": r}
-          for key, r in ratios.items()}
+      run_step, ratios = compiled(key), []
+      for _ in range(args.iters):
+        b = once(bound)
+        ratios.append(once(run_step) / b)
+      out[key] = {"ratio_to_bound": statistics.median(ratios), "ratios": ratios}
+      del run_step  # its params and state leave the device before the next row's arrive
+    del bound
+  return out
 
 
 def versions() -> dict:
@@ -731,7 +745,8 @@ def main(argv=None):
          "layers": layer_modes, "remat": args.remat, "compile_only": args.compile_only,
          "mesh": args.mesh, "fsdp": args.fsdp, "device_count": jax.device_count(),
          "rank": RANK, "alpha": ALPHA, "targets": list(PROJECTIONS), "dtype": "bfloat16",
-         "device": str(jax.devices()[0]), "backend": jax.default_backend(),
+         "device": str(jax.devices()[0]), "device_kind": jax.devices()[0].device_kind,
+         "backend": jax.default_backend(),
          "versions": versions(), "machine": platform.machine(), "cpu_count": os.cpu_count(),
          "iters": args.iters, "warmup": args.warmup, "rounds": args.rounds,
          "summary": summary, "rows": results, "paired": alternating}

@@ -202,3 +202,166 @@ def test_many_adapters_memory_rows_measure_the_banks_arrays():
     row = rows[f"toy_n{n}"]
     assert row["bank_bytes"] == want == (n + 1) * 4 * 4 * (64 + 32 + 32 + 16) + (n + 1) * 4 * 2
     assert row["merged_copies_bytes"] == n * 4 * (64 * 32 + 32 * 16)
+
+
+def _readme_table():
+  spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" /
+                                                "readme_table.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _gpu_report():
+  """A hand-made GPU report: unroll meets the bound goal (paired) and qwix's, scan misses the
+  bound, its qwix row failed, and neither stack reaches PEFT + torch.compile's 1.8."""
+  gib, tokens = 2**30, 8 * 1024
+  row = lambda ms, **kw: {"ms_per_step": ms, "tokens_per_s": tokens / (ms / 1e3),  # noqa: E731
+                          "compile_s": 9.0, **kw}
+  return {
+      "size": "1b", "backend": "gpu", "device": "cuda:0", "device_kind": "NVIDIA H100 80GB HBM3",
+      "device_count": 1, "versions": {"jax": "0.11.2", "qwix": "0.1.8", "torch": "2.11.0"},
+      "shape": {"d": 2048, "layers": 16}, "layers": ["unroll", "scan"], "iters": 4, "warmup": 2,
+      "rows": {
+          "unroll/frozen_bound": row(60.0, peak_bytes=10 * gib, trainable=0),
+          "unroll/lora": row(72.0, peak_bytes=10.5 * gib, trainable=10_092_544),
+          "unroll/qwix": row(86.4, peak_bytes=13.5 * gib, trainable=10_092_544),
+          "scan/frozen_bound": row(80.0, xla_peak_bytes=int(1.5 * gib), trainable=0),
+          "scan/lora": row(96.0, xla_peak_bytes=3 * gib, trainable=10_092_544),
+          "scan/qwix": {"error": "RESOURCE_EXHAUSTED | out of memory"},
+          "torch/peft_compiled": row(100.0, peak_bytes=15 * gib, trainable=10_092_544)},
+      "paired": {"unroll/lora": {"ratios": [1.02, 1.2, 1.05, 1.08]}}}
+
+
+def test_readme_table_checks_every_goal_against_the_reports_numbers():
+  import numpy as np
+  report = _bench().report
+  data = _gpu_report()
+  pair = data["paired"]["unroll/lora"]
+  median = float(np.median(pair["ratios"]))  # (1.05 + 1.08) / 2
+  rows = data["rows"]
+  want = {  # (value, state) per goal, from the rows' own numbers
+      "unroll": [(median, "met"),  # the paired median, not 72 / 60 = 1.2
+                 (rows["unroll/lora"]["tokens_per_s"] / rows["unroll/qwix"]["tokens_per_s"],
+                  "met"),  # 86.4 / 72 = 1.2
+                 (100 / 72, "not met"), (0.5, "met")],
+      "scan": [(96 / 80, "not met"), (None, "not measured"), (100 / 96, "not met"),
+               (1.5, "not met")]}  # XLA's estimates: 3 - 1.5 GiB
+  for layers, expected in want.items():
+    got = report.goals(data, layers)
+    assert [(g["value"], g["state"]) for g in got] == [
+        (pytest.approx(v) if v is not None else None, s) for v, s in expected]
+  block = report.readme_table(data)
+  assert block.splitlines()[0].startswith(
+      "Machine: NVIDIA H100 80GB HBM3 (`cuda:0`), backend gpu, 1 device(s); jax 0.11.2, qwix "
+      "0.1.8, torch 2.11.0.")
+  q1, q3 = np.percentile(pair["ratios"], [25, 75])
+  lora = rows["unroll/lora"]
+  assert (f"| unroll | {report.DESCRIPTIONS['lora']} | 72.0 | {lora['tokens_per_s']:,.0f} | "
+          f"{72 / 60:.3f} | {median:.3f} ({q1:.3f}–{q3:.3f}) | 10.50 | "
+          "10,092,544 |") in block.splitlines()
+  assert f"| scan | {report.DESCRIPTIONS['lora']} | 96.0 | {8192 / 0.096:,.0f} | 1.200 | - | " \
+         "3.00 (XLA est.) | 10,092,544 |" in block.splitlines()
+  assert (f"| scan | {report.DESCRIPTIONS['qwix']} | failed: RESOURCE_EXHAUSTED \\| out of "
+          "memory | - | - | - | - | - |") in block.splitlines()
+  assert f"| torch | {report.DESCRIPTIONS['peft_compiled']} | 100.0 | 81,920 | - | - | 15.00 |" \
+      in block
+  unroll, scan = block.splitlines()[-2:]
+  assert unroll == (
+      f"- unroll: LoRA step ÷ frozen bound {median:.3f} (paired median) ≤ 1.10: "
+      f"**met**; LoRA tokens/s ÷ qwix's {86.4 / 72:.3f} ≥ 1.15: **met**; LoRA tokens/s ÷ PEFT + "
+      f"torch.compile's {100 / 72:.3f} ≥ 1.80: **not met**; LoRA peak − frozen-bound peak 0.50 "
+      "GiB (device peak) ≤ 1.00 GiB: **met**.")
+  assert scan.startswith(f"- scan: LoRA step ÷ frozen bound {96 / 80:.3f} (separate processes)")
+  assert "LoRA tokens/s ÷ qwix's ≥ 1.15: **not measured** (scan/qwix failed)" in scan
+  assert "peak 1.50 GiB (XLA est.) ≤ 1.00 GiB: **not met**" in scan
+  del rows["torch/peft_compiled"], rows["unroll/frozen_bound"]  # rows missing altogether
+  unroll = report.goals_line(data, "unroll")
+  assert "PEFT + torch.compile's ≥ 1.80: **not measured** (no torch/peft_compiled row)" in unroll
+  assert f"frozen bound {median:.3f} (paired median)" in unroll  # needs no row
+  assert "peak ≤ 1.00 GiB: **not measured** (no unroll/frozen_bound row)" in unroll
+
+
+def test_readme_table_reads_the_recorded_cpu_report():
+  report = _bench().report
+  data = json.loads((ROOT / "benchmarks" / "results" / "train_step_cpu.json").read_text())
+  rows = data["rows"]
+  lora = rows["scan/lora"]["ms_per_step"] / rows["scan/frozen_bound"]["ms_per_step"]
+  peft = rows["scan/lora"]["tokens_per_s"] / rows["torch/peft_compiled"]["tokens_per_s"]
+  peak = (rows["scan/lora"]["xla_peak_bytes"] - rows["scan/frozen_bound"]["xla_peak_bytes"]) / 2**30
+  assert report.table_name(data) == "cpu-cpu"
+  assert report.goals_line(data, "scan") == (
+      f"- scan: LoRA step ÷ frozen bound {lora:.3f} (separate processes) ≤ 1.10: **met**; LoRA "
+      "tokens/s ÷ qwix's ≥ 1.15: **not measured** (no scan/qwix row); LoRA tokens/s ÷ PEFT + "
+      f"torch.compile's {peft:.3f} ≥ 1.80: **met**; LoRA peak − frozen-bound peak "
+      f"{peak:.2f} GiB (XLA est.) ≤ 1.00 GiB: **met**.")
+
+
+def test_readme_table_replaces_only_between_its_markers(tmp_path, capsys):
+  cli = _readme_table()
+  report_json = tmp_path / "gpu.json"
+  report_json.write_text(json.dumps(_gpu_report()))
+  begin, end = "<!-- train_step table: 1b-gpu begin -->", "<!-- train_step table: 1b-gpu end -->"
+  other = "<!-- train_step table: cpu-cpu begin -->\nkept\n<!-- train_step table: cpu-cpu end -->"
+  head, tail = f"# Title\n\n{other}\n\nThe GPU table:\n", "\nAfter the table.\n"
+  readme = tmp_path / "README.md"
+  readme.write_text(f"{head}{begin}\nan old table\n| stale |\n{end}{tail}")
+  cli.main([str(report_json), "--readme", str(readme)])
+  text = readme.read_text()
+  assert text.startswith(head + begin + "\n\nMachine: NVIDIA H100") and text.endswith(end + tail)
+  block = text[len(head + begin):-len(end + tail)]
+  assert block.startswith("\n\n") and block.endswith("**not met**.\n\n")
+  assert "stale" not in block and "- scan: LoRA step ÷ frozen bound 1.200" in block
+  assert block.count(begin) == block.count(end) == 0
+  assert "wrote table 1b-gpu" in capsys.readouterr().out
+  cli.main([str(report_json), "--readme", str(readme)])  # twice: the same file
+  assert readme.read_text() == text
+  cli.main([str(report_json), "--readme", str(readme), "--check"])
+  assert "table 1b-gpu is up to date" in capsys.readouterr().out
+  readme.write_text(text.replace("1.200", "1.199"))
+  with pytest.raises(SystemExit) as e:
+    cli.main([str(report_json), "--readme", str(readme), "--check"])
+  assert e.value.code == 1 and "table 1b-gpu differs from" in capsys.readouterr().err
+  assert "1.199" in readme.read_text()  # --check writes nothing
+
+
+def _exit_2(cli, argv, capsys) -> str:
+  with pytest.raises(SystemExit) as e:
+    cli.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1  # one line
+  return err
+
+
+def test_readme_table_errors_exit_2_with_one_line(tmp_path, capsys):
+  cli = _readme_table()
+  readme = tmp_path / "README.md"
+  readme.write_text("# no markers here\n")
+  missing = tmp_path / "missing.json"
+  assert _exit_2(cli, [str(missing)], capsys) == (
+      f"error: {missing}: cannot read it (No such file or directory); pass a report of "
+      "train_step.py --json\n")
+  foreign = ROOT / "benchmarks" / "results" / "train_step_1b_compile_cpu.json"  # a summary file
+  assert f"{foreign}: not a train_step report (missing size, backend, rows)" in _exit_2(
+      cli, [str(foreign), "--readme", str(readme)], capsys)
+  broken = tmp_path / "broken.json"
+  broken.write_text('{"size": ')
+  assert "broken.json: not JSON (Expecting value at line 1)" in _exit_2(cli, [str(broken)],
+                                                                         capsys)
+  keyed = tmp_path / "keyed.json"
+  keyed.write_text(json.dumps({"size": "1b", "backend": "gpu", "rows": {"lora": {}}}))
+  assert 'rows not keyed "<layers>/<row>"' in _exit_2(cli, [str(keyed)], capsys)
+  report_json = tmp_path / "gpu.json"
+  report_json.write_text(json.dumps(_gpu_report()))
+  with pytest.raises(SystemExit) as e:  # no markers: the table on stdout, how to add them
+    cli.main([str(report_json), "--readme", str(readme)])
+  out, err = capsys.readouterr()
+  assert e.value.code == 2 and err.count("\n") == 1 and out.startswith("Machine: NVIDIA H100")
+  assert err == (f"error: {readme} has no markers for table 1b-gpu (printed above); add the lines "
+                 "'<!-- train_step table: 1b-gpu begin -->' and "
+                 "'<!-- train_step table: 1b-gpu end -->' where it belongs and rerun\n")
+  assert readme.read_text() == "# no markers here\n"
+  end = "<!-- train_step table: 1b-gpu end -->"
+  readme.write_text(f"{end}\n<!-- train_step table: 1b-gpu begin -->\n")
+  assert "found 1 begin and 1 end marker(s) (end first)" in _exit_2(
+      cli, [str(report_json), "--readme", str(readme)], capsys)
