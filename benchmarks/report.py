@@ -23,6 +23,7 @@ DESCRIPTIONS = {  # the README table's wording of each training row
     "lora_factored": "lora_jax, `product=\"factored\"` (hand-written backward)",
     "lora_merged_weight": "lora_jax, `product=\"merged_weight\"` (W' formed, hand-written "
                           "backward)",
+    "lora_siblings": "lora_jax, `recompute_inputs=False` (\"auto\" products, siblings)",
     "dora": "DoRA with lora_jax (`use_dora=True`; column norms factored)",
     "pissa": "PiSSA with lora_jax (`init=\"pissa\"`; residual base)",
     "olora": "OLoRA with lora_jax (`init=\"olora\"`; residual base)",

@@ -12,11 +12,12 @@ own process, so a row's peak memory is its own.
 Training rows, all on the same model, batch and AdamW:
   frozen_bound  backprop through every frozen layer (gradient w.r.t. the input embeddings): no
                 adapters, no weight gradient. No LoRA step can be faster.
-  lora          lora_jax's public path: LoraConfig -> analyze -> init -> train_step
-                (``product="auto"``).
-  lora_autodiff / lora_factored / lora_merged_weight
-                the same with each ``product=`` forced: autodiff of the factored form, the
-                hand-written backward, W' = W + s·A@B formed for the forward and dx.
+  lora          lora_jax's public path: LoraConfig -> analyze -> init -> train_step (its
+                defaults: product="auto", siblings grouped, cheap inputs recomputed).
+  lora_autodiff / lora_factored / lora_merged_weight / lora_siblings
+                one change at a time: autodiff of the factored form (earlier versions), the
+                hand-written backward, W' = W + s·A@B formed, + siblings grouped; nothing
+                recomputed in any of them (``lora`` adds that).
   dora          the same with use_dora=True: DoRA's magnitudes, the column norms factored.
   pissa         lora with init="pissa": the principal factors in A, B; the residual as the base.
   olora         the same with init="olora" (QR factors).
@@ -290,11 +291,12 @@ def frozen_bound(x: Setup):
 
 @row("lora", sharded=True)
 def lora(x: Setup, *, dora: bool = False, init: str = "kaiming_uniform",
-         product: str = "auto"):
+         product: str = "auto", siblings: bool = True, recompute_inputs: bool = True):
   """lora_jax's public path: LoraConfig -> analyze -> init -> train_step."""
   import lora_jax
   base, adapters, count = lora_adapters(x, dora=dora, init=init)
-  lora_step = lora_jax.train_step(x.loss, x.optimizer, jit=False, product=product)
+  lora_step = lora_jax.train_step(x.loss, x.optimizer, jit=False, product=product,
+                                  siblings=siblings, recompute_inputs=recompute_inputs)
 
   def step(frozen, state, b):
     out = lora_step(frozen, state[0], state[1], b)
@@ -304,20 +306,28 @@ def lora(x: Setup, *, dora: bool = False, init: str = "kaiming_uniform",
 
 @row("lora_autodiff")
 def lora_autodiff(x: Setup):
-  """lora with ``product="autodiff"``: JAX's autodiff of the factored product."""
-  return lora(x, product="autodiff")
+  """lora as earlier versions ran it: ``product="autodiff"``, nothing recomputed."""
+  return lora(x, product="autodiff", recompute_inputs=False)
 
 
 @row("lora_factored")
 def lora_factored(x: Setup):
-  """lora with ``product="factored"``: the hand-written backward, residuals x and x@A."""
-  return lora(x, product="factored")
+  """lora with ``product="factored"``: the hand-written backward, residuals x and x@A;
+  each product on its own, nothing recomputed."""
+  return lora(x, product="factored", siblings=False, recompute_inputs=False)
 
 
 @row("lora_merged_weight")
 def lora_merged_weight(x: Setup):
-  """lora with ``product="merged_weight"``: W' = W + s·A@B formed for the forward and dx."""
-  return lora(x, product="merged_weight")
+  """lora with ``product="merged_weight"``: W' = W + s·A@B formed for the forward and dx;
+  each product on its own, nothing recomputed."""
+  return lora(x, product="merged_weight", siblings=False, recompute_inputs=False)
+
+
+@row("lora_siblings")
+def lora_siblings(x: Setup):
+  """lora's defaults but ``recompute_inputs=False``: "auto" products, siblings grouped."""
+  return lora(x, recompute_inputs=False)
 
 
 @row("dora")

@@ -123,7 +123,8 @@ def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
     write(v, x)
   for v, x in zip(jaxpr.invars, args):
     write(v, x)
-  ahead = Siblings(jaxpr, env, ctx) if getattr(ctx, "siblings", False) else None
+  looks_ahead = getattr(ctx, "siblings", False) or getattr(ctx, "recompute", False)
+  ahead = Siblings(jaxpr, env, ctx) if looks_ahead else None
   for i, eqn in enumerate(jaxpr.eqns):
     if ahead is not None and i in ahead.done:
       outvals = ahead.done.pop(i)
@@ -142,6 +143,17 @@ def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
 
 _KEEPS_KERNEL = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "copy",
                            "copy_p", "sharding_constraint"})
+_CHEAP = _KEEPS_KERNEL | {"broadcast_in_dim", "mul", "add", "sub", "div", "neg", "rsqrt",
+                          "sqrt", "exp", "log", "logistic", "tanh", "max", "min", "integer_pow",
+                          "pow", "square", "abs", "erf", "select_n"}
+_CHAIN = 32  # equations at most in a recomputed chain
+
+
+def _cheap(eqn) -> bool:
+  """An elementwise or layout equation, or a jitted helper made of them only (silu)."""
+  if eqn.primitive.name in ("jit", "pjit"):
+    return all(_cheap(e) for e in _open(eqn.params["jaxpr"])[0].eqns)
+  return eqn.primitive.name in _CHEAP and not eqn.effects
 
 
 class Siblings:
@@ -172,19 +184,67 @@ class Siblings:
       return rule(eqn, invals, self.ctx)
     x = eqn.invars[side]
     group, at = [(eqn, invals)], [i]
-    later = [j for j in self.users.get(x, ()) if j > i and j not in self.done]
-    for j in later:
-      other = self.jaxpr.eqns[j]
-      if other.invars[side] is x and not isinstance(other.invars[1 - side], core.Literal):
-        k = self.force(other.invars[1 - side])
-        if isinstance(k, Kernel):
-          group.append((other, [invals[side], k] if side == 0 else [k, invals[side]]))
-          at.append(j)
-    outs = self.ctx.dots(group) if len(group) > 1 else [None]
+    if getattr(self.ctx, "siblings", False):
+      for j in [j for j in self.users.get(x, ()) if j > i and j not in self.done]:
+        other = self.jaxpr.eqns[j]
+        if other.invars[side] is x and not isinstance(other.invars[1 - side], core.Literal):
+          k = self.force(other.invars[1 - side])
+          if isinstance(k, Kernel):
+            group.append((other, [invals[side], k] if side == 0 else [k, invals[side]]))
+            at.append(j)
+
+    def compute(x_value):
+      members = [(e, [x_value if d == side else v for d, v in enumerate(vals)])
+                 for e, vals in group]
+      outs = self.ctx.dots(members) if len(members) > 1 else [None]
+      if outs[0] is None:
+        outs = [rule(*members[0], self.ctx), *outs[1:]]
+      return outs
+
+    found = self.chain(x) if getattr(self.ctx, "recompute", False) else None
+    if found is None:
+      outs = compute(invals[side])
+    else:
+      outs = self.recomputing(compute, x, *found)
     for j, out in zip(at[1:], outs[1:]):
       if out is not None:
         self.done[j] = out
-    return outs[0] if outs[0] is not None else rule(eqn, invals, self.ctx)
+    return outs[0]
+
+  def chain(self, v) -> tuple[list, list] | None:
+    """The elementwise equations ``v`` comes from (through layout changes and jitted
+    elementwise helpers such as silu), in order, and the values they start from; None when
+    ``v`` is not such a result (a product's output, attention's, or a jaxpr input)."""
+    eqns, starts, seen, todo = {}, [], set(), [v]
+    while todo:
+      u = todo.pop()
+      if isinstance(u, core.Literal) or u in seen:
+        continue
+      seen.add(u)
+      i = self.producer.get(u)
+      if i is None or not _cheap(self.jaxpr.eqns[i]) or len(eqns) >= _CHAIN:
+        starts.append(u)
+        continue
+      eqns[i] = self.jaxpr.eqns[i]
+      todo.extend(eqns[i].invars)
+    if not eqns or any(isinstance(self.env.get(u), Kernel) for u in starts):
+      return None
+    return [eqns[i] for i in sorted(eqns)], starts
+
+  def recomputing(self, compute, v, eqns, starts):
+    """``compute(v)`` (the products of ``v``) inside a ``jax.checkpoint`` whose policy keeps
+    only products' outputs: the backward pass computes ``v`` again from the start of its
+    elementwise chain (a norm's input and mean square, g and u: values the frozen model's
+    own backward pass keeps) instead of keeping it."""
+    def run(*values):
+      env = dict(zip(starts, values))
+      for eqn in eqns:
+        outs = bind(eqn, [u.val if isinstance(u, core.Literal) else env[u] for u in eqn.invars])
+        env.update(zip(eqn.outvars, outs))
+      return compute(env[v])
+
+    policy = jax.checkpoint_policies.dots_saveable
+    return jax.checkpoint(run, policy=policy)(*[self.env[u] for u in starts])
 
   def force(self, v, depth: int = 0):
     """``v``'s value, computing the kernel-keeping unary equations it comes from now (None

@@ -38,14 +38,16 @@ class Apply:
 
   rules: dict = {}  # APPLY_RULES, set below
 
-  def __init__(self, *, key=None, fallbacks=None, product: str = "auto", siblings=True):
+  def __init__(self, *, key=None, fallbacks=None, product: str = "auto", siblings=True,
+               recompute=False):
     self.key, self.product, self.siblings = key, product, siblings
+    self.recompute = recompute
     self.fallbacks = [] if fallbacks is None else fallbacks
     self._count = 0
 
   def with_key(self, key) -> "Apply":
     return Apply(key=key, fallbacks=self.fallbacks, product=self.product,
-                 siblings=self.siblings)
+                 siblings=self.siblings, recompute=self.recompute)
 
   def dots(self, group) -> list:
     """Outputs of sibling ``dot_general``s ``[(eqn, invals), ...]`` (one activation), computed

@@ -29,7 +29,8 @@ class StepOutput(NamedTuple):
 
 def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                has_aux: bool = False, donate: bool = False, jit: bool = True,
-               product: str = "auto", siblings: bool = True) -> Callable:
+               product: str = "auto", siblings: bool = True,
+               recompute_inputs: bool = True) -> Callable:
   """A LoRA training step for ``loss_fn(params, batch)``, which sees ``params`` as if merged.
 
   Args:
@@ -45,6 +46,8 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     product: how adapted products and their backward pass are computed (``lora_jax.lora``'s
       ``product``: ``"auto"``, ``"factored"``, ``"merged_weight"`` or ``"autodiff"``).
     siblings: compute products that share an activation together (``lora_jax.lora``'s).
+    recompute_inputs: recompute the adapted products' cheap inputs in the backward pass
+      instead of keeping them (``lora_jax.lora``'s).
 
   Returns:
     ``step(base, adapters, opt_state, batch, *, key=None) -> StepOutput(adapters, opt_state,
@@ -55,7 +58,8 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
     >>> opt_state = optax.adamw(1e-3).init(adapters)
     >>> adapters, opt_state, loss, _ = step(params, adapters, opt_state, batch)
   """
-  grad_fn = value_and_grad(loss_fn, has_aux=has_aux, product=product, siblings=siblings)
+  grad_fn = value_and_grad(loss_fn, has_aux=has_aux, product=product, siblings=siblings,
+                           recompute_inputs=recompute_inputs)
 
   def step(base, adapters, opt_state, batch, *, key=None) -> StepOutput:
     value, grads = grad_fn(base, adapters, batch, lora_dropout_key=key)
@@ -69,15 +73,16 @@ def train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
 
 
 def value_and_grad(loss_fn: Callable, *, has_aux: bool = False, product: str = "auto",
-                   siblings: bool = True) -> Callable:
+                   siblings: bool = True, recompute_inputs: bool = True) -> Callable:
   """``jax.value_and_grad`` for LoRA: differentiates with respect to the trainable tree only.
 
   Returns ``f(base, adapters, *args, **kwargs) -> (value, grads)``, where value is
   ``loss_fn(merge(base, adapters), *args, **kwargs)`` (computed factored) and ``grads`` has the
   trainable tree's structure (A, B and any trained extras). The base is never differentiated.
-  ``product`` and ``siblings`` are ``lora_jax.lora``'s.
+  ``product``, ``siblings`` and ``recompute_inputs`` are ``lora_jax.lora``'s.
   """
-  adapted = lora(loss_fn, product=product, siblings=siblings)
+  adapted = lora(loss_fn, product=product, siblings=siblings,
+                 recompute_inputs=recompute_inputs)
 
   def f(base, adapters, *args, **kwargs):
     objective = lambda a: adapted(base, a, *args, **kwargs)  # noqa: E731

@@ -90,7 +90,8 @@ def _inputs(base, trainable) -> list:
   return inputs
 
 
-def lora(fn, *, product: str = "auto", siblings: bool = True):
+def lora(fn, *, product: str = "auto", siblings: bool = True,
+         recompute_inputs: bool = True):
   """Transforms ``fn(params, *args, **kwargs)`` to ``adapted(base, adapters, *args, **kwargs)``.
 
   The result equals ``fn(lora_jax.merge(base, adapters), *args, **kwargs)``, but every matrix
@@ -116,6 +117,13 @@ def lora(fn, *, product: str = "auto", siblings: bool = True):
       activation (q, k and v; gate and up) together: ``x @ [A_q|A_k|A_v]`` as one product,
       and in the backward pass their A gradients and share of dx as one product each.
       Adapters with dropout drawn run on their own.
+    recompute_inputs: (default on) keep out of the backward pass's memory the adapted
+      products' inputs
+      that are cheap to compute again (elementwise results: a norm's output, silu(g)·u),
+      which the frozen model's own backward pass does not keep: each is computed again from
+      the start of its elementwise chain under a ``jax.checkpoint`` that saves nothing, so
+      only the chain's starting values (kept by the frozen backward pass anyway) are kept.
+      A product's output (attention's, the input of o_proj) is kept as it is.
 
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
@@ -140,7 +148,7 @@ def lora(fn, *, product: str = "auto", siblings: bool = True):
                          per_example=per_example))
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
     ctx = _rules.Apply(key=lora_dropout_key, product=product,
-                       siblings=siblings and product != "autodiff")
+                       siblings=siblings and product != "autodiff", recompute=recompute_inputs)
     outs = _interpret.run(closed, _inputs(base, adapters) + dyn, ctx)
     _warn(ctx.fallbacks)
     return jax.tree_util.tree_unflatten(out_def, outs)

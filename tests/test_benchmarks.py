@@ -80,7 +80,7 @@ def test_median_round_keeps_the_median_run():
 def test_the_registry_holds_exactly_the_rows_that_rows_accepts():
   bench = _bench()
   rows = ["frozen_bound", "lora", "lora_autodiff", "lora_factored", "lora_merged_weight",
-          "dora", "pissa", "olora", "merged", "full", "qlora_nf4",
+          "lora_siblings", "dora", "pissa", "olora", "merged", "full", "qlora_nf4",
           "qlora_int8", "qwix", "qwix_qlora_nf4", "peft_eager", "peft_compiled",
           "infer"]  # the docstring's order
   assert list(bench.ROWS) == rows and bench.parse([]).rows == ",".join(rows)  # default: all
@@ -93,8 +93,8 @@ def test_the_registry_holds_exactly_the_rows_that_rows_accepts():
       "scan/frozen_bound", "scan/lora", "scan/merged", "scan/full"]
   assert bench.planned(bench.parse(everything + ["--compile-only", "--layers", "unroll"])) == [
       "unroll/frozen_bound", "unroll/lora", "unroll/lora_autodiff", "unroll/lora_factored",
-      "unroll/lora_merged_weight", "unroll/dora", "unroll/pissa", "unroll/olora",
-      "unroll/merged", "unroll/full",
+      "unroll/lora_merged_weight", "unroll/lora_siblings", "unroll/dora", "unroll/pissa",
+      "unroll/olora", "unroll/merged", "unroll/full",
       "unroll/qlora_nf4",
       "unroll/qlora_int8", "unroll/qwix", "unroll/qwix_qlora_nf4"]
   assert set(bench.report.DESCRIPTIONS) == set(rows) - {"infer"}  # every training row's words

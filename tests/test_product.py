@@ -1,19 +1,23 @@
-"""The hand-written backward of the adapted product (``lora(fn, product=...)``): forward and
-A/B gradients of "factored", "merged_weight" and "auto" against a float64 dense reference
+"""The LoRA step's products (``lora(fn, product=..., siblings=..., recompute_inputs=...)``):
+forward and A/B gradients of the hand-written backward ("factored", "merged_weight",
+"auto"), of sibling groups and of recomputed inputs against a float64 dense reference
 (merge in float64, then autodiff) and against autodiff of the factored form, in every model
 style, on the reference Llama (scanned and unrolled), with dropout, DoRA and odd layouts."""
+
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import lora_jax
 import test_models
 from _models import ALL_CASES
 from _utils import assert_trees_close, randomize_b
-from test_transform import _reference
 from lora_jax import _product, models
+from test_transform import _reference
 from test_train import BIG, _dots_into_big_weight
 
 HAND = ["factored", "merged_weight", "auto"]
@@ -24,8 +28,8 @@ def _loss(fn):
   return lambda p, x: jnp.mean(jnp.sin(jax.tree_util.tree_leaves(fn(p, x))[0]))
 
 
-def _value_and_grad(fn, params, adapters, x, *, product, key=None):
-  f = lora_jax.value_and_grad(_loss(fn), product=product)
+def _value_and_grad(fn, params, adapters, x, *, product, key=None, **options):
+  f = lora_jax.value_and_grad(_loss(fn), product=product, **options)
   return jax.jit(f)(params, adapters, x, lora_dropout_key=key)
 
 
@@ -251,3 +255,31 @@ def test_siblings_with_dropout_run_apart_with_the_same_masks(monkeypatch):
   want = jax.jit(f)(params, adapters, IDS, lora_dropout_key=key)
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
   assert_trees_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+
+
+def _activations_kept(fn, params, adapters, capsys, **options) -> int:
+  """How many activation-sized values ((2, 8, d) or (2, 8, ffn)) the backward pass keeps."""
+  capsys.readouterr()
+  print_saved_residuals(
+      lambda a: lora_jax.lora(_loss(fn), **options)(params, a, IDS), adapters)
+  lines = capsys.readouterr().out.splitlines()
+  shape = re.compile(r"[\[,]2,8,(32|48)\]")
+  return sum(bool(shape.search(line)) and "argument" not in line for line in lines)
+
+
+@pytest.mark.parametrize("product", ["factored", "merged_weight", "autodiff"])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_recomputed_inputs_equal_the_reference_and_are_not_kept(scan, product, capsys):
+  fn, params = _llama(scan)
+  adapters = _adapters(fn, params, IDS)
+  got = _value_and_grad(fn, params, adapters, IDS, product=product, recompute_inputs=True)
+  want, want_grads = _dense_reference(fn, params, adapters, IDS)
+  np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-6)
+  for g, ref in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want_grads)):
+    np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+  kept = _activations_kept(fn, params, adapters, capsys, product=product,
+                           recompute_inputs=False)
+  fewer = _activations_kept(fn, params, adapters, capsys, product=product,
+                            recompute_inputs=True)
+  layers = test_models.TINY["llama"]["num_hidden_layers"]
+  assert kept - fewer >= 3 * (1 if scan else layers)  # two norm outputs and silu(g)·u a layer
