@@ -162,7 +162,8 @@ class Siblings:
   of one attention layer. At the first of them, the later ones' kernels are brought forward
   (the casts, transposes and reshapes that make them run early: pure equations on a kernel)
   and ``ctx.dots`` computes the group at once; what it computed is kept in ``done`` for the
-  loop to take when it reaches those equations."""
+  loop to take when it reaches those equations. With ``ctx.recompute``, a group whose
+  activation is an elementwise result runs inside ``recomputing``'s ``jax.checkpoint``."""
 
   def __init__(self, jaxpr, env: dict, ctx):
     self.jaxpr, self.env, self.ctx = jaxpr, env, ctx

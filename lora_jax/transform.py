@@ -4,9 +4,12 @@ How it works, with public APIs only: ``fn`` is traced to a jaxpr (``jax.make_jax
 base shapes, then that jaxpr is evaluated by a small interpreter (``lora_jax._interpret``) in
 which every targeted kernel is a ``Kernel`` value: the base array plus its adapter. Casts and
 transposes of a ``Kernel`` stay ``Kernel``s; a ``dot_general`` with a ``Kernel`` operand becomes
-the factored product ``x@W + s·((x@A)@B)`` (no W-sized array is ever formed, so the backward
-pass builds no weight gradient); any other use falls back to the merged kernel ``W + s·A@B``,
-with a ``LoraFallbackWarning``. Equations no kernel flows into are re-bound unchanged.
+the adapted product ``x@W + s·((x@A)@B)`` with a hand-written backward pass that builds no
+weight gradient (``lora_jax._product``: factored, or through a temporary ``W' = W + s·A@B``
+where that costs fewer multiplies; products sharing an activation are grouped, and cheap
+inputs are recomputed rather than kept); any other use falls back to the merged kernel
+``W + s·A@B``, with a ``LoraFallbackWarning``. Equations no kernel flows into are re-bound
+unchanged.
 """
 
 from __future__ import annotations
