@@ -165,8 +165,12 @@ def test_quant_bytes_counts_the_1b_shape_from_abstract_shapes():
 
 def _many():
   sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling generate.py
-  spec = importlib.util.spec_from_file_location("many_adapters", ROOT / "benchmarks" /
-                                                "many_adapters.py")
+  return _load("many_adapters")
+
+
+def _load(name: str):
+  """``benchmarks/<name>.py`` loaded as a module, by path."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -205,11 +209,7 @@ def test_many_adapters_memory_rows_measure_the_banks_arrays():
 
 
 def _readme_table():
-  spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" /
-                                                "readme_table.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return _load("readme_table")
 
 
 def _gpu_report():
