@@ -283,3 +283,22 @@ def test_recomputed_inputs_equal_the_reference_and_are_not_kept(scan, product, c
                             recompute_inputs=True)
   layers = test_models.TINY["llama"]["num_hidden_layers"]
   assert kept - fewer >= 3 * (1 if scan else layers)  # two norm outputs and silu(g)·u a layer
+
+
+@pytest.mark.parametrize("product", HAND)
+def test_siblings_whose_factors_differ_beyond_the_rank_run_apart(product):
+  k = iter(jax.random.split(jax.random.key(0), 4))  # two stacks of 2 and 3 layers, one x:
+  params = {"two": {"kernel": jax.random.normal(next(k), (2, 8, 8))},  # A (2, 8, r) and
+            "three": {"kernel": jax.random.normal(next(k), (3, 8, 8))}}  # (3, 8, r): apart
+
+  def fn(p, x):
+    h = jnp.tanh(x)
+    return jnp.concatenate([jnp.einsum("nd,ldk->lnk", h, p["two"]["kernel"]),
+                            jnp.einsum("nd,ldk->lnk", h, p["three"]["kernel"])])
+
+  x = jax.random.normal(next(k), (16, 8))
+  config = lora_jax.LoraConfig(targets=".*", rank=2, axes_pattern={".*": "lio"})
+  adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(1)),
+                         jax.random.key(2))
+  _check(fn, params, adapters, x, product)
+
