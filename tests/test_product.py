@@ -302,3 +302,17 @@ def test_siblings_whose_factors_differ_beyond_the_rank_run_apart(product):
                          jax.random.key(2))
   _check(fn, params, adapters, x, product)
 
+
+@pytest.mark.parametrize("product", HAND)
+def test_an_integer_activation_gets_no_cotangent(product):
+  k = iter(jax.random.split(jax.random.key(0), 2))
+  params = {"w": {"kernel": jax.random.normal(next(k), (8, 8))},
+            "v": {"kernel": jax.random.normal(next(k), (8, 8))}}
+
+  def fn(p, x):  # int32 x with a float kernel (64 rows: "auto" takes W')
+    dot = lambda w: jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())),  # noqa: E731
+                                        preferred_element_type=w.dtype)
+    return dot(p["w"]["kernel"]) * dot(p["v"]["kernel"])
+
+  x = jnp.asarray(np.random.RandomState(0).randint(-2, 3, (64, 8)), jnp.int32)
+  _check(fn, params, _adapters(fn, params, x, rank=2), x, product)
