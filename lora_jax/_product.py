@@ -129,6 +129,8 @@ def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
       d_seconds.append(d_second)
     d_first = _einsum(f"{x_sub},{t_sub}->{first_sub}", x, _concat(dts, -1), opts=opts,
                       like=firsts[0])
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # integer x (ids): no cotangent
+      return None, [None] * len(ws), _split(d_first, widths, r_first), d_seconds
     dx = _factored_dx(members, firsts, dts, x_sub=x_sub, opts=opts, like=x)
     for m, w, first, second, dy in zip(members, ws, firsts, seconds, dys):
       if m.merged:

@@ -278,9 +278,9 @@ def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
 
 def _apply_dots(group, ctx: Apply) -> list:
   """Sibling products (``_interpret.Siblings``): those on the hand-written route with the
-  same x, subscripts of x, A and t, factor dtype and precision, and no adapter dropout
-  drawn, computed as one group; None for the rest (each then runs on its own, in order, so
-  dropout keys are drawn as without grouping)."""
+  same x, subscripts of x, A and t, A's shape but for its rank, factor dtype and precision,
+  and no adapter dropout drawn, computed as one group; None for the rest (each then runs on
+  its own, in order, so dropout keys are drawn as without grouping)."""
   picked = []
   for eqn, invals in group:
     operand = _kernel_operand(eqn, invals, ctx)
@@ -293,7 +293,9 @@ def _apply_dots(group, ctx: Apply) -> list:
 
   def key(item):
     eqn, k, _, (_, terms, x_sub, _) = item
-    return (x_sub, terms.first_sub, terms.t_sub, k.dense().dtype, _opts_key(eqn))
+    r = terms.first_sub.index("r")  # the first factors are concatenated along r: alike elsewhere
+    shape = terms.first.shape[:r] + terms.first.shape[r + 1:]
+    return (x_sub, terms.first_sub, terms.t_sub, shape, k.dense().dtype, _opts_key(eqn))
 
   first = picked[0]
   if first is None:
