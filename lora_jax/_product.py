@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from lora_jax import _interpret
 from lora_jax.adapters import Terms
@@ -102,11 +103,9 @@ def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
   r_first = first_sub.index("r")
   t_spec = f"{x_sub},{first_sub}->{t_sub}"
 
-  @jax.custom_vjp
-  def f(x, ws, firsts, seconds):
-    return fwd(x, ws, firsts, seconds)[0]
+  needs = {}  # which inputs are differentiated, as fwd learns it (symbolic zeros)
 
-  def fwd(x, ws, firsts, seconds):
+  def forward(x, ws, firsts, seconds):
     widths = [a.shape[r_first] for a in firsts]
     t = jnp.einsum(t_spec, x, _concat(firsts, r_first), **opts)
     outs = []
@@ -118,8 +117,20 @@ def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
                                t_m * jnp.asarray(m.scale, t_m.dtype), second, **opts))
     return outs, (x, ws, firsts, seconds, t)
 
+  @jax.custom_vjp
+  def f(x, ws, firsts, seconds):
+    return forward(x, ws, firsts, seconds)[0]
+
+  def fwd(x, ws, firsts, seconds):
+    needs["x"] = x.perturbed and jnp.issubdtype(x.value.dtype, jnp.inexact)
+    needs["w"] = [w is not None and w.perturbed for w in ws]
+    value = lambda p: None if p is None else p.value  # noqa: E731
+    return forward(x.value, [value(w) for w in ws], [a.value for a in firsts],
+                   [b.value for b in seconds])
+
   def bwd(res, dys):
     x, ws, firsts, seconds, t = res
+    dys = [jnp.zeros(dy.shape, dy.dtype) if isinstance(dy, SymbolicZero) else dy for dy in dys]
     widths = [a.shape[r_first] for a in firsts]
     dts, d_seconds = [], []
     for m, second, t_m, dy in zip(members, seconds, _split(t, widths, -1), dys):
@@ -129,19 +140,35 @@ def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
       d_seconds.append(d_second)
     d_first = _einsum(f"{x_sub},{t_sub}->{first_sub}", x, _concat(dts, -1), opts=opts,
                       like=firsts[0])
-    if not jnp.issubdtype(x.dtype, jnp.inexact):  # integer x (ids): no cotangent
-      return None, [None] * len(ws), _split(d_first, widths, r_first), d_seconds
-    dx = _factored_dx(members, firsts, dts, x_sub=x_sub, opts=opts, like=x)
-    for m, w, first, second, dy in zip(members, ws, firsts, seconds, dys):
-      if m.merged:
-        w_prime = _merged(m, w, first, second)
-        (d,) = jax.linear_transpose(lambda x, w_prime=w_prime, m=m: m.base_product(x, w_prime),
-                                    x)(dy)
-        dx = d if dx is None else dx + d
-    return dx, [None] * len(ws), _split(d_first, widths, r_first), d_seconds
+    dws = [_weight_cotangent(m, x, w, dy) if need else None
+           for m, w, dy, need in zip(members, ws, dys, needs["w"])]
+    dx = _dx(members, x, ws, firsts, seconds, dts, dys, x_sub=x_sub, opts=opts)
+    return (dx if needs["x"] else None), dws, _split(d_first, widths, r_first), d_seconds
 
-  f.defvjp(fwd, bwd)
+  f.defvjp(fwd, bwd, symbolic_zeros=True)
   return f
+
+
+def _weight_cotangent(member: Member, x, w, dy):
+  """dW for a W' member whose base kernel is itself differentiated (not in LoRA training,
+  where W is frozen and this is never formed): y = x@W' and dW'/dW = 1."""
+  (dw,) = jax.linear_transpose(lambda w_: member.base_product(x, w_), w)(dy)
+  return dw
+
+
+def _dx(members, x, ws, firsts, seconds, dts, dys, *, x_sub: str, opts: dict):
+  """x's cotangent: the factored members' share in one product, plus ``dy W'ᵀ`` for each W'
+  member (its kernel formed again); None for an integer x (token ids)."""
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return None
+  dx = _factored_dx(members, firsts, dts, x_sub=x_sub, opts=opts, like=x)
+  for m, w, first, second, dy in zip(members, ws, firsts, seconds, dys):
+    if m.merged:
+      w_prime = _merged(m, w, first, second)
+      (d,) = jax.linear_transpose(lambda x, w_prime=w_prime, m=m: m.base_product(x, w_prime),
+                                  x)(dy)
+      dx = d if dx is None else dx + d
+  return dx
 
 
 def _factored_dx(members, firsts, dts, *, x_sub: str, opts: dict, like):

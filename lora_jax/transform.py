@@ -116,6 +116,8 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
       ``"merged_weight"`` where it costs fewer multiplies (N·(in + out) > 2·in·out for N
       activation rows), else ``"factored"``. Adapter dropout, a quantized base and DoRA's
       transposed uses keep the factored form; banks use autodiff (``lora_jax._product``).
+      The hand-written forms are reverse-mode only (``jax.custom_vjp``): for ``jax.jvp``,
+      ``jacfwd`` or ``hessian`` of the adapted function pass ``product="autodiff"``.
     siblings: with a hand-written ``product``, compute the adapted products that share one
       activation (q, k and v; gate and up) together: ``x @ [A_q|A_k|A_v]`` as one product,
       and in the backward pass their A gradients and share of dx as one product each.
