@@ -72,6 +72,13 @@ class Kernel:
   def roles(self) -> str | None:
     return None if self.adapter is None else self.adapter.axes
 
+  @property
+  def dtype(self):
+    """The dtype of ``dense()``, without forming it."""
+    if isinstance(self.w, Lazy):
+      return self.w.ops[-1].outvars[0].aval.dtype if self.w.ops else self.w.kind.dtype
+    return self.w.dtype
+
   def dense(self):
     """The base kernel as a dense array."""
     return self.w.dense() if isinstance(self.w, Lazy) else kernels.dense(self.w)
@@ -141,11 +148,10 @@ def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
   return [read(v) for v in jaxpr.outvars]
 
 
-_KEEPS_KERNEL = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "copy",
-                           "copy_p", "sharding_constraint"})
-_CHEAP = _KEEPS_KERNEL | {"broadcast_in_dim", "mul", "add", "sub", "div", "neg", "rsqrt",
-                          "sqrt", "exp", "log", "logistic", "tanh", "max", "min", "integer_pow",
-                          "pow", "square", "abs", "erf", "select_n"}
+_CHEAP = frozenset({"convert_element_type", "transpose", "reshape", "squeeze", "copy",
+                    "copy_p", "broadcast_in_dim", "mul", "add", "sub", "div", "neg", "rsqrt",
+                    "sqrt", "exp", "log", "logistic", "tanh", "max", "min", "integer_pow",
+                    "pow", "square", "abs", "erf", "select_n"})  # layout and elementwise
 _CHAIN = 32  # equations at most in a recomputed chain
 
 
@@ -256,7 +262,7 @@ class Siblings:
     if i is None or depth > 8:
       return None
     eqn = self.jaxpr.eqns[i]
-    if eqn.primitive.name not in _KEEPS_KERNEL or len(eqn.invars) != 1:
+    if eqn.primitive.name not in self.ctx.keeps_kernel or len(eqn.invars) != 1:
       return None
     k = self.force(eqn.invars[0], depth + 1)
     if not isinstance(k, Kernel):

@@ -56,18 +56,14 @@ def _einsum(spec: str, *operands, opts: dict, like):
   return jnp.einsum(spec, *operands, **opts).astype(like.dtype)
 
 
-def _backward_terms(terms: Terms, x_sub: str, out_sub: str, scale: float, opts: dict,
-                    x, first, second, t, dy):
-  """dt, d(first), d(second) of one member from t = x@first (unscaled) and its output's
-  cotangent; d(first) is None here when the group forms it (``x`` None)."""
+def _backward_terms(terms: Terms, out_sub: str, scale: float, opts: dict, second, t, dy):
+  """dt and d(second) of one member from t = x@first (unscaled) and its output's cotangent
+  (d(first) is the group's: one product over every member's dt)."""
   d_second = _einsum(f"{terms.t_sub},{out_sub}->{terms.second_sub}", t * scale, dy,
                      opts=opts, like=second)
   dt = _einsum(f"{out_sub},{terms.second_sub}->{terms.t_sub}", dy, second, opts=opts,
                like=t) * jnp.asarray(scale, t.dtype)
-  if x is None:
-    return dt, None, d_second
-  d_first = _einsum(f"{x_sub},{terms.t_sub}->{terms.first_sub}", x, dt, opts=opts, like=first)
-  return dt, d_first, d_second
+  return dt, d_second
 
 
 def _merged(member: Member, w, first, second):
@@ -134,8 +130,7 @@ def products(members: tuple[Member, ...], *, x_sub: str, opts: dict):
     widths = [a.shape[r_first] for a in firsts]
     dts, d_seconds = [], []
     for m, second, t_m, dy in zip(members, seconds, _split(t, widths, -1), dys):
-      dt, _, d_second = _backward_terms(m.terms, x_sub, m.out_sub, m.scale, opts, None,
-                                        None, second, t_m, dy)
+      dt, d_second = _backward_terms(m.terms, m.out_sub, m.scale, opts, second, t_m, dy)
       dts.append(dt)
       d_seconds.append(d_second)
     d_first = _einsum(f"{x_sub},{t_sub}->{first_sub}", x, _concat(dts, -1), opts=opts,

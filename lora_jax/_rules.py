@@ -37,6 +37,7 @@ class Apply:
   """One ``lora(fn)`` evaluation: the dropout key and the merged fallbacks seen."""
 
   rules: dict = {}  # APPLY_RULES, set below
+  keeps_kernel: frozenset = frozenset()  # KEEPS_KERNEL, set below
 
   def __init__(self, *, key=None, fallbacks=None, product: str = "auto", siblings=True,
                recompute=False):
@@ -203,7 +204,7 @@ def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
     x = _dropout(x, k.adapter.dropout, ctx.next_key())
   extra = k.adapter.product(
       x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted=contracted, batched=batched,
-      dtype=k.dense().dtype, **_opts(eqn))
+      dtype=k.dtype, **_opts(eqn))
   return extra, out_sub
 
 
@@ -224,7 +225,7 @@ def _route(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
   merged_ok = not dropping and _product.dense_base(k)
   route = ctx.product
   if route == "auto":
-    cheaper = merged_ok and _product.cheaper_merged(x.shape, k.dense().shape, x_sub=x_sub,
+    cheaper = merged_ok and _product.cheaper_merged(x.shape, k.w.shape, x_sub=x_sub,
                                                     terms=terms)
     route = "merged_weight" if cheaper else "factored"
   if route == "merged_weight" and not merged_ok:
@@ -235,24 +236,25 @@ def _route(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
 def _member(eqn, x, k: Kernel, kernel_is_lhs: bool, route):
   """``route``'s ``_product.Member`` and its arrays: (member, w or None, first, second)."""
   name, terms, _, out_sub = route
-  w = k.dense()
   base_product = None
   if name == "merged_weight":
     def base_product(x, w):
       return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
   member = _product.Member(terms, out_sub, float(k.adapter.scale), base_product)
-  return (member, w if member.merged else None, terms.first.astype(w.dtype),
-          terms.second.astype(w.dtype))
+  return (member, k.dense() if member.merged else None, terms.first.astype(k.dtype),
+          terms.second.astype(k.dtype))
 
 
-def _hand_vjp_dots(items, x, ctx: Apply) -> list:
+def _hand_vjp_dots(items, x, ctx: Apply, *, dropped=None) -> list:
   """Adapted ``dot_general``s ``[(eqn, k, kernel_is_lhs, route), ...]`` that share x (and
   the subscripts of x, A and t), through one ``_product.products``: their A factors are
-  applied to x as one product."""
+  applied to x as one product. ``dropped``: x after adapter dropout, the adapters' input
+  (one factored member; the base product keeps x)."""
   parts = [_member(eqn, x, k, lhs, route) for eqn, k, lhs, route in items]
   eqn, _, _, (_, _, x_sub, _) = items[0]
   outs = _product.products(tuple(p[0] for p in parts), x_sub=x_sub, opts=_opts(eqn))(
-      x, [p[1] for p in parts], [p[2] for p in parts], [p[3] for p in parts])
+      x if dropped is None else dropped, [p[1] for p in parts], [p[2] for p in parts],
+      [p[3] for p in parts])
   results = []
   for (eqn, k, lhs, route), (member, *_), out in zip(items, parts, outs):
     if not member.merged:
@@ -264,16 +266,11 @@ def _hand_vjp_dots(items, x, ctx: Apply) -> list:
 
 def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
   """One adapted ``dot_general(x, W)`` through ``lora_jax._product``'s backward; adapter
-  dropout (factored only) applies to the adapter's x, not the base product's."""
-  if route[0] == "merged_weight" or not (k.adapter.dropout and ctx.key is not None):
-    return _hand_vjp_dots([(eqn, k, kernel_is_lhs, route)], x, ctx)[0]
-  dropped = _dropout(x, k.adapter.dropout, ctx.next_key())
-  member, _, first, second = _member(eqn, x, k, kernel_is_lhs, route)
-  (extra,) = _product.products((member,), x_sub=route[2], opts=_opts(eqn))(
-      dropped, [None], [first], [second])
-  base = _base_dot(eqn, k, x, kernel_is_lhs)
-  return [k.adapter.rescaled(base + extra.astype(base.dtype), w=k.dense, present=k.axes,
-                             out_sub=route[3])]
+  dropout (factored only: ``_route``) applies to the adapter's x, not the base product's."""
+  dropped = None
+  if k.adapter.dropout and ctx.key is not None:
+    dropped = _dropout(x, k.adapter.dropout, ctx.next_key())
+  return _hand_vjp_dots([(eqn, k, kernel_is_lhs, route)], x, ctx, dropped=dropped)[0]
 
 
 def _apply_dots(group, ctx: Apply) -> list:
@@ -295,7 +292,7 @@ def _apply_dots(group, ctx: Apply) -> list:
     eqn, k, _, (_, terms, x_sub, _) = item
     r = terms.first_sub.index("r")  # the first factors are concatenated along r: alike elsewhere
     shape = terms.first.shape[:r] + terms.first.shape[r + 1:]
-    return (x_sub, terms.first_sub, terms.t_sub, shape, k.dense().dtype, _opts_key(eqn))
+    return (x_sub, terms.first_sub, terms.t_sub, shape, k.dtype, _opts_key(eqn))
 
   first = picked[0]
   if first is None:
@@ -612,4 +609,5 @@ ANALYZE_RULES = {**_UNARY, "dot_general": _analyze_dot, "reshape": _analyze_resh
                  "conv_general_dilated": _analyze_conv}
 
 Apply.rules = APPLY_RULES
+Apply.keeps_kernel = frozenset(_UNARY) | {"reshape", "squeeze"}  # a kernel stays a kernel
 Analyze.rules = ANALYZE_RULES

@@ -123,12 +123,12 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
       and in the backward pass their A gradients and share of dx as one product each.
       Adapters with dropout drawn run on their own.
     recompute_inputs: (default on) keep out of the backward pass's memory the adapted
-      products' inputs
-      that are cheap to compute again (elementwise results: a norm's output, silu(g)·u),
-      which the frozen model's own backward pass does not keep: each is computed again from
-      the start of its elementwise chain under a ``jax.checkpoint`` that saves nothing, so
-      only the chain's starting values (kept by the frozen backward pass anyway) are kept.
-      A product's output (attention's, the input of o_proj) is kept as it is.
+      products' inputs that are cheap to compute again (elementwise results: a norm's
+      output, silu(g)·u), which the frozen model's own backward pass does not keep: the
+      products of such an input run inside a ``jax.checkpoint`` that keeps only products'
+      outputs (``dots_saveable``), starting from its elementwise chain's inputs, so the
+      backward pass computes the input again. A product's output (attention's, the input
+      of o_proj) is kept as it is.
 
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
