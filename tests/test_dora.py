@@ -240,12 +240,21 @@ def test_exported_dora_gives_peft_our_outputs(tmp_path):
   config = lora_jax.LoraConfig(targets=TARGETS, rank=4, alpha=8, use_dora=True)
   adapters = _dora_tree(params, config, uses)
   ours = jax.jit(lora_jax.lora(model.apply))(params, adapters, IDS)
-  lora_jax.peft.export_peft(tmp_path, adapters, config=config)
-  loaded = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
-  with torch.no_grad():
-    theirs = loaded(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+  theirs = peft_logits_of_export(tmp_path, hf, adapters, config=config)
   assert np.abs(theirs - np.asarray(ours)).max() <= 1e-4
   assert np.abs(theirs - np.asarray(model.apply(params, IDS))).max() > 1e-2  # DoRA matters
+
+
+def peft_logits_of_export(folder, hf, adapters, **export):
+  """PEFT's logits on IDS for ``adapters`` written by ``export_peft(folder, ...)`` and loaded
+  onto the torch model ``hf``."""
+  import peft
+  import torch
+
+  lora_jax.peft.export_peft(folder, adapters, **export)
+  loaded = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
+  with torch.no_grad():
+    return loaded(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 import lora_jax
 import test_models
-from test_dora import _peft_llama  # the tiny torch Llama and its Flax twins
+from test_dora import _peft_llama, peft_logits_of_export  # the tiny torch Llama, its twins
 from _models import nnx_case, nnx_stack_case
 from lora_jax import models
 
@@ -247,10 +247,9 @@ def test_exported_conversion_gives_peft_our_outputs(tmp_path, init):
   base, initial = lora_jax.init_with_base(config, params, key=jax.random.key(1), uses=uses)
   trained = _moved(initial)
   ours = jax.jit(lora_jax.lora(model.apply))(base, trained, IDS)
-  lora_jax.peft.export_peft(tmp_path, trained, config=config, initial=initial)
+  theirs = peft_logits_of_export(tmp_path, hf, trained, config=config, initial=initial)
   written = json.loads((tmp_path / "adapter_config.json").read_text())
   assert written["r"] == 8 and written["init_lora_weights"] is True
-  theirs = _logits(torch, peft.PeftModel.from_pretrained(hf, str(tmp_path)))
   assert np.abs(theirs - np.asarray(ours)).max() <= 1e-4
   assert np.abs(theirs - np.asarray(model.apply(params, IDS))).max() > 1e-3  # training matters
 
