@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _tree, family
+from lora_jax import _files, _tree, family
 from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, factor_shapes, split, static_scale
 from lora_jax.config import BIASES, LoraConfig, is_real
@@ -354,7 +354,7 @@ def _write_atomic(path: pathlib.Path, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
+    _files.publish(tmp)  # mkstemp's file is the owner's only (0600)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)

@@ -645,9 +645,10 @@ def export_peft(run, out) -> pathlib.Path:
     raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
   initial = None if task.initial is None else jax.device_get(task.initial)
   hub_name = HUB_NAMES.get(task.options.model, task.options.model)
-  lora_jax.peft.export_peft(out, jax.device_get(trainable), config=task.lora_config,
-                            initial=initial, base_model_name_or_path=hub_name,
-                            task_type="CAUSAL_LM")
+  with runner.staged(out) as staging:
+    lora_jax.peft.export_peft(staging, jax.device_get(trainable), config=task.lora_config,
+                              initial=initial, base_model_name_or_path=hub_name,
+                              task_type="CAUSAL_LM")
   return out
 
 

@@ -272,8 +272,6 @@ def load(run) -> tuple[Classify, dict]:
   """A saved run's task (no data read) and its trainable tree, restored with
   ``lora_jax.checkpoint.restore`` (which checks the base)."""
   run = pathlib.Path(run)
-  if not (run / "config.json").is_file():
-    raise RunError(f"{run} is not a run folder (no config.json); train one with lora-jax train.")
   saved = runner.saved_config(run)
   task = Classify(ClassifyOptions.from_dict(saved["options"]), num_labels=saved["num_labels"],
                   total_steps=saved["total_steps"])
@@ -406,6 +404,8 @@ def export_peft(run, out) -> pathlib.Path:
   if task.options.pooling != "pooler":
     raise RunError(f"{run} classifies the mean of the token states, which no transformers "
                    f"class does; export it with lora-jax merge.")
-  lora_jax.peft.export_peft(out, trainable, config=task.lora_config, initial=task.initial,
-                            base_model_name_or_path=HUB_NAME, task_type="SEQ_CLS")
+  with runner.staged(out) as staging:
+    lora_jax.peft.export_peft(staging, trainable, config=task.lora_config,
+                              initial=task.initial, base_model_name_or_path=HUB_NAME,
+                              task_type="SEQ_CLS")
   return out

@@ -354,24 +354,56 @@ def _train(args) -> int:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
   with runner.RunLock(run):  # a second writer of this folder is refused
-    runner.check(run, overwrite=args.overwrite, resume=args.resume)
     if args.resume:
+      runner.check(run, overwrite=args.overwrite, resume=True)
       saved = runner.saved_config(run)
       task_name = saved.get("task", "classify")
       cls = options_class(task_name)
       given = given_options(args, cls) if task_name == task_of(args) or not getattr(
           args, "task", None) else _refuse_task(args.task, task_name)
+      given = _same_files(given, saved["options"])
       options = resumed(cls.from_dict(saved["options"]), given, total_steps=saved["total_steps"])
     else:
       task_name = task_of(args)
       options = options_from(args, options_class(task_name))
+    inputs = _inputs(args, options)
+    runner.check(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
     task = _new_task(task_name, options)  # data, weights and targets checked: nothing deleted
-    runner.prepare(run, overwrite=args.overwrite, resume=args.resume)
+    runner.prepare(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
     try:
       runner.train(task, run, resume=args.resume)
     except KeyboardInterrupt:
       return 130
   return 0
+
+
+FILES = ("data", "val", "model")  # options that name files or folders the run reads
+
+
+def _inputs(args, options) -> dict[str, str]:
+  """``{flag: path}`` of what a run reads: its data, model and ``--config`` file."""
+  found = {flag(name): getattr(options, name) for name in FILES
+           if getattr(options, name, None) and pathlib.Path(getattr(options, name)).exists()}
+  if getattr(args, "config", None):
+    found["--config"] = args.config
+  return found
+
+
+def _same_files(given: dict, saved: dict) -> dict:
+  """``given`` with each path that names the saved run's file (another spelling of it, e.g.
+  relative) replaced by the saved value, so ``--resume`` compares files, not strings."""
+  same = {}
+  for name in FILES:
+    mine, theirs = given.get(name), saved.get(name)
+    if not (isinstance(mine, str) and isinstance(theirs, str)) or mine == theirs:
+      continue
+    try:
+      if os.path.samefile(mine, theirs):
+        same[name] = theirs
+    except OSError:  # one of them is gone: compare the paths
+      if pathlib.Path(mine).resolve() == pathlib.Path(theirs).resolve():
+        same[name] = theirs
+  return {**given, **same}
 
 
 def _refuse_task(asked: str, saved: str):
@@ -390,10 +422,6 @@ def _new_task(task_name: str, options):
 def _saved_task(run) -> str:
   """The task of a saved run folder (``classify`` for runs saved before tasks had names)."""
   from lora_jax.app import runner
-  run = pathlib.Path(run)
-  if not (run / "config.json").is_file():
-    raise runner.RunError(f"{run} is not a run folder (no config.json); train one with "
-                          f"lora-jax train.")
   return runner.saved_config(run).get("task", "classify")
 
 
@@ -500,6 +528,9 @@ def main(argv=None) -> int:
   try:
     code = COMMANDS[args.command](args)
     return _interrupted() if code == 130 else code
+  except KeyboardInterrupt:  # the command's own clean-up (temporary folders) has run
+    print(f"lora-jax {args.command}: interrupted", file=sys.stderr)
+    return _interrupted()
   except OptionError as e:
     return _fail(f"lora-jax {args.command}: {flag(e.field)} {e.message}")
   except (FileNotFoundError, ValueError) as e:

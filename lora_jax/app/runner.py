@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
-import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,15 +30,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
 from lora_jax import checkpoint, sharding
+from lora_jax.app.folders import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
+                                  export_folder, interrupts_deferred, prepare, primary,
+                                  saved_config, staged, staging, sync)
 from lora_jax.app.options import OptionError, RunOptions
 
-CHECKPOINTS = "checkpoints"
 KEEP = 2  # checkpoints kept in a run folder
 MAX_SKIPPED = 5  # --skip-nonfinite: non-finite steps in a row before the run stops
-
-
-class RunError(ValueError):
-  """A problem with the run folder (one line for the command line)."""
 
 
 class Task(Protocol):
@@ -65,136 +60,9 @@ class Task(Protocol):
   def sizes(self) -> dict: ...  # for metrics.json (e.g. train_examples)
 
 
-# ----------------------------------------------------------------------- processes
-
-
-def primary() -> bool:
-  """Whether this process writes the run's files and prints (process 0 of a multi-host run)."""
-  return jax.process_index() == 0
-
-
-def sync(name: str) -> None:
-  """Waits for every process of a multi-host run (nothing to wait for with one)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
-class RunLock:
-  """An exclusive lock on a run folder, held for the run's life: ``fcntl.flock`` on a file
-  beside the folder (``runs/.NAME.lock``, so replacing the folder keeps it). The kernel drops
-  the lock when its process ends, however it ends (a SIGKILL included), so a lock left by a
-  killed run never blocks the next one. Only the primary process of a multi-host run locks."""
-
-  def __init__(self, run: pathlib.Path):
-    self.path = run.parent / f".{run.name}.lock"
-    self._file = None
-
-  def acquire(self) -> "RunLock":
-    if not primary():
-      return self
-    import fcntl
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    f = self.path.open("a+")
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-      f.seek(0)
-      holder = f.read().strip() or "another process"
-      f.close()
-      raise RunError(f"run folder {self.path.parent / self.path.name[1:-5]} is in use by "
-                     f"{holder}; wait for it to finish or stop it (two runs must not write "
-                     f"one folder).") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"process {os.getpid()} on {socket.gethostname()}")
-    f.flush()
-    self._file = f
-    return self
-
-  def release(self) -> None:
-    if self._file is not None:
-      self._file.close()  # closing the file drops the flock
-      self._file = None
-
-  def __enter__(self):
-    return self.acquire()
-
-  def __exit__(self, *exc):
-    self.release()
-
-
-def check(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  """Raises RunError, changing nothing, unless the run folder can be used as asked."""
-  if resume:
-    if not (run / "config.json").is_file():
-      raise RunError(f"{run} holds no run to resume (no config.json).")
-    return
-  if run.exists() and any(run.iterdir()) and not overwrite:
-    raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
-                   f"them or --resume to continue that run.")
-
-
-def staging(run: pathlib.Path) -> pathlib.Path:
-  """Where a new run writes until its first checkpoint: ``runs/.NAME.new``, beside the folder."""
-  return run.parent / f".{run.name}.new"
-
-
-def prepare(run: pathlib.Path, *, overwrite: bool, resume: bool) -> None:
-  """Checks the run folder and, for a new run, makes an empty staging folder beside it (a
-  leftover of a run that never reached its first checkpoint is removed: the lock is held).
-  The run folder itself is not touched until the new run has saved its first checkpoint."""
-  check(run, overwrite=overwrite, resume=resume)
-  if resume:
-    return
-  sync("lora_jax: run folder checked")  # every process has looked before one changes it
-  if primary():
-    shutil.rmtree(staging(run), ignore_errors=True)
-    staging(run).mkdir(parents=True)
-  sync("lora_jax: run folder ready")
-
-
-class Folder:
-  """The folder a run writes: the staging folder of a new run until ``promote`` (after its
-  first checkpoint) moves it into place, replacing an old run only then."""
-
-  def __init__(self, run: pathlib.Path, *, staged: bool):
-    self.run, self.staged = run, staged
-    self.path = staging(run) if staged else run
-
-  def promote(self) -> None:
-    if not self.staged:
-      return
-    sync("lora_jax: first checkpoint saved")
-    if primary():
-      old = self.run.parent / f".{self.run.name}.old"
-      shutil.rmtree(old, ignore_errors=True)
-      if self.run.exists():
-        self.run.rename(old)
-      self.path.rename(self.run)
-      shutil.rmtree(old, ignore_errors=True)
-    sync("lora_jax: run folder in place")
-    self.path, self.staged = self.run, False
-
-
 def write_json(path: pathlib.Path, value) -> None:
   if primary():
     path.write_text(json.dumps(value, indent=2, default=str, allow_nan=False) + "\n")
-
-
-def saved_config(run: pathlib.Path) -> dict:
-  """A run folder's ``config.json`` (its options and total steps).
-
-  Raises:
-    RunError: the file is not readable JSON (named).
-  """
-  path = run / "config.json"
-  try:
-    return json.loads(path.read_text())
-  except (OSError, ValueError) as e:
-    raise RunError(f"{path} is damaged ({type(e).__name__}: {e}); the run's options cannot be "
-                   f"read.") from None
-
 
 
 # ----------------------------------------------------------------------- optimizer
@@ -348,40 +216,6 @@ class Placement:
             for k, v in batch.items()}
 
 
-# ----------------------------------------------------------------------- exports
-
-
-def export_folder(run, out) -> pathlib.Path:
-  """``out``, unless it is (or is inside) a run folder, which an export must not overwrite."""
-  out, run = pathlib.Path(out), pathlib.Path(run)
-  for folder in (out, *out.resolve().parents):
-    if folder.resolve() == run.resolve() or (folder / CHECKPOINTS).is_dir():
-      raise RunError(f"--out {out} is inside the run folder {folder}; write the export "
-                     f"somewhere else (it would overwrite the run's files).")
-  return out
-
-
-class staged:
-  """A temporary folder beside ``out`` whose files move into ``out`` only once all are
-  written, so an interrupted export leaves no half-written file in ``out``."""
-
-  def __init__(self, out: pathlib.Path):
-    self.out = out
-
-  def __enter__(self) -> pathlib.Path:
-    import tempfile
-    self.out.parent.mkdir(parents=True, exist_ok=True)
-    self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
-    return self.tmp
-
-  def __exit__(self, kind, *_):
-    if kind is None:
-      self.out.mkdir(parents=True, exist_ok=True)
-      for f in self.tmp.iterdir():
-        f.replace(self.out / f.name)
-    shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------- the loop
 
 
@@ -433,9 +267,17 @@ def _restore(run: pathlib.Path, task: Task, opt_state):
 def train(task: Task, run, *, resume: bool = False) -> dict:
   """Trains ``task`` into the (prepared) run folder; returns the metrics summary. A checkpoint
   is written at every evaluation, so after Ctrl-C the last one is readable and ``resume=True``
-  continues from it."""
+  continues from it. A new run that ends before its first checkpoint (refused, failed or
+  interrupted) leaves nothing behind: its staging folder is removed."""
   run = pathlib.Path(run)
   folder = Folder(run, staged=not resume)
+  try:
+    return _train(task, run, folder, resume=resume)
+  finally:
+    folder.discard()
+
+
+def _train(task: Task, run: pathlib.Path, folder: Folder, *, resume: bool) -> dict:
   optimizer = optimizer_for(task.options, task.total_steps)
   trainable = task.trainable
   opt_state = jax.jit(optimizer.init)(trainable)
@@ -525,7 +367,7 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder, 
         _check_finite(_finite_tree(trainable), done, history, what="trained parameters")
         paused = time.perf_counter()
         scores = task.evaluate(trainable)
-        with _interrupts_deferred():  # Ctrl-C lands after the save, not inside orbax
+        with interrupts_deferred():  # Ctrl-C lands after the save, not inside orbax
           checkpoint.save(folder.path / CHECKPOINTS, done, trainable, config=task.lora_config,
                           base=task.base, opt_state=opt_state, data_position=done,
                           base_name=task.base_name, keep=KEEP)
@@ -563,23 +405,6 @@ def _interrupts_kept():
     yield lambda: bool(received)
   finally:
     signal.signal(signal.SIGINT, previous)
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-  """Holds SIGINT (Ctrl-C) until the block is done, then raises KeyboardInterrupt: a save is
-  never cut midway (orbax would print its threads' tracebacks)."""
-  if threading.current_thread() is not threading.main_thread():
-    yield
-    return
-  received = []
-  previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, previous)
-  if received:
-    raise KeyboardInterrupt
 
 
 def _finite_tree(tree) -> float:

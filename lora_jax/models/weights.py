@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _tree
+from lora_jax import _files, _tree
 from lora_jax._tree import listing
 from lora_jax.family import Family
 from lora_jax.models import bert, llama
@@ -604,6 +604,7 @@ def _write_folder(folder: pathlib.Path, tensors: dict, files: Mapping[str, bytes
         (tmp / name).write_text(data, encoding="utf-8")
       else:
         (tmp / name).write_bytes(data)
+    _files.publish(tmp)  # the umask's modes (save_file and mkdir's differ)
     if folder.is_dir():
       folder.rmdir()  # empty (checked before): the rename needs the name free on every OS
     tmp.rename(folder)
