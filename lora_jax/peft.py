@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _files, _tree, family
+from lora_jax import _files, _peft_checks, _tree, family
 from lora_jax._tree import listing
 from lora_jax.adapters import LoraWeights, factor_shapes, split, static_scale
 from lora_jax.config import BIASES, LoraConfig, is_real
@@ -675,6 +675,12 @@ class _Entry(NamedTuple):
   m: np.ndarray | None = None  # DoRA's lora_magnitude_vector (out,)
 
 
+def _rank_alpha(data: dict, module: str) -> tuple[int, float]:
+  """The config's ``(r, lora_alpha)`` for ``module``, after ``rank_pattern`` / ``alpha_pattern``."""
+  return (pattern_value(data.get("rank_pattern") or {}, module, data.get("r", 8)),
+          pattern_value(data.get("alpha_pattern") or {}, module, data.get("lora_alpha", 8)))
+
+
 def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
   """One module's factors, checked against its base kernel and the config's rank."""
   (a_key, a), (b_key, b) = pair["A"], pair["B"]
@@ -697,11 +703,10 @@ def _entry(module: str, pair: dict, index, kernels, data: dict, file) -> _Entry:
     raise ValueError(f"{file}: {a_key!r} has shape {a.shape} and {b_key!r} {b.shape}, which do "
                      f"not fit the base kernel {path!r} of shape {k.shape} (lora_A needs "
                      f"(r, {ins}), lora_B ({outs}, r)).")
-  rank = pattern_value(data.get("rank_pattern") or {}, module, data.get("r", 8))
+  rank, alpha = _rank_alpha(data, module)
   if a.shape[0] != rank or b.shape[1] != rank:
     raise ValueError(f"{file}: {a_key!r} has rank {a.shape[0]} and {b_key!r} rank {b.shape[1]}, "
                      f"but {CONFIG_FILE} gives rank {rank} for {module!r} (r, rank_pattern).")
-  alpha = pattern_value(data.get("alpha_pattern") or {}, module, data.get("lora_alpha", 8))
   m = pair.get("M", (None, None))[1]
   if m is not None and m.shape != (outs,):
     raise ValueError(f"{file}: {pair['M'][0]!r} has shape {m.shape}; the base kernel {path!r} "
@@ -822,7 +827,10 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
       model, the biases in the file not being exactly those the config's bias trains,
       different ranks or scales across the layers of a stacked kernel outside a
       registered family's layer stack), or a tensor that does
-      not fit the base (the message names the file and the key). Nothing is returned until
+      not fit the base (the message names the file and the key); a NaN / Inf tensor, or a
+      scale or update ``scale * B @ A`` beyond float32; factors of a module the config does
+      not target by PEFT's rule (``target_modules``, ``layers_to_transform``,
+      ``exclude_modules``; ``lora_jax._peft_checks``). Nothing is returned until
       everything is checked.
   Warns:
     PeftConfigWarning: adapter_config.json keys PEFT 0.21 does not know.
@@ -831,6 +839,7 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
   data = read_config(config_file)
   tensors = read_tensors(weights_file)
+  _peft_checks.check_finite(tensors, weights_file)
   kernels = _kernels(params, uses)
   conv1d = _check_fan_in_fan_out(data, kernels, fan_in_fan_out, config_file)
   saved, biases, rest = _sorted_tensors(tensors, data)
@@ -843,6 +852,9 @@ def import_peft(directory, params, *, uses: Mapping | None = None,
   _check_base_copies(copies, pairs, index, kernels, base_leaves(params), weights_file)
   groups = _by_kernel([_entry(m, p, index, kernels, data, weights_file)
                        for m, p in pairs.items()], weights_file)
+  _peft_checks.check_targets(data, pairs, config_file)
+  _peft_checks.check_scales(pairs, {m: _rank_alpha(data, m) for m in pairs},
+                            use_rslora=data.get("use_rslora", False), file=weights_file)
   extras = _extras(saved, params, name_map, conv1d, weights_file)
   config = _lora_config(data, groups, kernels, extras)
   try:
