@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -348,11 +349,18 @@ def test_a_damaged_newest_checkpoint_falls_back_for_eval_and_resume(tmp_path):
   assert [h["step"] for h in history] == [1, 2, 3]
 
 
-def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_path):
+def _files(folder) -> dict:
+  """``{relative path: bytes}`` of every file under ``folder``."""
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+          if p.is_file()}
+
+
+def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(run, tmp_path):
   """--overwrite trains into a staging folder beside the run, moved into place only once the
-  new run has saved its first checkpoint; stopped before that, the old run is untouched."""
-  (tmp_path / "r").mkdir()
-  (tmp_path / "r" / "keep.txt").write_text("earlier work")
+  new run has saved its first checkpoint; stopped before that, the old run is untouched and
+  the staging folder and lock file are gone."""
+  shutil.copytree(run[0], tmp_path / "r")
+  before = _files(tmp_path / "r")
   proc = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400", "--eval-every", "200",
                            "--overwrite", "--out", str(tmp_path / "r")],
                           stderr=subprocess.PIPE, text=True)
@@ -364,21 +372,23 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(tmp_
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 130 and "interrupted before the first checkpoint" in err, err[-3000:]
-  assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["keep.txt"]
+  assert _files(tmp_path / "r") == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no .r.new, no .r.lock
   done = _cli("train", *FEW, "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
               str(tmp_path / "r"))
-  assert done.returncode == 0, done.stderr  # the leftover staging folder is cleared
-  assert not (tmp_path / "r" / "keep.txt").exists() and (tmp_path / "r" / "checkpoints").is_dir()
-  assert not (tmp_path / ".r.new").exists() and not (tmp_path / ".r.old").exists()
+  assert done.returncode == 0, done.stderr
+  assert _files(tmp_path / "r") != before and (tmp_path / "r" / "checkpoints" / "2").is_dir()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
-def test_a_refused_overwrite_deletes_nothing(tmp_path, capsys):
+def test_a_refused_overwrite_deletes_nothing(run, tmp_path, capsys):
   """--overwrite replaces a run only once the new one's options, data and model are good."""
-  (tmp_path / "r").mkdir()
-  (tmp_path / "r" / "keep.txt").write_text("earlier work")
+  shutil.copytree(run[0], tmp_path / "r")
+  before = _files(tmp_path / "r")
   done = _here(capsys, "train", "--out", str(tmp_path / "r"), "--overwrite", "--rank", "1000")
   assert done.returncode == 2 and "rank 1000 for kernel" in done.stderr
-  assert (tmp_path / "r" / "keep.txt").read_text() == "earlier work"
+  assert _files(tmp_path / "r") == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
 def test_training_on_a_device_mesh_matches_one_device(run, tmp_path, capsys):
