@@ -194,6 +194,18 @@ def test_a_run_leaves_no_lock_file_and_no_folders_it_made_in_vain(run, tmp_path,
   assert [p.name for p in (tmp_path / "a").iterdir()] == ["r"]
 
 
+def test_a_file_by_a_lock_files_name_or_a_file_above_out_is_refused(run, tmp_path, capsys):
+  (tmp_path / ".r.lock").write_text("the user's notes")
+  (tmp_path / "f.txt").write_text("the user's")
+  before = _snapshot(tmp_path)
+  data = str(run.parent / "d.tsv")
+  code, _, err = run_cli(capsys, *TRAIN, "--data", data, "--out", str(tmp_path / "r"))
+  assert code == 2 and ".r.lock is in the way" in err, err
+  code, _, err = run_cli(capsys, *TRAIN, "--data", data, "--out", str(tmp_path / "f.txt" / "r"))
+  assert code == 2 and "a folder above it is a file" in err, err
+  assert _snapshot(tmp_path) == before
+
+
 def test_exported_files_get_the_users_umask_mode(run, tmp_path):
   for command, out in (("merge", "m"), ("export-peft", "p")):
     done = _cli(command, str(run), "--out", str(tmp_path / "new" / out), umask=0o027)

@@ -223,6 +223,7 @@ class RunLock:
       return self
     import fcntl
     self._make_parents()
+    self._refuse_foreign()
     while True:
       f = self.path.open("a+")
       try:
@@ -258,10 +259,26 @@ class RunLock:
 
   def _make_parents(self) -> None:
     missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+    if not (self.path.parent.parents[len(missing) - 1] if missing else self.path.parent).is_dir():
+      raise RunError(f"--out {self.path.parent / self.path.name[1:-5]}: a folder above it is a "
+                     f"file; give a path inside a folder.")
     for p in reversed(missing):
       with contextlib.suppress(FileExistsError):
         p.mkdir()
         self._made.append(p)
+
+  def _refuse_foreign(self) -> None:
+    """A file by the lock's name that no run wrote (ours say which process held them)."""
+    try:
+      text = self.path.read_text() if not self.path.is_symlink() else None
+    except FileNotFoundError:
+      return
+    except (OSError, UnicodeDecodeError):
+      text = None
+    if text is None or (text and not re.fullmatch(r"process \d+ on \S+", text)):
+      self._remove_parents()
+      raise RunError(f"{self.path} is in the way: it has the name of a run's lock file but no "
+                     f"run wrote it; move it away, then train again.")
 
   def _remove_parents(self) -> None:
     """The parent folders this lock made, if nothing else was put in them."""
