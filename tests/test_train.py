@@ -315,10 +315,10 @@ def test_skip_nonfinite_leaves_parameters_as_they_were():
 def test_ctrl_c_during_a_save_lands_after_it():
   import os
   import signal
-  from lora_jax.app.runner import _interrupts_deferred
+  from lora_jax.app.folders import interrupts_deferred
   done = []
   with pytest.raises(KeyboardInterrupt):
-    with _interrupts_deferred():
+    with interrupts_deferred():
       os.kill(os.getpid(), signal.SIGINT)
       done.append("the block ran to its end")
   assert done == ["the block ran to its end"]
@@ -362,5 +362,11 @@ def test_a_damaged_metrics_file_is_named(tmp_path):
     _saved_summary(tmp_path, 4)
   (tmp_path / "metrics.json").write_text('{"history": [{"step": 4}, {"step": 6}]}')
   assert _saved_summary(tmp_path, 4)["history"] == [{"step": 4}]  # cut at the restored step
-  with pytest.raises(RunError, match=r"config\.json is damaged"):
+  with pytest.raises(RunError, match=r"is not a run folder \(no config\.json\)"):
+    saved_config(tmp_path)
+  (tmp_path / "config.json").write_text('{"options": {')
+  with pytest.raises(RunError, match=r"config\.json is damaged \(JSONDecodeError"):
+    saved_config(tmp_path)
+  (tmp_path / "config.json").write_text('{"_name_or_path": "a transformers model"}')
+  with pytest.raises(RunError, match=r"config\.json was not written by lora-jax train"):
     saved_config(tmp_path)

@@ -156,8 +156,9 @@ def check(run, *, overwrite: bool, resume: bool, inputs=None) -> None:
     raise RunError(f"--out {run} is a file, not a folder; a run writes a folder of its own: "
                    f"give a new path.")
   if resume:
-    if not is_run(run):
+    if not (run / CONFIG).exists():
       raise RunError(f"{run} holds no run to resume (no {CONFIG} written by lora-jax train).")
+    saved_config(run)  # readable, and a run's
     return
   where = run.resolve()
   if _inside(pathlib.Path.cwd().resolve(), where):
