@@ -35,7 +35,7 @@ import lora_jax
 from lora_jax import generate as generate_lib
 from lora_jax import quant
 from lora_jax.app import runner
-from lora_jax.app.options import OptionError, RunOptions, option
+from lora_jax.app.options import OptionError, RunOptions, at_most, option
 from lora_jax.app.runner import RunError
 from lora_jax.models import llama
 
@@ -100,6 +100,8 @@ class CausalOptions(RunOptions):
     if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
       raise OptionError("max_new_tokens", f"must be an integer >= 1, got "
                                           f"{self.max_new_tokens!r}.")
+    for name in ("max_length", "max_train", "max_new_tokens"):
+      at_most(name, getattr(self, name))
 
 
 # ----------------------------------------------------------------------- the model
@@ -113,6 +115,17 @@ class Model:
   params: dict
   tokenizer: object  # lora_jax.models.chat.ChatTokenizer
   name: str
+
+
+def _not_a_model(path: pathlib.Path) -> str | None:
+  """What an existing ``--model`` path is when it cannot be a model; None otherwise."""
+  if path.is_dir() and path.suffix == ".gguf":
+    return "a folder, not a .gguf file"
+  if path.is_dir() and not (path / "config.json").is_file():
+    return "a folder without config.json"
+  if path.is_file() and path.suffix != ".gguf":
+    return "a file that is not a .gguf"
+  return None
 
 
 def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
@@ -130,6 +143,10 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
   jdtype = DTYPES[dtype]
   path = pathlib.Path(name)
   fmt, double = quant.parse_choice(quantize)
+  expected = (f"expected {DEFAULT_MODEL} (the bundled GGUF), a .gguf file or a Hugging Face "
+              f"Llama folder (config.json, model.safetensors, tokenizer.json).")
+  if name != DEFAULT_MODEL and (what := _not_a_model(path)):
+    raise ValueError(f"model {name!r} is {what}; {expected}")
   if name == DEFAULT_MODEL or name.endswith(".gguf"):
     file = gguf.read(gguf.smollm2_path() if name == DEFAULT_MODEL else path)
     config = gguf.llama_config(file, dtype=jdtype, param_dtype=jdtype, **overrides)
@@ -142,9 +159,7 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
     config, params = weights.load_llama(path, dtype=jdtype, **overrides)
     model = Model(config, params, chat.load_folder_tokenizer(path), str(path))
   else:
-    raise ValueError(f"model {name!r} not found: expected {DEFAULT_MODEL} (the bundled GGUF), a "
-                     f".gguf file, or a Hugging Face Llama folder (config.json, "
-                     f"model.safetensors, tokenizer.json).")
+    raise ValueError(f"model {name!r} not found: {expected}")
   if fmt is None:
     return model
   uses = analyze(model)
@@ -166,19 +181,31 @@ class Example:
   prompt: tuple[int, ...] | None = None  # its tokens before that answer
 
 
+ROLES = ("system", "user", "assistant")  # a chat row's roles
+
+
 def _read_rows(path: str):
   """``(line number, row)`` of a .jsonl file, or (text) ``(paragraph number, {"text": ...})``
   of a .txt file."""
+  from lora_jax.app.data import lone_surrogate, not_utf8
+
   file = pathlib.Path(path)
+  if file.is_dir():
+    raise ValueError(f"data file {path} is a folder; expected a .jsonl file (or a .txt file for "
+                     f"--task text).")
   if not file.is_file():
     raise FileNotFoundError(f"data file {path} does not exist.")
-  if file.suffix.lower() == ".txt":
-    parts = [p.strip() for p in file.read_text(encoding="utf-8").split("\n\n")]
-    return [(i + 1, {"text": p}) for i, p in enumerate(parts) if p]
-  if file.suffix.lower() != ".jsonl":
+  if file.suffix.lower() not in (".txt", ".jsonl"):
     raise ValueError(f"{path}: unknown format {file.suffix!r}; use .jsonl (or .txt for text).")
+  try:
+    text = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+  except UnicodeDecodeError:
+    raise not_utf8(path) from None
+  if file.suffix.lower() == ".txt":
+    parts = [p.strip() for p in text.split("\n\n")]
+    return [(i + 1, {"text": p}) for i, p in enumerate(parts) if p]
   rows = []
-  for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+  for n, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
@@ -187,6 +214,11 @@ def _read_rows(path: str):
       raise ValueError(f"{path} line {n} is not valid JSON: {e.msg}.") from None
     if not isinstance(row, dict):
       raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}.")
+    found = lone_surrogate(row)
+    if found is not None:
+      raise ValueError(f"{path} line {n}: {found[0]} holds a lone surrogate ({found[1]}): half "
+                       f"of a UTF-16 pair, which is not text; write the character itself or "
+                       f"its whole pair.")
     rows.append((n, row))
   if not rows:
     raise ValueError(f"{path} holds no examples.")
@@ -197,11 +229,16 @@ def messages_of(row: dict, where: str) -> list[dict]:
   """A chat row's messages: ``messages``, or ``prompt`` + ``response``.
 
   Raises:
-    ValueError: neither form, or no assistant turn (there would be nothing to learn).
+    ValueError: neither form, a turn without a known role or a string content, or no
+      assistant turn (there would be nothing to learn).
   """
   if "messages" in row:
     messages = row["messages"]
   elif "prompt" in row and "response" in row:
+    for key in ("prompt", "response"):
+      if not isinstance(row[key], str):
+        raise ValueError(f"{where}: \"{key}\" must be a string, got "
+                         f"{json.dumps(row[key])[:80]}.")
     messages = [{"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": row["response"]}]
   else:
@@ -210,6 +247,7 @@ def messages_of(row: dict, where: str) -> list[dict]:
   if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
     raise ValueError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} "
                      f"objects.")
+  _check_turns(messages, where)
   if not any(m.get("role") == "assistant" for m in messages):
     raise ValueError(f"{where}: the conversation has no assistant turn, so nothing would be "
                      f"learned from it; add the assistant's reply.")
@@ -217,6 +255,22 @@ def messages_of(row: dict, where: str) -> list[dict]:
     raise ValueError(f"{where}: the conversation starts with an assistant turn; put the user's "
                      f"turn first.")
   return messages
+
+
+def _check_turns(messages: list[dict], where: str) -> None:
+  """Raises ValueError naming the first turn without one of ``ROLES`` or a string content."""
+  for i, m in enumerate(messages):
+    if "role" not in m:
+      raise ValueError(f"{where}: messages[{i}] has no \"role\"; give one of "
+                       f"{', '.join(ROLES)}.")
+    if m["role"] not in ROLES:
+      raise ValueError(f"{where}: messages[{i}] has role {m['role']!r}; a chat row's roles are "
+                       f"{', '.join(ROLES)}.")
+    if "content" not in m:
+      raise ValueError(f"{where}: messages[{i}] has no \"content\"; give the turn's text.")
+    if not isinstance(m["content"], str):
+      raise ValueError(f"{where}: messages[{i}] needs a string \"content\", got "
+                       f"{json.dumps(m['content'])[:80]}.")
 
 
 def chat_example(tok, messages: list[dict], *, where: str = "messages") -> Example:

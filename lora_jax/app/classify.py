@@ -24,7 +24,7 @@ import optax
 import lora_jax
 from lora_jax.app import data as data_lib
 from lora_jax.app import runner
-from lora_jax.app.options import OptionError, RunOptions, option
+from lora_jax.app.options import OptionError, RunOptions, at_most, option
 from lora_jax.app.runner import RunError
 from lora_jax.models import bert, targets_for, weights
 
@@ -68,6 +68,7 @@ class ClassifyOptions(RunOptions):
     if self.max_train is not None and not (isinstance(self.max_train, int)
                                            and self.max_train > 0):
       raise OptionError("max_train", f"must be an integer > 0, got {self.max_train!r}.")
+    at_most("max_train", self.max_train)
 
 
 # ----------------------------------------------------------------------- data

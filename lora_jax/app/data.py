@@ -42,9 +42,15 @@ def _rows(path: pathlib.Path):
       for n, line in enumerate(f, 1):
         if line.strip():
           try:
-            yield json.loads(line)
+            row = json.loads(line)
           except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
+          found = lone_surrogate(row)
+          if found is not None:
+            raise ValueError(f"{path}: line {n}: {found[0]} holds a lone surrogate ({found[1]}): "
+                             f"half of a UTF-16 pair, which is not text; write the character "
+                             f"itself or its whole pair.")
+          yield row
     return
   if suffix not in (".tsv", ".csv"):
     raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl.")
@@ -69,7 +75,9 @@ def read_examples(path, *, text_column: str = "sentence", label_column: str = "l
 
   Raises:
     FileNotFoundError: the file does not exist.
-    ValueError: unknown format, a missing column, a non-integer label, or no rows.
+    ValueError: unknown format, a missing column, a non-integer label, no rows, bytes that
+      are not UTF-8 (the first named by line and byte offset), or a lone surrogate (named by
+      line).
   """
   path = pathlib.Path(path)
   if path.is_dir():
@@ -78,9 +86,47 @@ def read_examples(path, *, text_column: str = "sentence", label_column: str = "l
     raise FileNotFoundError(f"data file {str(path)!r} does not exist.")
   try:
     return _read(path, text_column, label_column)
+  except UnicodeDecodeError:
+    raise not_utf8(path) from None
+
+
+def not_utf8(path) -> ValueError:
+  """The error for a file that is not UTF-8 text: its first bad byte, line and byte offset."""
+  raw = pathlib.Path(path).read_bytes()
+  try:
+    raw.decode("utf-8")
   except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text ({e.reason}); save it as "
-                     f"UTF-8.") from None
+    line = raw.count(b"\n", 0, e.start) + 1
+    return ValueError(f"{path}: not UTF-8 text ({e.reason}); save it as UTF-8. The first bad "
+                      f"byte, 0x{raw[e.start]:02x}, is on line {line} (byte offset {e.start}).")
+  return ValueError(f"{path}: not UTF-8 text; save it as UTF-8.")
+
+
+def lone_surrogate(value, at: str = "") -> tuple[str, str] | None:
+  """Where a JSON value holds a lone surrogate (an escape such as ``"\\ud800"`` without its
+  pair, which is not text and which no tokenizer takes).
+
+  Args:
+    value: a string, or a dict or list of JSON values.
+    at: the path of ``value`` itself (empty: the root).
+
+  Returns:
+    ``(path, escape)``, e.g. ``("messages[0].content", "\\ud800")``, for the first such
+    string; None when there is none.
+  """
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      return at, f"\\u{ord(value[e.start]):04x}"
+    return None
+  if isinstance(value, dict):
+    items = [(f"{at}.{k}" if at else str(k), v) for k, v in value.items()]
+  elif isinstance(value, list):
+    items = [(f"{at}[{i}]", v) for i, v in enumerate(value)]
+  else:
+    return None
+  return next((found for where, v in items if (found := lone_surrogate(v, where))), None)
 
 
 def _read(path: pathlib.Path, text_column: str, label_column: str) -> "Examples":

@@ -8,7 +8,9 @@ the command line translates the field into its flag.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import numbers
 import re
 
@@ -16,6 +18,10 @@ from lora_jax.config import BIASES, Serializable
 
 
 INITS = ("kaiming", "gaussian", "pissa", "olora")
+MAX_INT = 2**31 - 1  # the largest count or training seed (int32: shapes, steps, PRNG keys)
+MAX_SEED = 2**63 - 1  # the largest sampling seed of generate and serve (an int64)
+MAX_EPOCHS = 1_000_000
+MAX_TEMPERATURE = 2.0  # OpenAI's API accepts temperatures from 0 to 2
 
 
 class OptionError(ValueError):
@@ -38,6 +44,10 @@ def _positive(name: str, value, *, integer: bool = False, allow_none: bool = Fal
   if not isinstance(value, kind) or isinstance(value, bool) or not value > 0:
     raise OptionError(name, f"must be {'an integer' if integer else 'a number'} > 0, got "
                             f"{value!r}.")
+  if integer:
+    at_most(name, value)
+  elif not math.isfinite(value):
+    raise OptionError(name, f"must be a finite number, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -103,7 +113,14 @@ class RunOptions(Serializable):
             and self.eval_examples >= 0):
       raise OptionError("eval_examples", f"must be an integer >= 0, got "
                                          f"{self.eval_examples!r}.")
+    at_most("eval_examples", self.eval_examples)
+    if not (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+            and 0 <= self.seed <= MAX_INT):
+      raise OptionError("seed", f"must be an integer from 0 to {bound_text(MAX_INT)}, got "
+                                f"{self.seed!r}.")
     _positive("epochs", self.epochs)
+    if self.epochs > MAX_EPOCHS:
+      raise OptionError("epochs", f"must be a number <= {MAX_EPOCHS}, got {self.epochs!r}.")
     _positive("lr", self.lr, allow_none=True)
     if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
       raise OptionError("lora_dropout", f"must be a number in [0, 1), got "
@@ -149,3 +166,109 @@ def resumed(saved: RunOptions, given: dict, *, total_steps: int) -> RunOptions:
     raise OptionError("steps", f"{wanted.steps} is fewer than the saved run's {total_steps} "
                                f"steps; --resume can only extend a run.")
   return wanted
+
+
+def bound_text(n: int) -> str:
+  """``n`` as messages show it: ``2**31 - 1`` and ``2**20`` for those powers of two."""
+  for k in range(20, 64):
+    if n == 2**k:
+      return f"2**{k}"
+    if n == 2**k - 1 and k >= 31:
+      return f"2**{k} - 1"
+  return str(n)
+
+
+def _cut(text: str) -> str:
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def at_most(name: str, value, most: int = MAX_INT) -> None:
+  """Raises ``OptionError`` naming ``name`` when the integer ``value`` is over ``most``.
+
+  Args:
+    name: the option's field name.
+    value: its value (anything but an integer passes: other checks refuse it).
+    most: the largest value accepted.
+  """
+  if isinstance(value, numbers.Integral) and value > most:
+    raise OptionError(name, f"must be an integer <= {bound_text(most)}, got {value!r}.")
+
+
+def integer_in(lo: int, hi: int):
+  """An argparse ``type``: an integer from ``lo`` to ``hi`` (both included).
+
+  Args:
+    lo: the least value accepted.
+    hi: the largest value accepted.
+
+  Returns:
+    A function of the flag's text that returns the integer or raises
+    ``argparse.ArgumentTypeError`` (argparse prints it after the flag's name).
+
+  Example:
+    >>> integer_in(0, 65535)("8000")
+    8000
+  """
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {_cut(text)!r}") from None
+    if not lo <= value <= hi:
+      raise argparse.ArgumentTypeError(f"must be an integer from {bound_text(lo)} to "
+                                       f"{bound_text(hi)}, got {_cut(text)}")
+    return value
+
+  return parse
+
+
+def finite_in(lo: float, hi: float, *, low_open: bool = False):
+  """An argparse ``type``: a finite number from ``lo`` to ``hi`` (``low_open``: above ``lo``).
+
+  Args:
+    lo: the least value accepted (with ``low_open``, the bound values must be above).
+    hi: the largest value accepted.
+    low_open: whether ``lo`` itself is refused.
+
+  Returns:
+    A function of the flag's text that returns the float or raises
+    ``argparse.ArgumentTypeError``; ``inf``, ``1e999`` and ``nan`` are refused.
+
+  Example:
+    >>> finite_in(0, 1, low_open=True)("0.9")
+    0.9
+  """
+
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected a number, got {_cut(text)!r}") from None
+    if not math.isfinite(value):
+      raise argparse.ArgumentTypeError(f"must be a finite number, got {_cut(text)!r}")
+    if not (lo < value if low_open else lo <= value) or value > hi:
+      span = f"in ({lo:g}, {hi:g}]" if low_open else f"from {lo:g} to {hi:g}"
+      raise argparse.ArgumentTypeError(f"must be a number {span}, got {_cut(text)}")
+    return value
+
+  return parse
+
+
+def prompt_text(text: str) -> str:
+  """An argparse ``type``: text without lone surrogates (Python's stand-ins for command-line
+  bytes that are not UTF-8), which no tokenizer takes.
+
+  Example:
+    >>> prompt_text("café")
+    'café'
+  """
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    code = ord(text[e.start])
+    what = (f"byte 0x{code - 0xdc00:02x}" if 0xdc80 <= code <= 0xdcff
+            else f"lone surrogate \\u{code:04x}")
+    raise argparse.ArgumentTypeError(f"not UTF-8 text ({what} at character {e.start}); give "
+                                     f"it in UTF-8") from None
+  return text

@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import math
 import queue
 import signal
 import sys
@@ -45,6 +46,9 @@ __all__ = ["DEFAULT_MAX_TOKENS", "Batcher", "HTTPError", "Job", "Service",
 DEFAULT_MAX_TOKENS = 16  # a request's max_tokens when it gives none (OpenAI's default)
 MAX_BODY = 16 * 2**20  # bytes: a larger request body is refused (413)
 POLL_S = 0.1  # how often an idle worker looks whether the server is stopping
+# serve()'s settings: (least, most) of each
+SETTINGS = {"port": (0, 65535), "max_batch": (1, 1024), "max_queue": (1, 2**20),
+            "max_new_tokens_limit": (1, 2**31 - 1), "batch_wait_ms": (0, 60_000)}
 
 
 class HTTPError(Exception):
@@ -241,6 +245,18 @@ def _field(body: dict, name: str, kinds: tuple, default=None, *, required: bool 
   return value
 
 
+def _text(value, name: str) -> None:
+  """400 when the string(s) in ``value`` hold a lone surrogate (a JSON ``"\\ud800"`` escape
+  without its pair), which is not text and which no tokenizer takes."""
+  from lora_jax.app.data import lone_surrogate
+
+  found = lone_surrogate(value, name)
+  if found is not None:
+    raise HTTPError(400, f"'{found[0]}' holds a lone surrogate ({found[1]}): half of a UTF-16 "
+                         f"pair, which is not text; send the character itself or its whole "
+                         f"pair.", "invalid_value")
+
+
 class Service:
   """The model, its adapters and the batcher, and the answers to each endpoint."""
 
@@ -268,6 +284,7 @@ class Service:
   def job(self, body: dict, ids: list[int]) -> Job:
     """A job of prompt ``ids`` with the request's model and settings, checked."""
     from lora_jax import generate as generate_lib
+    from lora_jax.app.options import MAX_INT, MAX_TEMPERATURE
 
     adapter = self.adapter(body)
     if _field(body, "stream", (bool,), False):
@@ -287,10 +304,17 @@ class Service:
       raise HTTPError(400, f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} "
                            f"that is {len(ids) + max_tokens} tokens, over the model's context "
                            f"of {context} tokens.", "context_length_exceeded")
+    temperature = _field(body, "temperature", (int, float), 0.0)
+    if not temperature <= MAX_TEMPERATURE:  # nan, inf, too hot (a negative one: Sampling's)
+      raise HTTPError(400, f"'temperature' must be a number from 0 to {MAX_TEMPERATURE:g}, "
+                           f"got {str(temperature)[:40]}.", "invalid_value")
+    top_k = _field(body, "top_k", (int,))
+    if top_k is not None and not 1 <= top_k <= MAX_INT:
+      raise HTTPError(400, f"'top_k' must be an integer from 1 to 2**31 - 1, got "
+                           f"{str(top_k)[:40]}.", "invalid_value")
     try:
-      sampling = generate_lib.Sampling(
-          temperature=float(_field(body, "temperature", (int, float), 0.0)),
-          top_k=_field(body, "top_k", (int,)), top_p=_field(body, "top_p", (int, float)))
+      sampling = generate_lib.Sampling(temperature=float(temperature), top_k=top_k,
+                                       top_p=_field(body, "top_p", (int, float)))
     except ValueError as e:
       raise HTTPError(400, str(e), "invalid_value") from None
     seed = _field(body, "seed", (int,), 0)
@@ -313,6 +337,7 @@ class Service:
   def completion(self, body: dict) -> dict:
     """``POST /v1/completions``: the prompt string as is."""
     prompt = _field(body, "prompt", (str,), required=True)
+    _text(prompt, "prompt")
     job = self.job(body, self.model.tokenizer.encode(prompt))
     text, finish, used = self.run(job)
     return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
@@ -324,6 +349,7 @@ class Service:
     """``POST /v1/chat/completions``: the messages rendered with the chat template."""
     messages = _field(body, "messages", (list,), required=True)
     self.adapter(body)  # an unknown model is 404 before a malformed message is 400
+    _text(messages, "messages")
     try:
       prompt = self.model.tokenizer.render(messages, add_generation_prompt=True)
     except Exception as e:  # noqa: BLE001  ValueError, or the template's own error
@@ -426,6 +452,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
       body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise HTTPError(400, f"the body is not valid JSON: {e}.", "invalid_json") from None
+    except ValueError:  # Python's limit on the digits of an integer
+      raise HTTPError(400, "the body holds an integer of over 4300 digits; no field takes "
+                           "one.", "invalid_json") from None
     if not isinstance(body, dict):
       raise HTTPError(400, "the body must be a JSON object.", "invalid_json")
     return body
@@ -477,9 +506,9 @@ def serve(model_name: str, adapters: dict[str, str], *, host: str = "127.0.0.1",
   """
   from lora_jax.app import causal
 
-  _check_settings(max_batch=(max_batch, 1), max_queue=(max_queue, 1),
-                  max_new_tokens_limit=(max_new_tokens_limit, 1),
-                  batch_wait_ms=(batch_wait_ms, 0), port=(port, 0))
+  _check_settings(max_batch=max_batch, max_queue=max_queue,
+                  max_new_tokens_limit=max_new_tokens_limit, batch_wait_ms=batch_wait_ms,
+                  port=port)
   if model_name in adapters:
     raise ValueError(f"--adapter: the name {model_name!r} is the model's; a request names the "
                      f"base model by it, so give the adapter another name.")
@@ -501,9 +530,18 @@ def serve(model_name: str, adapters: dict[str, str], *, host: str = "127.0.0.1",
 
 
 def _check_settings(**values) -> None:
-  for name, (value, least) in values.items():
+  """Raises ValueError naming the first setting outside its ``SETTINGS`` range."""
+  from lora_jax.app.options import bound_text
+
+  for name, value in values.items():
+    least, most = SETTINGS[name]
+    flag = f"--{name.replace('_', '-')}"
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"{flag} must be a finite number, got {value}.")
     if value < least:
-      raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}.")
+      raise ValueError(f"{flag} must be >= {least}, got {value}.")
+    if value > most:
+      raise ValueError(f"{flag} must be <= {bound_text(most)}, got {value}.")
 
 
 def _listen(host: str, port: int) -> Server:
