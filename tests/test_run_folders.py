@@ -100,16 +100,65 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path):
   assert _snapshot(tmp_path) == before
 
 
-def test_overwrite_refuses_a_run_holding_files_no_run_wrote(run, tmp_path, capsys):
-  for extra in ("notes.txt", "checkpoints/mine.txt", "tensorboard/plot.py"):
-    shutil.copytree(run, tmp_path / "r")
-    (tmp_path / "r" / extra).write_text("the user's")
-    before = _snapshot(tmp_path)
-    code, _, err = run_cli(capsys, *TRAIN, "--data", str(run.parent / "d.tsv"), "--out",
-                           str(tmp_path / "r"), "--overwrite")
-    assert code == 2 and f"also files no run wrote ({extra})" in err, err
-    assert _snapshot(tmp_path) == before
-    shutil.rmtree(tmp_path / "r")
+@pytest.mark.parametrize("extra, named", [
+    ("notes.txt", "notes.txt"),
+    ("checkpoints/mine.txt", "checkpoints/mine.txt"),
+    ("checkpoints/2024/thesis.tex", "checkpoints/2024/thesis.tex"),  # a step's name, not a step
+    ("checkpoints/1/notes.txt", "checkpoints/1/notes.txt"),
+    ("checkpoints/1/trainable/d/mine.txt", "checkpoints/1/trainable/d/mine.txt"),
+    ("tensorboard/plot.py", "tensorboard/plot.py"),
+    ("tensorboard/events.out.tfevents.mine/notes.txt", "tensorboard/events.out.tfevents.mine"),
+])
+def test_overwrite_refuses_a_run_holding_files_no_run_wrote(run, tmp_path, capsys, extra, named):
+  shutil.copytree(run, tmp_path / "r")
+  (tmp_path / "r" / extra).parent.mkdir(parents=True, exist_ok=True)
+  (tmp_path / "r" / extra).write_text("the user's")
+  before = _snapshot(tmp_path)
+  code, _, err = run_cli(capsys, *TRAIN, "--data", str(run.parent / "d.tsv"), "--out",
+                         str(tmp_path / "r"), "--overwrite")
+  assert code == 2 and f"also files no run wrote ({named})" in err, err
+  assert _snapshot(tmp_path) == before
+
+
+def test_a_new_run_keeps_the_users_empty_folder(run, tmp_path, capsys):
+  """An empty ``--out`` (a mount point, a folder with its own mode) is filled, not replaced."""
+  (tmp_path / "mine").mkdir(mode=0o700)
+  inode = (tmp_path / "mine").stat().st_ino
+  code, _, err = run_cli(capsys, *TRAIN, "--data", str(run.parent / "d.tsv"), "--out",
+                         str(tmp_path / "mine"))
+  assert code == 0, err
+  assert (tmp_path / "mine").stat().st_ino == inode
+  assert (tmp_path / "mine").stat().st_mode & 0o777 == 0o700
+  assert (tmp_path / "mine" / "checkpoints" / "1").is_dir()
+  assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
+def test_out_inside_a_run_is_refused_and_a_checkpoints_folder_alone_is_no_run(run, tmp_path,
+                                                                            capsys):
+  data = str(run.parent / "d.tsv")
+  shutil.copytree(run, tmp_path / "r")
+  before = _snapshot(tmp_path)
+  for out in ("r/sub", "r/checkpoints/7"):
+    code, _, err = run_cli(capsys, *TRAIN, "--data", data, "--out", str(tmp_path / out))
+    assert code == 2 and "is inside the run folder" in err, err
+  assert _snapshot(tmp_path) == before
+  (tmp_path / "home" / "checkpoints").mkdir(parents=True)  # the user's, not a run
+  code, _, err = run_cli(capsys, "export-peft", str(tmp_path / "r"), "--out",
+                         str(tmp_path / "home" / "proj" / "adapter"))
+  assert code == 0, err
+  assert (tmp_path / "home" / "proj" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_input_in_a_staging_folders_place_is_refused(run, tmp_path, capsys):
+  """``runs/.NAME.new`` holding only a ``config.json`` looks like a killed run's leftover;
+  when it is the run's own ``--config`` it is refused, not removed."""
+  (tmp_path / ".r.new").mkdir()
+  (tmp_path / ".r.new" / "config.json").write_text(json.dumps({"rank": 4}))
+  before = _snapshot(tmp_path)
+  code, _, err = run_cli(capsys, *TRAIN, "--data", str(run.parent / "d.tsv"), "--config",
+                         str(tmp_path / ".r.new" / "config.json"), "--out", str(tmp_path / "r"))
+  assert code == 2 and "holds the --config file" in err, err
+  assert _snapshot(tmp_path) == before
 
 
 # ----------------------------------------------------------------------- 2: --out . and inputs
@@ -141,6 +190,13 @@ def test_exports_check_the_destination_before_any_work(run, tmp_path):
     line = _one_line(_cli(command, str(run), "--out", str(tmp_path / "full")))
     assert "already holds files (model.safetensors)" in line, line
   assert _snapshot(tmp_path) == before  # no temporary folder beside them either
+
+
+def test_an_export_into_the_empty_working_directory_fills_it(run, tmp_path):
+  done = _cli("export-peft", str(run), "--out", ".", cwd=tmp_path)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json",
+                                                        "adapter_model.safetensors"]
 
 
 def test_ctrl_c_during_an_export_removes_its_temporary_folder(run, tmp_path):
@@ -202,7 +258,7 @@ def test_a_file_by_a_lock_files_name_or_a_file_above_out_is_refused(run, tmp_pat
   code, _, err = run_cli(capsys, *TRAIN, "--data", data, "--out", str(tmp_path / "r"))
   assert code == 2 and ".r.lock is in the way" in err, err
   code, _, err = run_cli(capsys, *TRAIN, "--data", data, "--out", str(tmp_path / "f.txt" / "r"))
-  assert code == 2 and "a folder above it is a file" in err, err
+  assert code == 2 and "f.txt above it is a file" in err, err
   assert _snapshot(tmp_path) == before
 
 

@@ -729,7 +729,7 @@ def adapter_paths(specs) -> dict[str, str]:
 
 def _check_run_model(path: str, model: Model) -> None:
   folder = pathlib.Path(path)
-  if not (folder / "config.json").is_file() or not (folder / runner.CHECKPOINTS).is_dir():
+  if not runner.is_run(folder):
     return
   options = runner.saved_config(folder).get("options", {})
   if options.get("task", "classify") not in ("chat", "text"):
@@ -784,7 +784,7 @@ def generate_text(source: str, prompts: list[str], *, max_new_tokens: int = 128,
       that is neither a chat/text run nor a model, or ``quantize`` with a run.
   """
   folder = pathlib.Path(source)
-  is_run = (folder / "config.json").is_file() and (folder / runner.CHECKPOINTS).is_dir()
+  is_run = runner.is_run(folder)
   if adapters:
     if is_run or merged:
       raise ValueError("--adapter adds adapters to a model: give the model (not a run) as the "

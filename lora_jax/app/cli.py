@@ -366,25 +366,24 @@ def _train(args) -> int:
   if args.distributed or args.coordinator:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
+  if args.resume:
+    runner.check(run, overwrite=args.overwrite, resume=True)
+    saved = runner.saved_config(run)
+    task_name = saved.get("task", "classify")
+    cls = options_class(task_name)
+    given = given_options(args, cls) if task_name == task_of(args) or not getattr(
+        args, "task", None) else _refuse_task(args.task, task_name)
+    given = _same_files(given, saved["options"])
+    options = resumed(cls.from_dict(saved["options"]), given, total_steps=saved["total_steps"])
+  else:
+    task_name = task_of(args)
+    options = options_from(args, options_class(task_name))
+  inputs = _inputs(args, options)
+  runner.check(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)  # writes nothing
   with runner.RunLock(run):  # a second writer of this folder is refused
-    if args.resume:
-      runner.check(run, overwrite=args.overwrite, resume=True)
-      saved = runner.saved_config(run)
-      task_name = saved.get("task", "classify")
-      cls = options_class(task_name)
-      given = given_options(args, cls) if task_name == task_of(args) or not getattr(
-          args, "task", None) else _refuse_task(args.task, task_name)
-      given = _same_files(given, saved["options"])
-      options = resumed(cls.from_dict(saved["options"]), given, total_steps=saved["total_steps"])
-    else:
-      task_name = task_of(args)
-      options = options_from(args, options_class(task_name))
-    inputs = _inputs(args, options)
-    runner.check(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
     task = _new_task(task_name, options)  # data, weights and targets checked: nothing deleted
-    runner.prepare(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)
-    try:
-      runner.train(task, run, resume=args.resume)
+    try:  # checked again under the lock, then staged: the old run stays until a checkpoint
+      runner.train(task, run, resume=args.resume, overwrite=args.overwrite, inputs=inputs)
     except KeyboardInterrupt:
       return 130
   return 0

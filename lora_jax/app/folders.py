@@ -30,12 +30,18 @@ from lora_jax import _files
 
 CHECKPOINTS = "checkpoints"
 CONFIG = "config.json"
-RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.json", "tensorboard", "curves.png",
+# What a run writes, as {name pattern: None for a file, or what the folder holds}: its own files,
+# TensorBoard's event files and lora_jax.checkpoint's orbax steps (orbax 0.12's layout).
+_HASHES = {r"[0-9a-f]{32}": None}
+_ITEM = {r"_sharding|commit_success\.txt|manifest\.ocdbt|_METADATA|metadata": None,
+         r"array_metadatas": {r"process_\d+": None}, r"d": _HASHES,
+         r"ocdbt\.process_\d+": {r"manifest\.ocdbt": None, r"d": _HASHES}}
+_STEP = {r"_CHECKPOINT_METADATA|commit_success\.txt": None, r"[a-z_]+": _ITEM}
+LAYOUT = {r"config\.json|metrics\.jsonl|metrics\.json|curves\.png": None,
+          r"tensorboard": {r"events\.out\.tfevents\..+": None},
+          CHECKPOINTS: {r"\d+(\.orbax-checkpoint-tmp.*)?": _STEP}}
+RUN_ENTRIES = frozenset({CONFIG, "metrics.jsonl", "metrics.json", "curves.png", "tensorboard",
                          CHECKPOINTS})
-_WRITTEN_INSIDE = {  # what a run writes inside its sub-folders
-    "tensorboard": re.compile(r"events\.out\.tfevents\..+"),
-    CHECKPOINTS: re.compile(r"\d+(\.orbax-checkpoint-tmp.*)?"),
-}
 
 
 class RunError(ValueError):
@@ -89,22 +95,34 @@ def is_run(folder) -> bool:
 
 
 def foreign(folder) -> list[str]:
-  """The entries of ``folder`` (relative paths, sorted) that no run writes."""
-  folder = pathlib.Path(folder)
+  """The entries under ``folder`` (relative paths, sorted) that no run writes (``LAYOUT``):
+  other names, a folder where a run writes a file or the other way round, links."""
+  return _unwritten(pathlib.Path(folder), LAYOUT, "")
+
+
+def _unwritten(folder: pathlib.Path, layout: dict, at: str) -> list[str]:
   out = []
   for entry in sorted(folder.iterdir()):
-    if entry.name not in RUN_ENTRIES:
-      out.append(entry.name)
-    elif entry.name in _WRITTEN_INSIDE:
-      if entry.is_symlink() or not entry.is_dir():
-        out.append(entry.name)
-        continue
-      pattern = _WRITTEN_INSIDE[entry.name]
-      out += [f"{entry.name}/{e.name}" for e in sorted(entry.iterdir())
-              if not pattern.fullmatch(e.name)]
-    elif entry.is_symlink() or not entry.is_file():
-      out.append(entry.name)
+    rel = at + entry.name
+    inner = next((v for k, v in layout.items() if re.fullmatch(k, entry.name)), False)
+    if inner is False or entry.is_symlink():
+      out.append(rel)
+    elif inner is None:
+      if not entry.is_file():
+        out.append(rel)
+    elif not entry.is_dir():
+      out.append(rel)
+    else:
+      out += _unwritten(entry, inner, rel + "/")
   return out
+
+
+def _replaceable(run: pathlib.Path) -> list[str]:
+  """What stops ``run`` (an existing, non-empty folder) from being replaced by a new run: all
+  its entries when it holds no run, else the files no run wrote; [] when nothing does."""
+  if not is_run(run):
+    return sorted(p.name for p in run.iterdir())
+  return foreign(run)
 
 
 def shown(names, limit: int = 4) -> str:
@@ -114,20 +132,60 @@ def shown(names, limit: int = 4) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def staging(run: pathlib.Path) -> pathlib.Path:
+def _beside(run, suffix: str) -> pathlib.Path:
+  """``runs/.NAME.SUFFIX``: the lock file, staging folder and old run of ``runs/NAME``."""
+  run = pathlib.Path(run).absolute()
+  return run.parent / f".{run.name}.{suffix}"
+
+
+def staging(run) -> pathlib.Path:
   """Where a new run writes until its first checkpoint: ``runs/.NAME.new``, beside the folder."""
-  run = pathlib.Path(run).absolute()
-  return run.parent / f".{run.name}.new"
-
-
-def _old(run: pathlib.Path) -> pathlib.Path:
-  run = pathlib.Path(run).absolute()
-  return run.parent / f".{run.name}.old"
+  return _beside(run, "new")
 
 
 def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
   """Whether ``path`` is ``folder`` or inside it (both resolved)."""
   return path == folder or folder in path.parents
+
+
+def _run_above(path: pathlib.Path) -> pathlib.Path | None:
+  """The run folder ``path`` is inside (resolved), if any."""
+  return next((p for p in path.resolve().parents if is_run(p)), None)
+
+
+def _writable_parent(path: pathlib.Path, flag: str) -> list[pathlib.Path]:
+  """The missing folders above ``path`` (deepest first), once the nearest existing one is
+  known to be a folder this process may write in.
+
+  Raises:
+    RunError: it is a file, or not writable.
+  """
+  path = pathlib.Path(path).absolute()
+  missing = [p for p in path.parents if not p.exists()]
+  nearest = path.parents[len(missing)]
+  if not nearest.is_dir():
+    raise RunError(f"{flag} {path}: {nearest} above it is a file; give a path inside a folder.")
+  if not os.access(nearest, os.W_OK | os.X_OK):
+    raise RunError(f"{flag} {path}: {nearest} is not writable by this user; give a folder "
+                   f"you may write in.")
+  return missing
+
+
+def _make(folders: list[pathlib.Path]) -> list[pathlib.Path]:
+  """Makes the missing ``folders`` (deepest first), returning those this call made."""
+  made = []
+  for p in reversed(folders):
+    with contextlib.suppress(FileExistsError):
+      p.mkdir()
+      made.append(p)
+  return made
+
+
+def _unmake(made: list[pathlib.Path]) -> None:
+  """Removes the folders ``_make`` made, where nothing else was put in them."""
+  for p in reversed(made):
+    with contextlib.suppress(OSError):
+      p.rmdir()
 
 
 # ----------------------------------------------------------------------- run folders
@@ -141,12 +199,13 @@ def check(run, *, overwrite: bool, resume: bool, inputs=None) -> None:
     overwrite: whether a run already there may be replaced.
     resume: whether the run there is continued.
     inputs: ``{flag: path}`` of the files the run reads (``--data``, ``--model``, ...); a new
-      run's folder must not hold them.
+      run's folder (and its staging folder) must not hold them.
 
   Raises:
-    RunError: ``run`` is a file or a link; with ``resume``, it holds no run; else it is the
-      working directory (or above it), holds an input, is not a run folder but holds files,
-      holds a run and ``overwrite`` is not set, or holds files no run wrote (named).
+    RunError: ``run`` is a file or a link, or inside another run; with ``resume``, it holds
+      no run; else it is the working directory (or above it), holds an input, is not a run
+      folder but holds files, holds a run and ``overwrite`` is not set, or holds files no run
+      wrote (named).
   """
   run = pathlib.Path(run)
   if run.is_symlink():
@@ -155,32 +214,37 @@ def check(run, *, overwrite: bool, resume: bool, inputs=None) -> None:
   if run.exists() and not run.is_dir():
     raise RunError(f"--out {run} is a file, not a folder; a run writes a folder of its own: "
                    f"give a new path.")
+  above = _run_above(run)
+  if above is not None:
+    raise RunError(f"--out {run} is inside the run folder {above}; give a folder outside it.")
   if resume:
     if not (run / CONFIG).exists():
       raise RunError(f"{run} holds no run to resume (no {CONFIG} written by lora-jax train).")
     saved_config(run)  # readable, and a run's
     return
+  _writable_parent(run, "--out")
   where = run.resolve()
   if _inside(pathlib.Path.cwd().resolve(), where):
     raise RunError(f"--out {run} is the working directory or a folder above it; a new run "
                    f"replaces its folder as a whole: give a folder inside it, e.g. --out "
                    f"runs/NAME.")
   for name, path in (inputs or {}).items():
-    if path and _inside(pathlib.Path(path).resolve(), where):
-      raise RunError(f"--out {run} holds the {name} file {path}; a new run must never be "
-                     f"able to replace its own inputs: give another --out.")
-  for leftover in (staging(run), _old(run)):  # left by a run that was killed (SIGKILL)
+    found = pathlib.Path(path).resolve()
+    for folder in (where, staging(run).resolve(), _beside(run, "old").resolve()):
+      if _inside(found, folder):
+        raise RunError(f"--out {run} holds the {name} file {path}; a new run must never be "
+                       f"able to replace its own inputs: give another --out.")
+  for leftover in (staging(run), _beside(run, "old")):  # left by a killed run (SIGKILL)
     if leftover.is_symlink() or (leftover.exists() and (not leftover.is_dir()
                                                         or foreign(leftover))):
       raise RunError(f"{leftover} is in the way (the name of a run's staging folder, but it "
                      f"holds files no run writes); move it away, then train again.")
   if not run.exists() or not any(run.iterdir()):
     return
-  entries = sorted(p.name for p in run.iterdir())
   if not is_run(run):
     raise RunError(f"--out {run} is not a lora-jax run folder (no {CONFIG} written by "
-                   f"lora-jax train) and holds {shown(entries)}; lora-jax never replaces such "
-                   f"a folder, --overwrite or not: give a new or empty folder.")
+                   f"lora-jax train) and holds {shown(_replaceable(run))}; lora-jax never "
+                   f"replaces such a folder, --overwrite or not: give a new or empty folder.")
   if not overwrite:
     raise RunError(f"output folder {run} already holds files; pass --overwrite to replace "
                    f"them or --resume to continue that run.")
@@ -188,21 +252,6 @@ def check(run, *, overwrite: bool, resume: bool, inputs=None) -> None:
   if extra:
     raise RunError(f"--out {run} holds a run and also files no run wrote ({shown(extra)}); "
                    f"--overwrite replaces only what a run wrote: move them out first.")
-
-
-def prepare(run, *, overwrite: bool, resume: bool, inputs=None) -> None:
-  """Checks the run folder again (``check``) and, for a new run, makes an empty staging folder
-  beside it (a leftover of a run killed before its first checkpoint is removed: the lock is
-  held). The run folder itself is not touched until the new run has saved its first
-  checkpoint."""
-  check(run, overwrite=overwrite, resume=resume, inputs=inputs)
-  if resume:
-    return
-  sync("lora_jax: run folder checked")  # every process has looked before one changes it
-  if primary():
-    shutil.rmtree(staging(run), ignore_errors=True)
-    staging(run).mkdir(parents=True)
-  sync("lora_jax: run folder ready")
 
 
 class RunLock:
@@ -214,8 +263,8 @@ class RunLock:
   when they are still empty."""
 
   def __init__(self, run):
-    run = pathlib.Path(run).absolute()
-    self.path = run.parent / f".{run.name}.lock"
+    self.run = pathlib.Path(run)
+    self.path = _beside(run, "lock")
     self._file = None
     self._made: list[pathlib.Path] = []
 
@@ -223,8 +272,9 @@ class RunLock:
     if not primary():
       return self
     import fcntl
-    self._make_parents()
+    missing = _writable_parent(self.run, "--out")
     self._refuse_foreign()
+    self._made = _make(missing)
     while True:
       f = self.path.open("a+")
       try:
@@ -233,17 +283,12 @@ class RunLock:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        self._remove_parents()
-        raise RunError(f"run folder {self.path.parent / self.path.name[1:-5]} is in use by "
-                       f"{holder}; wait for it to finish or stop it (two runs must not write "
-                       f"one folder).") from None
-      try:  # the holder before us removed the file on release: lock the one there now
-        same = os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
-      except FileNotFoundError:
-        same = False
-      if same:
+        _unmake(self._made)
+        raise RunError(f"run folder {self.run} is in use by {holder}; wait for it to finish "
+                       f"or stop it (two runs must not write one folder).") from None
+      if self._ours(f):
         break
-      f.close()
+      f.close()  # the holder before us removed the file on release: lock the one there now
     f.seek(0)
     f.truncate()
     f.write(f"process {os.getpid()} on {socket.gethostname()}")
@@ -251,22 +296,20 @@ class RunLock:
     self._file = f
     return self
 
+  def _ours(self, f) -> bool:
+    """Whether the lock's path still names the file ``f`` has open."""
+    try:
+      return os.stat(self.path).st_ino == os.fstat(f.fileno()).st_ino
+    except FileNotFoundError:
+      return False
+
   def release(self) -> None:
     if self._file is not None:
-      self.path.unlink(missing_ok=True)  # still held: no one else can have locked it
+      if self._ours(self._file):  # still held: no one else can have locked it
+        self.path.unlink(missing_ok=True)
       self._file.close()  # closing the file drops the flock
       self._file = None
-      self._remove_parents()
-
-  def _make_parents(self) -> None:
-    missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
-    if not (self.path.parent.parents[len(missing) - 1] if missing else self.path.parent).is_dir():
-      raise RunError(f"--out {self.path.parent / self.path.name[1:-5]}: a folder above it is a "
-                     f"file; give a path inside a folder.")
-    for p in reversed(missing):
-      with contextlib.suppress(FileExistsError):
-        p.mkdir()
-        self._made.append(p)
+      _unmake(self._made)
 
   def _refuse_foreign(self) -> None:
     """A file by the lock's name that no run wrote (ours say which process held them)."""
@@ -277,16 +320,8 @@ class RunLock:
     except (OSError, UnicodeDecodeError):
       text = None
     if text is None or (text and not re.fullmatch(r"process \d+ on \S+", text)):
-      self._remove_parents()
       raise RunError(f"{self.path} is in the way: it has the name of a run's lock file but no "
                      f"run wrote it; move it away, then train again.")
-
-  def _remove_parents(self) -> None:
-    """The parent folders this lock made, if nothing else was put in them."""
-    for p in reversed(self._made):
-      with contextlib.suppress(OSError):
-        p.rmdir()
-    self._made = []
 
   def __enter__(self):
     return self.acquire()
@@ -296,37 +331,62 @@ class RunLock:
 
 
 class Folder:
-  """The folder a run writes: the staging folder of a new run until ``promote`` (after its
-  first checkpoint) moves it into place, replacing an old run only then; ``discard`` removes
-  the staging folder of a run that ended before that."""
+  """The folder a run writes. A new run writes into a staging folder beside it (``open``)
+  until ``promote`` (after its first checkpoint) puts it in place, replacing an old run only
+  then; ``discard`` removes the staging folder of a run that ended before that."""
 
-  def __init__(self, run: pathlib.Path, *, staged: bool):
+  def __init__(self, run, *, staged: bool):
     self.run, self.staged = pathlib.Path(run), staged
     self.path = staging(run) if staged else self.run
+    self._opened = False
+
+  def open(self, *, overwrite: bool, inputs=None) -> None:
+    """Checks the run folder again (``check``, now under the lock) and, for a new run, makes
+    the empty staging folder (a leftover of a killed run, holding only what a run writes, is
+    removed first)."""
+    check(self.run, overwrite=overwrite, resume=not self.staged, inputs=inputs)
+    if not self.staged:
+      return
+    sync("lora_jax: run folder checked")  # every process has looked before one changes it
+    if primary():
+      with interrupts_deferred():
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        self._opened = True
+    sync("lora_jax: run folder ready")
 
   def promote(self) -> None:
     if not self.staged:
       return
     sync("lora_jax: first checkpoint saved")
     if primary():
-      if self.run.exists() and any(self.run.iterdir()):
-        extra = foreign(self.run) if is_run(self.run) else sorted(
-            p.name for p in self.run.iterdir())
-        if extra:  # put there while this run started: the old folder stays as it was
-          raise RunError(f"{self.run} gained files no run wrote ({shown(extra)}) while this "
-                         f"run started; it was left as it was and this run stopped.")
-      old = _old(self.run)
-      shutil.rmtree(old, ignore_errors=True)
-      if self.run.exists():
-        self.run.rename(old)
-      self.path.rename(self.run)
-      shutil.rmtree(old, ignore_errors=True)
+      self._promote()
     sync("lora_jax: run folder in place")
     self.path, self.staged = self.run, False
 
+  def _promote(self) -> None:
+    run = self.run
+    if run.exists() and any(run.iterdir()):
+      extra = _replaceable(run)
+      if extra:  # put there while this run started: the old folder stays as it was
+        raise RunError(f"{run} gained files no run wrote ({shown(extra)}) while this run "
+                       f"started; it was left as it was and this run stopped.")
+    if run.is_dir() and not any(run.iterdir()):  # the user's empty folder (a mount point?)
+      for entry in self.path.iterdir():  # keeps it, its mode and owner: only entries move in
+        shutil.move(entry, run / entry.name)
+      self.path.rmdir()
+      return
+    old = _beside(run, "old")
+    shutil.rmtree(old, ignore_errors=True)
+    if run.exists():
+      run.rename(old)
+    self.path.rename(run)
+    shutil.rmtree(old, ignore_errors=True)
+
   def discard(self) -> None:
-    if self.staged and primary():
-      shutil.rmtree(self.path, ignore_errors=True)
+    if self.staged and self._opened and primary():
+      with interrupts_deferred():
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def saved_config(run) -> dict:
@@ -354,64 +414,82 @@ def saved_config(run) -> dict:
 
 
 def export_folder(run, out) -> pathlib.Path:
-  """``out``, checked before any work: a new or empty folder outside every run folder.
+  """``out`` (absolute), checked before any work: a new or empty folder outside every run
+  folder, below a folder this process may write in.
 
   Raises:
-    RunError: ``out`` is a file or a link, holds files, or is (or is inside) a run folder.
+    RunError: ``out`` is a file or a link, holds files, is (or is inside) a run folder, or
+      lies below a file or an unwritable folder.
   """
-  out, run = pathlib.Path(out), pathlib.Path(run)
+  shown_out, out = out, pathlib.Path(out).absolute()
   if out.is_symlink() or (out.exists() and not out.is_dir()):
-    raise RunError(f"--out {out} is {'a link' if out.is_symlink() else 'a file'}; an export "
-                   f"writes a folder of its own: give a new or empty folder.")
-  for folder in (out, *out.resolve().parents):
-    if folder.resolve() == run.resolve() or (folder / CHECKPOINTS).is_dir():
-      raise RunError(f"--out {out} is inside the run folder {folder}; write the export "
-                     f"somewhere else (it would overwrite the run's files).")
+    raise RunError(f"--out {shown_out} is {'a link' if out.is_symlink() else 'a file'}; an "
+                   f"export writes a folder of its own: give a new or empty folder.")
+  inside = next((p for p in (out.resolve(), *out.resolve().parents)
+                 if p == pathlib.Path(run).resolve() or is_run(p)), None)
+  if inside is not None:
+    raise RunError(f"--out {shown_out} is inside the run folder {inside}; write the export "
+                   f"somewhere else (it would overwrite the run's files).")
   if out.exists() and any(out.iterdir()):
     held = shown(sorted(p.name for p in out.iterdir()))
-    raise RunError(f"--out {out} already holds files ({held}); an export never replaces "
+    raise RunError(f"--out {shown_out} already holds files ({held}); an export never replaces "
                    f"files: give a new or empty folder.")
-  return out
+  _writable_parent(out / "file" if out.exists() else out, "--out")
+  return pathlib.Path(shown_out)
 
 
 class staged:
-  """A temporary folder beside ``out`` whose files become ``out`` only once all are written
-  (a rename, or a move into an empty ``out``), with the umask's ordinary modes; on any
-  failure, Ctrl-C included, the temporary folder is removed and ``out`` is not made."""
+  """A temporary folder whose files become ``out`` only once all are written, with the
+  umask's ordinary modes: beside a new ``out``, renamed into place; inside an existing empty
+  ``out`` (a mount point, say), its files moved up. On any failure, Ctrl-C included, the
+  temporary folder (and any parent folder made for it) is removed and ``out`` is as before."""
 
-  def __init__(self, out: pathlib.Path):
-    self.out = pathlib.Path(out)
+  def __init__(self, out):
+    self.out = pathlib.Path(out).absolute()
     self._made: list[pathlib.Path] = []
 
   def __enter__(self) -> pathlib.Path:
     import tempfile
-    missing = [p for p in (self.out.parent, *self.out.parent.parents) if not p.exists()]
-    for p in reversed(missing):
-      p.mkdir()
-      self._made.append(p)
-    self.tmp = pathlib.Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}."))
+    try:
+      with interrupts_deferred():
+        self._made = _make(_writable_parent(self.out, "--out"))
+        where = self.out if self.out.is_dir() else self.out.parent
+        self.tmp = pathlib.Path(tempfile.mkdtemp(dir=where, prefix=f".{self.out.name}."))
+    except BaseException:
+      self._clean()
+      raise
     return self.tmp
 
   def __exit__(self, kind, *_):
-    with interrupts_deferred():
-      try:
+    try:
+      with interrupts_deferred():
         if kind is None:
           self._move()
-      finally:
+    except BaseException:
+      self._clean()
+      raise
+    if kind is not None:
+      self._clean()
+
+  def _clean(self) -> None:
+    with interrupts_deferred():
+      if getattr(self, "tmp", None) is not None:
         shutil.rmtree(self.tmp, ignore_errors=True)
-        if kind is not None or self.tmp.exists() or not self.out.exists():
-          for p in reversed(self._made):
-            with contextlib.suppress(OSError):
-              p.rmdir()
+      _unmake(self._made)
 
   def _move(self) -> None:
     _files.publish(self.tmp)
-    if self.out.is_symlink() or (self.out.exists() and (not self.out.is_dir()
-                                                        or any(self.out.iterdir()))):
+    if self.tmp.parent == self.out:  # an existing empty folder of the user's: files move up
+      names = [p.name for p in self.out.iterdir() if p != self.tmp]
+      if names:
+        raise RunError(f"--out {self.out} gained files ({shown(sorted(names))}) while the "
+                       f"export was written; they were left as they are and nothing was "
+                       f"exported.")
+      for f in self.tmp.iterdir():
+        f.rename(self.out / f.name)
+      self.tmp.rmdir()
+      return
+    if self.out.exists() or self.out.is_symlink():
       raise RunError(f"--out {self.out} appeared while the export was written; it was left "
                      f"as it is and nothing was exported.")
-    if not self.out.exists():
-      self.tmp.rename(self.out)
-      return
-    for f in self.tmp.iterdir():  # an empty folder of the user's: only files are added
-      f.rename(self.out / f.name)
+    self.tmp.rename(self.out)

@@ -31,8 +31,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import lora_jax
 from lora_jax import checkpoint, sharding
 from lora_jax.app.folders import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
-                                  export_folder, interrupts_deferred, prepare, primary,
-                                  saved_config, staged, staging, sync)
+                                  export_folder, interrupts_deferred, is_run, primary,
+                                  saved_config, staged, sync)
 from lora_jax.app.options import OptionError, RunOptions
 
 KEEP = 2  # checkpoints kept in a run folder
@@ -264,14 +264,17 @@ def _restore(run: pathlib.Path, task: Task, opt_state):
   return task.place(restored.adapters), restored.opt_state, restored.step
 
 
-def train(task: Task, run, *, resume: bool = False) -> dict:
-  """Trains ``task`` into the (prepared) run folder; returns the metrics summary. A checkpoint
-  is written at every evaluation, so after Ctrl-C the last one is readable and ``resume=True``
-  continues from it. A new run that ends before its first checkpoint (refused, failed or
-  interrupted) leaves nothing behind: its staging folder is removed."""
+def train(task: Task, run, *, resume: bool = False, overwrite: bool = False,
+          inputs=None) -> dict:
+  """Trains ``task`` into the run folder (checked again with ``folders.check``: ``overwrite``,
+  ``inputs``); returns the metrics summary. A checkpoint is written at every evaluation, so
+  after Ctrl-C the last one is readable and ``resume=True`` continues from it. A new run that
+  ends before its first checkpoint (refused, failed or interrupted) leaves nothing behind: its
+  staging folder is removed."""
   run = pathlib.Path(run)
   folder = Folder(run, staged=not resume)
   try:
+    folder.open(overwrite=overwrite, inputs=inputs)
     return _train(task, run, folder, resume=resume)
   finally:
     folder.discard()
