@@ -339,7 +339,9 @@ def _out_for(kind: str, root: pathlib.Path, run: pathlib.Path, data: pathlib.Pat
   return base / "fresh" / "deeper" if kind == "new-deep" else base / "fresh"
 
 
-@settings(max_examples=10, deadline=None, derandomize=True,
+@pytest.mark.filterwarnings(  # hypothesis's report of a failing example, not the test's
+    "ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
+@settings(max_examples=20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(entries=st.lists(st.tuples(st.lists(_NAME, max_size=2), _NAME, st.binary(max_size=32)),
                         max_size=8),
@@ -358,8 +360,9 @@ def test_no_command_changes_a_file_it_did_not_write(run, tmp_path, capsys, entri
   saved = data.draw(st.sampled_from(sorted(p for p in root.rglob("*") if p.is_dir()) or [root]))
   shutil.copytree(run, saved / "the-run")
   run_copy = saved / "the-run"
-  if foreign_in_run:
-    (run_copy / "notes.txt").write_text("the user's")
+  if foreign_in_run:  # at any depth: beside config.json, in a checkpoint's array folder, ...
+    inside = data.draw(st.sampled_from(sorted(p for p in run_copy.rglob("*") if p.is_dir())))
+    (inside / data.draw(_NAME)).write_text("the user's")
   out = _out_for(kind, root, run_copy, d, data.draw)
   name, *flags = command.split()
   data_flags = () if flags == ["--resume"] else ("--data", str(d))  # resumed with its own
@@ -386,4 +389,5 @@ def test_no_command_changes_a_file_it_did_not_write(run, tmp_path, capsys, entri
     if not (replaced and inside(rel) and pathlib.Path(rel) != mine and runs(rel)):
       assert after.get(rel) == digest, f"{argv} changed or removed {rel}"
   new = sorted(rel for rel in after if rel not in before)
-  assert all(inside(rel) for rel in new) and out.is_dir(), f"{argv} wrote {new}"
+  above = lambda rel: pathlib.Path(rel) in mine.parents and after[rel] == "dir"  # noqa: E731
+  assert all(inside(rel) or above(rel) for rel in new) and out.is_dir(), f"{argv} wrote {new}"
