@@ -6,10 +6,7 @@ path that is the wrong kind of thing (what it is, what was expected); and the se
 from __future__ import annotations
 
 import json
-import queue
-import signal
 import subprocess
-import threading
 
 import jax
 import pytest
@@ -18,9 +15,8 @@ import lora_jax
 from _llm import needs_smollm2, tiny_llama_folder, write_jsonl
 from _utils import run_cli
 from lora_jax.app import causal, data, options
-from test_serve import cli_process, request
+from test_serve import cli_process, request, serving
 
-READY_S = 240  # loading and compiling the warm-up decode, on a slow CPU
 HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
 
@@ -282,27 +278,9 @@ def server(tiny, tmp_path_factory):
   config = lora_jax.LoraConfig(targets="q_proj|v_proj", rank=2, alpha=4.0)
   tree = lora_jax.init(config, model.params, key=jax.random.key(0), uses=causal.analyze(model))
   lora_jax.checkpoint.save(root / "a", 0, tree, config=config, base=model.params)
-  with open(root / "stderr.txt", "w") as stderr:
-    proc = subprocess.Popen(cli_process("serve", "--model", tiny, "--adapter", f"a={root / 'a'}",
-                                        "--port", "0"),
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
-  try:
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-      line = lines.get(timeout=READY_S)
-    except queue.Empty:
-      pytest.fail(f"no ready line in {READY_S} s: {(root / 'stderr.txt').read_text()[-2000:]}")
-    assert line.startswith("serving on http://"), (root / "stderr.txt").read_text()[-2000:]
-    yield line.split()[-1]
-  finally:
-    proc.send_signal(signal.SIGTERM)
-    try:
-      proc.wait(60)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait()
-    proc.stdout.close()
+  with serving(["--model", tiny, "--adapter", f"a={root / 'a'}", "--port", "0"],
+               root / "stderr.txt", ready="serving on http://") as (url, _):
+    yield url
 
 
 BAD_REQUESTS = [

@@ -5,7 +5,9 @@ a clean stop on SIGTERM. And the batching worker's parts, in process, without a 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
+import pathlib
 import queue
 import signal
 import subprocess
@@ -44,14 +46,13 @@ def adapters(tmp_path_factory, model) -> dict[str, str]:
   return write_smollm2_adapters(tmp_path_factory.mktemp("adapters"), model)
 
 
-@pytest.fixture(scope="module")
-def server(adapters, tmp_path_factory):
-  """``(url, process, stderr file)`` of a running ``lora-jax serve`` on a free port."""
-  err = tmp_path_factory.mktemp("serve") / "stderr.txt"
-  specs = [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+@contextlib.contextmanager
+def serving(argv, err: pathlib.Path, *, ready: str = "serving on http://127.0.0.1:"):
+  """A ``lora-jax serve ARGV`` process, once it printed its ready line (stderr to ``err``):
+  yields ``(url, process)``; stopped with SIGTERM (then killed) at the end."""
   with open(err, "w") as stderr:
-    proc = subprocess.Popen(cli_process("serve", *specs, "--port", "0", "--batch-wait-ms", "300"),
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    proc = subprocess.Popen(cli_process("serve", *argv), stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
   try:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
@@ -59,8 +60,8 @@ def server(adapters, tmp_path_factory):
       line = lines.get(timeout=READY_S)
     except queue.Empty:
       pytest.fail(f"no ready line in {READY_S} s; stderr: {err.read_text()[-2000:]}")
-    assert line.startswith("serving on http://127.0.0.1:"), (line, err.read_text()[-2000:])
-    yield line.split()[-1], proc, err
+    assert line.startswith(ready), (line, err.read_text()[-2000:])
+    yield line.split()[-1], proc
   finally:
     if proc.poll() is None:
       proc.send_signal(signal.SIGTERM)
@@ -70,6 +71,15 @@ def server(adapters, tmp_path_factory):
         proc.kill()
         proc.wait()
     proc.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def server(adapters, tmp_path_factory):
+  """``(url, process, stderr file)`` of a running ``lora-jax serve`` on a free port."""
+  err = tmp_path_factory.mktemp("serve") / "stderr.txt"
+  specs = [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
+  with serving([*specs, "--port", "0", "--batch-wait-ms", "300"], err) as (url, proc):
+    yield url, proc, err
 
 
 def request(url: str, path: str, body=None, *, method=None, data: bytes | None = None):
