@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import socket
+import sys
 import threading
 
 import jax
@@ -61,6 +62,35 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+  """Raises KeyboardInterrupt on SIGINT as Python does, and also remembers it: yields a
+  function telling whether one arrived. Python runs signal handlers between any two bytecodes,
+  also inside a garbage-collector callback (JAX registers one) where the exception is printed
+  and dropped, so a Ctrl-C could be lost; callers check at their safe points. Such a dropped
+  Ctrl-C is not printed (it is remembered)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  received = []
+
+  def handler(*_):
+    received.append(True)
+    raise KeyboardInterrupt
+
+  def unraisable(info):
+    if not isinstance(info.exc_value, KeyboardInterrupt):
+      hook(info)
+
+  previous, hook = signal.signal(signal.SIGINT, handler), sys.unraisablehook
+  sys.unraisablehook = unraisable
+  try:
+    yield lambda: bool(received)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -450,6 +480,8 @@ class staged:
 
   def __enter__(self) -> pathlib.Path:
     import tempfile
+    self._kept = interrupts_kept()
+    self._interrupted = self._kept.__enter__()
     try:
       with interrupts_deferred():
         self._made = _make(_writable_parent(self.out, "--out"))
@@ -457,17 +489,22 @@ class staged:
         self.tmp = pathlib.Path(tempfile.mkdtemp(dir=where, prefix=f".{self.out.name}."))
     except BaseException:
       self._clean()
+      self._kept.__exit__(None, None, None)
       raise
     return self.tmp
 
   def __exit__(self, kind, *_):
     try:
       with interrupts_deferred():
+        if kind is None and self._interrupted():  # a Ctrl-C that a gc callback swallowed
+          raise KeyboardInterrupt
         if kind is None:
           self._move()
     except BaseException:
       self._clean()
       raise
+    finally:
+      self._kept.__exit__(None, None, None)
     if kind is not None:
       self._clean()
 

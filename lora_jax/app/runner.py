@@ -13,12 +13,9 @@ training loss is the mean over each interval, not the last batch's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
-import signal
 import sys
-import threading
 import time
 from typing import Any, Protocol
 
@@ -33,6 +30,7 @@ from lora_jax import checkpoint, sharding
 from lora_jax.app.folders import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
                                   export_folder, interrupts_deferred, is_run, primary,
                                   saved_config, staged, sync)
+from lora_jax.app.folders import interrupts_kept as _interrupts_kept
 from lora_jax.app.options import OptionError, RunOptions
 
 KEEP = 2  # checkpoints kept in a run folder
@@ -386,28 +384,6 @@ def _loop(task: Task, optimizer, state: dict, metrics: Metrics, folder: Folder, 
   finally:
     bar.close()  # the bar's line ends before any message
   metrics.summary["elapsed_s"] = before + time.perf_counter() - began
-
-
-@contextlib.contextmanager
-def _interrupts_kept():
-  """Raises KeyboardInterrupt on SIGINT as Python does, and also remembers it: yields a
-  function telling whether one arrived. Python runs signal handlers between any two bytecodes,
-  also inside a garbage-collector callback (JAX registers one) where the exception is printed
-  and dropped, so a Ctrl-C during start-up could be lost; the loop checks before each step."""
-  if threading.current_thread() is not threading.main_thread():
-    yield lambda: False
-    return
-  received = []
-
-  def handler(*_):
-    received.append(True)
-    raise KeyboardInterrupt
-
-  previous = signal.signal(signal.SIGINT, handler)
-  try:
-    yield lambda: bool(received)
-  finally:
-    signal.signal(signal.SIGINT, previous)
 
 
 def _finite_tree(tree) -> float:
