@@ -27,9 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lora_jax
 from lora_jax import checkpoint, sharding
+from lora_jax.app.exports import export_folder, staged  # noqa: F401  (the tasks' exports)
 from lora_jax.app.folders import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
-                                  export_folder, interrupts_deferred, is_run, primary,
-                                  saved_config, staged, sync)
+                                  interrupts_deferred, is_run, primary, saved_config, sync)
 from lora_jax.app.folders import interrupts_kept as _interrupts_kept
 from lora_jax.app.options import OptionError, RunOptions
 
