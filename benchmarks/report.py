@@ -24,7 +24,7 @@ DESCRIPTIONS = {  # the README table's wording of each training row
     "lora_merged_weight": "lora_jax, `product=\"merged_weight\"` (W' formed, hand-written "
                           "backward)",
     "lora_siblings": "lora_jax, `recompute_inputs=False` (\"auto\" products, siblings)",
-    "dora": "DoRA with lora_jax (`use_dora=True`; column norms factored)",
+    "dora": "DoRA with lora_jax (`kind=\"dora\"`; column norms factored)",
     "pissa": "PiSSA with lora_jax (`init=\"pissa\"`; residual base)",
     "olora": "OLoRA with lora_jax (`init=\"olora\"`; residual base)",
     "merged": "W + s·A@B formed each step, autodiff (what LoRA avoids)",

@@ -18,7 +18,7 @@ Training rows, all on the same model, batch and AdamW:
                 one change at a time: autodiff of the factored form (earlier versions), the
                 hand-written backward, W' = W + s·A@B formed, + siblings grouped; nothing
                 recomputed in any of them (``lora`` adds that).
-  dora          the same with use_dora=True: DoRA's magnitudes, the column norms factored.
+  dora          the same with kind="dora": DoRA's magnitudes, the column norms factored.
   pissa         lora with init="pissa": the principal factors in A, B; the residual as the base.
   olora         the same with init="olora" (QR factors).
   merged        W + s·A@B formed each step and differentiated by autodiff (what LoRA avoids).
@@ -265,8 +265,8 @@ def lora_adapters(x: Setup, *, dora: bool = False, init: str = "kaiming_uniform"
   import jax
 
   import lora_jax
-  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA, use_dora=dora,
-                               init=init)
+  config = lora_jax.LoraConfig(targets=TARGETS, rank=RANK, alpha=ALPHA,
+                               kind="dora" if dora else "lora", init=init)
   uses = lora_jax.analyze(x.apply, x.params, x.batch["inputs"])
   if x.abstract:  # shapes only: the residual and the factors have lora's shapes, so the
     config = dataclasses.replace(config, init="gaussian")  # compiled step is the same
@@ -332,7 +332,7 @@ def lora_siblings(x: Setup):
 
 @row("dora")
 def dora(x: Setup):
-  """DoRA through lora_jax (``use_dora=True``): the column norms of W + s·A@B from the
+  """DoRA through lora_jax (``kind="dora"``): the column norms of W + s·A@B from the
   factored expansion, no dense sum."""
   return lora(x, dora=True)
 

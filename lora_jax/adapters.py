@@ -16,10 +16,11 @@ zero), and ``scale`` and ``ranks`` are static tuples, one entry per layer:
 Every use folds the scales into B along the stacked axis (``LoraWeights.folded``), so a
 ``lax.scan`` slices an adapter of scale 1 and nothing per layer is traced into static fields.
 
-An adapter kind (``LoraWeights`` here; DoRA will sit beside it) owns its factor shapes, its
-init, its delta ``W' - W`` (for merge and the merged fallback), its factored product with an
-activation (for the transform) and its reshape; everything else handles it as an opaque
-pytree and rebuilds it with ``dataclasses.replace``.
+An adapter kind (``LoraWeights`` here, the reference; ``lora_jax.kinds`` lists the protocol
+and the registered kinds) owns its factor shapes, its init, its delta ``W' - W`` (for merge
+and the merged fallback), its factored product with an activation (for the transform), its
+reshape, its sharding layout, its optimizer groups, its count and its PEFT tensors;
+everything else handles it as an opaque pytree and rebuilds it with ``dataclasses.replace``.
 
 The trainable tree mirrors the base tree's nesting: a ``LoraWeights`` at every adapted kernel
 and, for ``LoraConfig.modules_to_save`` and the biases ``LoraConfig.bias`` trains, a trained
@@ -33,13 +34,14 @@ import dataclasses
 import math
 import string
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree, kernels
+from lora_jax import _tree, kernels, kinds
 from lora_jax._tree import listing
+from lora_jax.kinds import is_adapter
 from lora_jax.config import LoraConfig
 from lora_jax.targets import Target, base_leaves, resolve
 
@@ -92,6 +94,10 @@ class LoraWeights:
       different ranks (``rank``, the factors' width, is then the largest); static.
   """
 
+  name: ClassVar[str] = "lora"
+  summary: ClassVar[str] = "LoRA: W + s·A@B"
+  additive: ClassVar[bool] = True
+
   a: jax.Array
   b: jax.Array
   scale: float | tuple[float, ...]
@@ -132,25 +138,34 @@ class LoraWeights:
     return dataclasses.replace(self, b=self.b.astype(dtype) * s, scale=1.0)
 
   @classmethod
-  def create(cls, config: LoraConfig, target: Target, key) -> "LoraWeights":
-    """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged.
-    An embedding table gets PEFT's ``Embedding`` init instead (either ``init``): A zeros,
-    B standard normal; and no dropout (its input is token ids)."""
-    a_shape, b_shape = factor_shapes(target)
-    if target.embedding:
-      b = jax.random.normal(key, b_shape, config.dtype)
-      return cls(a=jnp.zeros(a_shape, config.dtype), b=b, scale=target.scale, axes=target.axes)
-    if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
-      rank = _per_layer_ranks(target, a_shape) if target.ranks else target.rank
-      a = jax.random.normal(key, a_shape, config.dtype) / rank
-    else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
-      bound = 1.0 / math.sqrt(target.in_features)
-      a = jax.random.uniform(key, a_shape, config.dtype, -bound, bound)
-    if target.ranks:  # each layer's columns beyond its rank: zero
-      columns = jnp.arange(target.rank).reshape((1,) * (len(a_shape) - 1) + (-1,))
-      a = jnp.where(columns < _per_layer_ranks(target, a_shape), a, 0)
-    return cls(a=a, b=jnp.zeros(b_shape, config.dtype), axes=target.axes,
-               dropout=config.dropout, **static_scale(target))
+  def create(cls, config: LoraConfig, target: Target, key, *, base=None) -> "LoraWeights":
+    """A new adapter for ``target``: the LoRA factors (``lora_factors``), then ``of_factors``.
+
+    Args:
+      config: the LoraConfig (init, dtype, dropout).
+      target: the kernel to adapt.
+      key: a PRNG key for A.
+      base: the kernel (an array, a kernel kind, or abstract); kinds that read W use it.
+    """
+    return cls.of_factors(lora_factors(config, target, key), base=base)
+
+  @classmethod
+  def of_factors(cls, lw: "LoraWeights", *, base) -> "LoraWeights":
+    """This kind built on the LoRA factors ``lw`` of the kernel ``base``: LoRA's is ``lw``."""
+    del base
+    return lw
+
+  @classmethod
+  def extra_params(cls, target: Target) -> int:
+    """Trained parameters beyond A and B for ``target``: none for LoRA."""
+    del target
+    return 0
+
+  def groups(self) -> "LoraWeights":
+    """The LoRA+ group of each trained array: "a" for A, "b" for B and any other (PEFT's
+    ``create_loraplus_optimizer`` puts lora_B and 1-D parameters in its fast group)."""
+    data = fields_of(self)[0]
+    return dataclasses.replace(self, **{f: "a" if f == "a" else "b" for f in data})
 
   def delta(self, *, axes=None, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """``scale * a @ b`` laid out as the kernel axes ``axes`` (default: all, in order)."""
@@ -226,7 +241,7 @@ class LoraWeights:
 
   def rescaled(self, y, *, w, present, out_sub: str):
     """The adapted product ``y = x@W + product(x)`` as the kind finally gives it: LoRA's as
-    it is (DoRA rescales its output columns). ``w`` makes the base kernel dense on demand."""
+    it is (a kind may rescale it per output column). ``w()`` is the dense base kernel."""
     return y
 
   def _order(self, contracted: set, free: set, n_contracted: int, present):
@@ -273,6 +288,28 @@ class LoraWeights:
                        f"(axes {self.axes!r}); rebuild the adapters with lora_jax.init.")
 
 
+def lora_factors(config: LoraConfig, target: Target, key) -> LoraWeights:
+  """A random (PEFT's kaiming-uniform, or gaussian), B zeros: the model starts unchanged.
+  An embedding table gets PEFT's ``Embedding`` init instead (either ``init``): A zeros,
+  B standard normal; and no dropout (its input is token ids)."""
+  a_shape, b_shape = factor_shapes(target)
+  if target.embedding:
+    b = jax.random.normal(key, b_shape, config.dtype)
+    return LoraWeights(a=jnp.zeros(a_shape, config.dtype), b=b, scale=target.scale,
+                       axes=target.axes)
+  if config.init == "gaussian":  # PEFT init_lora_weights="gaussian": std 1/r
+    rank = _per_layer_ranks(target, a_shape) if target.ranks else target.rank
+    a = jax.random.normal(key, a_shape, config.dtype) / rank
+  else:  # kaiming_uniform_(a=sqrt(5)) on lora_A (r, in): U(-1/sqrt(in), 1/sqrt(in))
+    bound = 1.0 / math.sqrt(target.in_features)
+    a = jax.random.uniform(key, a_shape, config.dtype, -bound, bound)
+  if target.ranks:  # each layer's columns beyond its rank: zero
+    columns = jnp.arange(target.rank).reshape((1,) * (len(a_shape) - 1) + (-1,))
+    a = jnp.where(columns < _per_layer_ranks(target, a_shape), a, 0)
+  return LoraWeights(a=a, b=jnp.zeros(b_shape, config.dtype), axes=target.axes,
+                     dropout=config.dropout, **static_scale(target))
+
+
 def static_scale(target: Target) -> dict:
   """``{"scale": ..., "ranks": ...}`` of the adapter of ``target``: one scale and None, or a
   tuple per layer for whichever of the two differs between a stacked kernel's layers."""
@@ -289,30 +326,7 @@ def _per_layer_ranks(target: Target, a_shape) -> jax.Array:
 
 jax.tree_util.register_dataclass(
     LoraWeights, data_fields=["a", "b"], meta_fields=["scale", "axes", "dropout", "ranks"])
-
-ADAPTER_KINDS: tuple[type, ...] = (LoraWeights,)
-
-
-def register_kind(kind: type) -> type:
-  """Adds an adapter kind (a dataclass registered with ``jax.tree_util.register_dataclass``,
-  with the methods ``LoraWeights`` has) to ``ADAPTER_KINDS``; checkpoints rebuild it by name."""
-  global ADAPTER_KINDS
-  if kind not in ADAPTER_KINDS:
-    ADAPTER_KINDS = (*ADAPTER_KINDS, kind)
-  return kind
-
-
-def kind_named(name: str) -> type:
-  """The registered adapter kind called ``name``.
-
-  Raises:
-    ValueError: no such kind (the message lists the registered ones).
-  """
-  for kind in ADAPTER_KINDS:
-    if kind.__name__ == name:
-      return kind
-  raise ValueError(f"unknown adapter kind {name!r}; registered: "
-                   f"{', '.join(k.__name__ for k in ADAPTER_KINDS)}.")
+kinds.register(LoraWeights)
 
 
 def fields_of(adapter) -> tuple[dict, dict]:
@@ -322,11 +336,6 @@ def fields_of(adapter) -> tuple[dict, dict]:
   meta = {f.name: getattr(adapter, f.name) for f in dataclasses.fields(adapter)
           if f.name not in data}
   return data, meta
-
-
-def is_adapter(x) -> bool:
-  """Whether ``x`` is an adapter (an instance of an adapter kind), a leaf of the trainable tree."""
-  return isinstance(x, ADAPTER_KINDS)
 
 
 def split(trainable) -> tuple[dict[_tree.Path, LoraWeights], dict[_tree.Path, jax.Array]]:
@@ -350,7 +359,8 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
       kernels with more than two axes.
 
   Returns:
-    A nested dict mirroring ``params``' paths with a ``LoraWeights`` at each targeted kernel,
+    A nested dict mirroring ``params``' paths with an adapter of ``config.kind`` (a
+    ``LoraWeights`` by default) at each targeted kernel,
     e.g. ``{"params": {"Dense_0": {"kernel": LoraWeights(a=(4, 8), b=(8, 3), ...)}}}``, plus
     the trained copies of ``modules_to_save`` leaves at their paths.
 
@@ -362,12 +372,9 @@ def init(config: LoraConfig, params, *, key: jax.Array, uses: Mapping | None = N
                      f"moves into A and B): use base, adapters = lora_jax.init_with_base(config, "
                      f"params, key=key) and train on that base.")
   targets, extras = resolve(config, params, uses=uses)
-  flat = {t.keys: LoraWeights.create(config, t, k)
+  kind, leaves = kinds.named(config.kind), base_leaves(params)
+  flat = {t.keys: kind.create(config, t, k, base=leaves[t.keys])
           for t, k in zip(targets, jax.random.split(key, max(len(targets), 1)))}
-  leaves = base_leaves(params)
-  if config.use_dora:
-    from lora_jax import dora  # an adapter kind built on this module's
-    flat = {p: dora.with_magnitude(lw, leaves[p]) for p, lw in flat.items()}
   for extra in extras:
     flat[extra.keys] = _copy(leaves[extra.keys], extra.path)
   return _tree.nest(flat)

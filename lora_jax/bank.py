@@ -38,7 +38,8 @@ import numpy as np
 from lora_jax import _tree
 from lora_jax._tree import listing
 from lora_jax import adapters as adapters_lib
-from lora_jax.adapters import LoraWeights, match, register_kind
+from lora_jax.adapters import LoraWeights, match
+from lora_jax.kinds import register as register_kind
 from lora_jax.targets import base_leaves
 
 __all__ = ["NO_ADAPTER", "AdapterBank", "LoraArrays", "SlotLora", "Slots", "load", "mixed",

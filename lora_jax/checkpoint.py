@@ -35,7 +35,8 @@ import orbax.checkpoint as ocp
 
 from lora_jax import _tree
 from lora_jax._tree import listing
-from lora_jax.adapters import fields_of, kind_named, split
+from lora_jax.adapters import fields_of, split
+from lora_jax.kinds import by_class_name
 from lora_jax.config import LoraConfig
 from lora_jax.targets import base_leaves
 
@@ -253,7 +254,7 @@ def _rebuild(meta: dict, arrays: list) -> dict:
   for e in meta["adapters"]:
     data = {name: next(arrays) for name in e["arrays"]}
     static = {k: tuple(v) if isinstance(v, list) else v for k, v in e["meta"].items()}
-    flat[tuple(e["keys"])] = kind_named(e["kind"])(**data, **static)  # JSON lists: tuples
+    flat[tuple(e["keys"])] = by_class_name(e["kind"])(**data, **static)  # JSON lists: tuples
   for e in meta.get("extras", []):
     flat[tuple(e["keys"])] = next(arrays)
   return _tree.nest(flat)

@@ -142,7 +142,7 @@ def _flat_adapters(adapters) -> list[dict]:
   flats, extras = [], {}
   for i, tree in enumerate(adapters):
     lora, extra = split(tree)
-    other = [p for p, lw in lora.items() if type(lw) is not LoraWeights]  # not DoRA, say
+    other = [p for p, lw in lora.items() if type(lw) is not LoraWeights]
     if other or not lora:
       raise ValueError(f"adapters[{i}] holds " + (
           f"{type(lora[other[0]]).__name__} at {_tree.join(other[0])!r}; only LoraWeights "

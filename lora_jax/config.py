@@ -19,6 +19,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import kinds
+
 ALL_LINEAR = "all-linear"
 """Preset target: every matmul kernel except the output head (as PEFT's ``"all-linear"``)."""
 
@@ -126,8 +128,9 @@ class LoraConfig(Serializable):
       ``"pissa_niter_<N>"`` (from a randomized SVD with N subspace iterations), ``"olora"``
       (the QR decomposition).
     use_rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank``.
-    use_dora: DoRA (``lora_jax.dora``): a trained magnitude per output column rescales
-      ``W + s·A@B`` to ``m ⊙ (W + s·A@B) / ||W + s·A@B||_c`` (PEFT's ``use_dora``).
+    kind: the adapter kind, by its registered name (``lora_jax.kinds.names()``): ``"lora"``
+      (``W + s·A@B``, the default) or another registered kind, whose own docs say what it
+      trains beside A and B.
     dtype: dtype of A and B, float32 by default whatever the base dtype.
     kernel_names: leaf names that are matmul kernels (Flax calls them ``kernel``).
     modules_to_save: patterns (searched like ``targets``) of parameters trained in full beside
@@ -152,7 +155,7 @@ class LoraConfig(Serializable):
   dropout: float = 0.0
   init: str = "kaiming_uniform"
   use_rslora: bool = False
-  use_dora: bool = False
+  kind: str = "lora"
   dtype: Any = jnp.float32
   kernel_names: Sequence[str] = ("kernel",)
   modules_to_save: str | Sequence[str] = ()
@@ -182,9 +185,12 @@ class LoraConfig(Serializable):
                                              or _PISSA_NITER.fullmatch(self.init))):
       raise ValueError(f"init must be one of {INITS} or 'pissa_niter_<N>' (N >= 1 subspace "
                        f"iterations), got {self.init!r}.")
-    for name in ("use_rslora", "use_dora"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+    if not isinstance(self.use_rslora, bool):
+      raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}.")
+    if not isinstance(self.kind, str):
+      raise ValueError(f"kind must be an adapter kind's name (a string: one of "
+                       f"{', '.join(kinds.names())}), got {self.kind!r}.")
+    kinds.named(self.kind)  # raises, listing the registered kinds
     _check_dtype(self.dtype)
     if self.bias not in BIASES:
       raise ValueError(f"bias must be one of {BIASES} (PEFT's LoraConfig.bias), got "
@@ -194,7 +200,7 @@ class LoraConfig(Serializable):
     items = lambda m: tuple(sorted(m.items()))  # noqa: E731
     return hash((self.target_patterns, self.rank, self.alpha, items(self.rank_pattern),
                  items(self.alpha_pattern), items(self.axes_pattern), self.exclude_patterns,
-                 self.dropout, self.init, self.use_rslora, self.use_dora,
+                 self.dropout, self.init, self.use_rslora, self.kind,
                  str(jnp.dtype(self.dtype)),
                  self.kernel_names, self.save_patterns, self.bias))
 

@@ -18,12 +18,13 @@ PEFT forms the full adapted weight. A product ``x @ W'`` is then
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax import kernels
-from lora_jax.adapters import _LETTERS, LoraWeights, factor_subscripts, register_kind
+from lora_jax import kernels, kinds
+from lora_jax.adapters import _LETTERS, LoraWeights, factor_subscripts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +36,23 @@ class DoraWeights(LoraWeights):
     (the rest as ``LoraWeights``)
   """
 
+  name: ClassVar[str] = "dora"
+  summary: ClassVar[str] = ("dora: a trained magnitude per output column rescales W + s·A@B "
+                            "(PEFT's use_dora)")
+  additive: ClassVar[bool] = False
+
   magnitude: jax.Array = None
+
+  @classmethod
+  def of_factors(cls, lw: LoraWeights, *, base) -> "DoraWeights":
+    """``lw`` with its magnitude: the column norms of ``W + s·A@B`` for the kernel ``base``
+    (an array or a kernel kind); an abstract ``base`` (shapes only) gets zeros."""
+    return with_magnitude(lw, base)
+
+  @classmethod
+  def extra_params(cls, target) -> int:
+    """The magnitudes: one per output column of every layer (``stack * out``)."""
+    return target.stack * target.out_features
 
   @classmethod
   def of(cls, lw: LoraWeights, w) -> "DoraWeights":
@@ -119,7 +136,7 @@ class DoraWeights(LoraWeights):
 jax.tree_util.register_dataclass(
     DoraWeights, data_fields=["a", "b", "magnitude"],
     meta_fields=["scale", "axes", "dropout", "ranks"])
-register_kind(DoraWeights)
+kinds.register(DoraWeights)
 
 
 def with_magnitude(lw: LoraWeights, w) -> DoraWeights:

@@ -23,7 +23,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree, kernels
+from lora_jax import _tree, kernels, kinds
 from lora_jax.adapters import LoraWeights, _keep_sharding, init as _init, split
 from lora_jax.config import LoraConfig
 
@@ -105,7 +105,7 @@ def init_with_base(config: LoraConfig, params, *, key: jax.Array, uses=None) -> 
   """
   if not config.changes_base:
     return params, _init(config, params, key=key, uses=uses)
-  plain = dataclasses.replace(config, init="gaussian", use_dora=False)
+  plain = dataclasses.replace(config, init="gaussian", kind="lora")
   adapters, extras = split(_init(plain, params, key=key, uses=uses))
   leaves = _tree.flatten(params, is_leaf=kernels.is_kind)
   keys = dict(zip(adapters, jax.random.split(key, max(len(adapters), 1))))
@@ -120,9 +120,8 @@ def init_with_base(config: LoraConfig, params, *, key: jax.Array, uses=None) -> 
     lw = dataclasses.replace(lw, a=a, b=b)
     residual[path] = _keep_sharding(lw.merged(w, sign=-1.0), w)
     initial[path] = lw
-  if config.use_dora:
-    from lora_jax import dora  # magnitudes: the columns' norms of residual + s·A₀@B₀, i.e. W's
-    initial = {p: dora.with_magnitude(lw, residual[p]) for p, lw in initial.items()}
+  kind = kinds.named(config.kind)  # built on residual + s·A₀@B₀, which is W
+  initial = {p: kind.of_factors(lw, base=residual[p]) for p, lw in initial.items()}
   base = _tree.map_with_path(lambda p, w: residual.get(p, w), params, is_leaf=kernels.is_kind)
   return base, _tree.nest({**initial, **extras})
 
@@ -135,7 +134,8 @@ def convert_to_lora(adapters, *, initial):
 
   Raises:
     ValueError: ``initial`` does not hold the same adapted paths and shapes, or an adapter is
-      not plain LoRA (a DoRA adapter's change depends on the base, so it has no such form).
+      not plain LoRA (a kind that is not additive changes W by an amount that depends on W,
+      so it has no such form).
   """
   trained, extras = split(adapters)
   start, _ = split(initial)
@@ -148,7 +148,7 @@ def convert_to_lora(adapters, *, initial):
     lw0 = start[path]
     if type(lw) is not LoraWeights or type(lw0) is not LoraWeights:
       raise ValueError(f"the adapter at {_tree.join(path)!r} is a {type(lw).__name__}; only "
-                       f"plain LoRA adapters convert (a DoRA adapter's change depends on W).")
+                       f"plain LoRA adapters convert (its change to W depends on W).")
     if lw.a.shape != lw0.a.shape or lw.b.shape != lw0.b.shape or lw.scale != lw0.scale:
       raise ValueError(f"the initial adapter at {_tree.join(path)!r} (a {lw0.a.shape}, b "
                        f"{lw0.b.shape}, scale {lw0.scale:g}) is not the trained one's shape and "

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax import _tree, family, kernels
+from lora_jax import _tree, family, kernels, kinds
 from lora_jax._tree import listing
 from lora_jax.config import ALL_LINEAR, HEAD_PATTERN, LoraConfig, check_roles
 
@@ -66,7 +66,7 @@ class Target:
   scale: float
   route: str | None = None  # "factored" or "merged", when the plan was made with analyze()
   keys: tuple[str, ...] = ()  # the path as tree keys (a key may hold a '/')
-  dora: bool = False  # DoRA: a trained magnitude per output column besides A and B
+  kind: str = "lora"  # the adapter kind's registered name (lora_jax.kinds)
   embedding: bool = False  # an embedding table (rows looked up): PEFT's init, no dropout
   ranks: tuple[int, ...] | None = None  # per layer, when the layers differ
   alphas: tuple[float, ...] | None = None
@@ -90,11 +90,11 @@ class Target:
   @property
   def num_params(self) -> int:
     """Trainable parameters of A and B, ``stack * rank * (in + out)`` (per-layer ranks: their
-    sum, as PEFT counts each layer's module; the padding is not counted), plus DoRA's
-    magnitudes (``stack * out``)."""
-    magnitudes = self.stack * self.out_features if self.dora else 0
+    sum, as PEFT counts each layer's module; the padding is not counted), plus what the
+    adapter kind trains beside them (``extra_params``)."""
     ranks = sum(self.ranks) if self.ranks else self.stack * self.rank
-    return ranks * (self.in_features + self.out_features) + magnitudes
+    extra = kinds.named(self.kind).extra_params(self)
+    return ranks * (self.in_features + self.out_features) + extra
 
   def layer_paths(self) -> list[str]:
     """The paths in the unrolled model of this stacked kernel's layers (``[]`` unless it has
@@ -177,7 +177,7 @@ def _target(config, path, leaf, uses, keys) -> Target:
                   rank=config.rank_for(path), alpha=config.alpha_for(path),
                   scale=config.scale_for(path),
                   route=getattr(uses.get(path), "route", None) if uses else None, keys=keys,
-                  dora=config.use_dora,
+                  kind=config.kind,
                   embedding=_is_embedding(keys, leaf) or "gather" in consumers)
   target = _per_layer(config, target)
   limit = min(target.in_features, target.out_features)
@@ -353,14 +353,13 @@ def count(base, adapters, *, config: LoraConfig | None = None) -> ParamCount:
   (``LoraWeights.num_params``). Works on concrete arrays and on ``jax.ShapeDtypeStruct``
   trees alike; see ``num_params`` for what counts as a base parameter.
   """
-  from lora_jax.adapters import is_adapter, split  # adapters.py builds on this module
-
-  leaves = jax.tree_util.tree_leaves(adapters, is_leaf=is_adapter)
-  trainable = sum(x.num_params if is_adapter(x) else size(x) for x in leaves)
+  flat = _tree.flatten(adapters, is_leaf=kinds.is_adapter)
+  trainable = sum(x.num_params if kinds.is_adapter(x) else size(x) for x in flat.values())
   in_place = 0
   if config is not None and config.bias != "none":
-    lora, extras = split(adapters)
-    in_place = sum(size(x) for k, x in extras.items() if trains_bias(config, k, lora))
+    lora = {k: x for k, x in flat.items() if kinds.is_adapter(x)}
+    in_place = sum(size(x) for k, x in flat.items()
+                   if k not in lora and trains_bias(config, k, lora))
   return ParamCount(trainable=trainable, total=num_params(base) + trainable - in_place)
 
 

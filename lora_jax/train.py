@@ -10,12 +10,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import dataclasses
-
 import jax
 import optax
 
-from lora_jax.adapters import fields_of, is_adapter
+from lora_jax.kinds import is_adapter
 from lora_jax.config import is_real
 from lora_jax.transform import lora
 
@@ -92,14 +90,14 @@ def value_and_grad(loss_fn: Callable, *, has_aux: bool = False, product: str = "
 
 
 def _factor_labels(trainable):
-  """"b" for every B factor and every 1-D trained extra (a bias, a norm's scale), "a" for the
-  rest: PEFT's ``create_loraplus_optimizer`` puts ``lora_B`` and 1-D parameters in its fast
-  group B and everything else (A, a trained head's weight) in group A."""
+  """Each adapter's own LoRA+ groups (``groups()``: "b" for B, "a" for A), and for trained
+  extras "b" when 1-D (a bias, a norm's scale), else "a": PEFT's
+  ``create_loraplus_optimizer`` puts ``lora_B`` and 1-D parameters in its fast group B and
+  everything else (A, a trained head's weight) in group A."""
   def label(x):
     if not is_adapter(x):
       return "b" if getattr(x, "ndim", len(getattr(x, "shape", ()))) == 1 else "a"
-    data = fields_of(x)[0]  # DoRA's magnitude vectors join B, as PEFT's 1-D parameters do
-    return dataclasses.replace(x, **{f: "a" if f == "a" else "b" for f in data})
+    return x.groups()
 
   return jax.tree_util.tree_map(label, trainable, is_leaf=is_adapter)
 

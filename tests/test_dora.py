@@ -97,7 +97,7 @@ def test_llama_forward_and_gradients_equal_the_dense_float64_formula(scan):
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"], scan_layers=scan)
   params = model.init(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
-  config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, use_dora=True)
+  config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, kind="dora")
   _check_against_reference(model.apply, params, _dora_tree(params, config, uses), IDS)
 
 
@@ -105,7 +105,7 @@ def test_llama_forward_and_gradients_equal_the_dense_float64_formula(scan):
 def test_nnx_forward_and_gradients_equal_the_dense_float64_formula(case):
   c = case()
   uses = lora_jax.analyze(c.fn, c.params, c.x)
-  config = lora_jax.LoraConfig(targets=".*", rank=2, alpha=4, use_dora=True)
+  config = lora_jax.LoraConfig(targets=".*", rank=2, alpha=4, kind="dora")
   _check_against_reference(c.fn, c.params, _dora_tree(c.params, config, uses), c.x)
 
 
@@ -113,7 +113,7 @@ def test_identity_at_init_is_exact_and_merge_matches():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
   params = model.init(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
-  config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, use_dora=True)
+  config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, kind="dora")
   fresh = lora_jax.init(config, params, key=jax.random.key(1), uses=uses)
   base = model.apply(params, IDS)  # B = 0 and m = ||W||: W itself, up to the float32 norms'
   np.testing.assert_allclose(lora_jax.lora(model.apply)(params, fresh, IDS), base,  # rounding
@@ -128,7 +128,7 @@ def test_identity_at_init_is_exact_and_merge_matches():
 def test_a_transposed_use_runs_through_the_merged_kernel():
   rng = np.random.default_rng(0)
   params = {"w": rng.normal(size=(6, 5)).astype(np.float32)}
-  config = lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",), use_dora=True)
+  config = lora_jax.LoraConfig(targets="w", rank=2, kernel_names=("w",), kind="dora")
   tree = _dora_tree(params, config, None)
   x, y = rng.normal(size=(3, 6)).astype(np.float32), rng.normal(size=(3, 5)).astype(np.float32)
   fn = lambda p, x, y: (x @ p["w"], y @ p["w"].T)  # noqa: E731  tied: both directions
@@ -144,7 +144,7 @@ def test_counts_add_one_magnitude_per_output_column():
   params = model.init(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   lora = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
-  dora = dataclasses.replace(lora, use_dora=True)
+  dora = dataclasses.replace(lora, kind="dora")
   plain = lora_jax.count(params, lora_jax.init(lora, params, key=jax.random.key(0), uses=uses))
   counted = lora_jax.count(params, lora_jax.init(dora, params, key=jax.random.key(0), uses=uses))
   plan = lora_jax.plan(dora, params, uses=uses)
@@ -155,7 +155,7 @@ def test_counts_add_one_magnitude_per_output_column():
 def test_a_bank_and_combine_refuse_dora():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
   params = model.init(jax.random.key(0), IDS)
-  config = lora_jax.LoraConfig(targets="q_proj", rank=2, use_dora=True)
+  config = lora_jax.LoraConfig(targets="q_proj", rank=2, kind="dora")
   tree = lora_jax.init(config, params, key=jax.random.key(0),
                        uses=lora_jax.analyze(model.apply, params, IDS))
   with pytest.raises(ValueError,
@@ -171,12 +171,12 @@ def test_peft_files_round_trip_and_a_missing_magnitude_is_named(tmp_path):
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
   params = model.init(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
-  config = lora_jax.LoraConfig(targets=["q_proj", "down_proj"], rank=2, alpha=4, use_dora=True)
+  config = lora_jax.LoraConfig(targets=["q_proj", "down_proj"], rank=2, alpha=4, kind="dora")
   adapters = _dora_tree(params, config, uses)
   lora_jax.peft.export_peft(tmp_path / "dora", adapters, config=config)
   again = lora_jax.peft.import_peft(tmp_path / "dora", params)[1]
   jax.tree_util.tree_map(np.testing.assert_array_equal, again, adapters)
-  plain = dataclasses.replace(config, use_dora=False)
+  plain = dataclasses.replace(config, kind="lora")
   lora_jax.peft.export_peft(tmp_path / "plain", lora_jax.init(plain, params, key=jax.random.key(0),
                                                               uses=uses), config=plain)
   file = tmp_path / "plain" / "adapter_config.json"
@@ -212,7 +212,7 @@ def test_peft_saved_dora_imports_to_peft_outputs_and_counts(tmp_path):
   models_by_scan = {scan: tiny("llama", scan) for scan in (True, False)}
   params_by_scan = {scan: copy(hf, m) for scan, m in models_by_scan.items()}  # before PEFT
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
-      r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False,
+      r=4, lora_alpha=8, target_modules=TARGETS, kind="dora", init_lora_weights=False,
       rank_pattern={"v_proj": 2}))
   with torch.no_grad():
     for name, p in peft_model.named_parameters():
@@ -225,7 +225,7 @@ def test_peft_saved_dora_imports_to_peft_outputs_and_counts(tmp_path):
   for scan, model in models_by_scan.items():
     params = params_by_scan[scan]
     config, adapters = lora_jax.peft.import_peft(tmp_path, params)
-    assert config.use_dora
+    assert config.kind == "dora"
     got = jax.jit(lora_jax.lora(model.apply))(params, adapters, IDS)
     assert np.abs(want - np.asarray(got)).max() <= 1e-4
     assert lora_jax.count(params, adapters).trainable == trainable  # DoRA adds the magnitudes
@@ -237,7 +237,7 @@ def test_exported_dora_gives_peft_our_outputs(tmp_path):
   model = tiny("llama", True)
   params = copy(hf, model)
   uses = lora_jax.analyze(model.apply, params, IDS)
-  config = lora_jax.LoraConfig(targets=TARGETS, rank=4, alpha=8, use_dora=True)
+  config = lora_jax.LoraConfig(targets=TARGETS, rank=4, alpha=8, kind="dora")
   adapters = _dora_tree(params, config, uses)
   ours = jax.jit(lora_jax.lora(model.apply))(params, adapters, IDS)
   theirs = peft_logits_of_export(tmp_path, hf, adapters, config=config)

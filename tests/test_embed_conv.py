@@ -374,7 +374,7 @@ def test_a_base_copy_that_is_not_the_base_and_dora_on_a_table_are_refused(tmp_pa
   with pytest.raises(ValueError, match=r"differs from the base params' 'params/model/"
                                        r"embed_tokens/embedding'; load onto the base"):
     lora_peft.import_peft(tmp_path, params)
-  dora = lora_jax.LoraConfig(targets=["embed_tokens"], rank=2, use_dora=True)
+  dora = lora_jax.LoraConfig(targets=["embed_tokens"], rank=2, kind="dora")
   with pytest.raises(ValueError, match=r"adapter at 'params/model/embed_tokens/embedding' "
                                        r"\(axes 'io', DoraWeights\) is on an embedding table, "
                                        r"which PEFT stores only as plain LoRA"):

@@ -183,7 +183,7 @@ def test_bad_uses_are_refused_with_the_fix():
   quantized = lora_jax.quant.quantize(params, "int8", uses=uses)
   with pytest.raises(ValueError, match="needs the dense values of the kernel .*then quantize"):
     lora_jax.init_with_base(config, quantized, key=jax.random.key(0), uses=uses)
-  dora = dataclasses.replace(config, use_dora=True)
+  dora = dataclasses.replace(config, kind="dora")
   base, start = lora_jax.init_with_base(dora, params, key=jax.random.key(0), uses=uses)
   want = model.apply(params, IDS)  # DoRA's magnitudes: the norms of residual + s·A₀@B₀ = W's
   np.testing.assert_allclose(lora_jax.lora(model.apply)(base, start, IDS), want,

@@ -246,7 +246,7 @@ def test_merge_unmerge_and_dora_equal_the_unrolled_model(llama):
                                  rtol=1e-6, atol=1e-6)
   back = lora_jax.unmerge(lora_jax.merge(sp, tree), tree)
   jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), back, sp)
-  dora = dataclasses.replace(CONFIG, use_dora=True)
+  dora = dataclasses.replace(CONFIG, kind="dora")
   tree = _random_b(lora_jax.init(dora, sp, key=jax.random.key(1), uses=_uses(sm, sp)))
   unrolled = lora_jax.init(dora, up, key=jax.random.key(1))
   per_layer = {p: lw for p, lw in flat_adapters(tree).items() if lw.per_layer}

@@ -128,7 +128,7 @@ def test_dropout_draws_the_same_masks_as_autodiff(product):
 @pytest.mark.parametrize("product", HAND)
 def test_dora_rescales_the_hand_written_product(product):
   fn, params = _llama(False)
-  adapters = _adapters(fn, params, IDS, use_dora=True)
+  adapters = _adapters(fn, params, IDS, kind="dora")
   got = _value_and_grad(fn, params, adapters, IDS, product=product)
   want = _value_and_grad(fn, params, adapters, IDS, product="autodiff")
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
