@@ -36,7 +36,7 @@ import numpy as np
 import lora_jax
 from lora_jax import generate as gen
 from lora_jax.app import causal
-from lora_jax.models import bert, llama, weights
+from lora_jax.models import bert, llama
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from generate import QUESTIONS, machine, write_json  # noqa: E402
@@ -89,7 +89,7 @@ def _rows(kind: str, results: dict, tokens: int) -> dict:
 
 def minilm(seed: int = 0):
   """The MiniLM classifier (2 labels), its base and a q,v r=8 + head adapter maker."""
-  config, encoder = weights.load_bert(num_labels=2)
+  config, encoder = bert.load(num_labels=2)
   module = bert.BertForSequenceClassification(config)
   example = jnp.ones((1, 8), jnp.int32)
   params = module.init(jax.random.key(seed), example)

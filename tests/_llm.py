@@ -18,7 +18,7 @@ needs_smollm2 = pytest.mark.skipif(
 def tiny_llama_folder(folder, *, seed: int = 0, layers: int = 2) -> pathlib.Path:
   """Writes a random 2-layer Llama (width 32, 4 query / 2 key-value heads) whose vocabulary is
   SmolLM2's, with SmolLM2's tokenizer files; returns the folder."""
-  from lora_jax.models import chat, weights
+  from lora_jax.models import chat, llama_io
   from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
   tok = chat.load_chat_tokenizer()
@@ -29,8 +29,8 @@ def tiny_llama_folder(folder, *, seed: int = 0, layers: int = 2) -> pathlib.Path
   params = LlamaForCausalLM(config).init(jax.random.key(seed), jax.numpy.ones((1, 4), "int32"))
   files = {"tokenizer.json": tok.tokenizer.to_str(),
            "tokenizer_config.json": json.dumps(tok.tokenizer_config())}
-  return weights.save_llama(folder, config, params, bos_token_id=tok.bos_id,
-                            eos_token_id=tok.eos_id, extra_files=files)
+  return llama_io.save(folder, config, params, bos_token_id=tok.bos_id,
+                       eos_token_id=tok.eos_id, extra_files=files)
 
 
 def write_jsonl(path, rows) -> pathlib.Path:
@@ -52,7 +52,7 @@ def write_gguf(path, arch: str, tensors: dict, llama_sizes: bool = False):
   import gguf
 
   writer = gguf.GGUFWriter(str(path), arch)
-  if llama_sizes:  # the hyperparameters llama_config requires
+  if llama_sizes:  # the hyperparameters gguf.llama_config requires
     writer.add_block_count(1)
     writer.add_embedding_length(8)
     writer.add_feed_forward_length(16)

@@ -24,7 +24,7 @@ from lora_jax import models
 from lora_jax import peft as lora_peft
 from lora_jax.models import chat
 from lora_jax.models import gguf as gguf_file
-from lora_jax.models import weights
+from lora_jax.models import llama_io
 from lora_jax.models.llama import LlamaForCausalLM, init_cache
 
 needs_smollm2 = pytest.mark.skipif(
@@ -166,7 +166,7 @@ def test_weights_equal_transformers(scanned, hf):
   """Every dequantized tensor (q/k rows unpermuted) equals the one transformers loads."""
   config, params = scanned
   theirs = {k: v.numpy() for k, v in hf.state_dict().items()}
-  ours = weights.llama_tensors(params, config)
+  ours = llama_io.tensors_from_params(params, config)
   assert ours.keys() <= theirs.keys()
   assert theirs.keys() - ours.keys() <= {"lm_head.weight"}  # tied: our head is the embedding
   for name, w in ours.items():

