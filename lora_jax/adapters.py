@@ -38,6 +38,7 @@ from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import _tree, kernels, kinds
 from lora_jax._tree import listing
@@ -95,8 +96,12 @@ class LoraWeights:
   """
 
   name: ClassVar[str] = "lora"
-  summary: ClassVar[str] = "LoRA: W + s·A@B"
+  summary: ClassVar[str] = "lora: W + s·A@B"
   additive: ClassVar[bool] = True
+  # PEFT's form (lora_jax.peft): the adapter_config.json flags that pick the kind (None on a
+  # kind without one), and the names of its 1-D tensors per module (one value per output).
+  peft: ClassVar[dict | None] = {}
+  peft_vectors: ClassVar[tuple[str, ...]] = ()
 
   a: jax.Array
   b: jax.Array
@@ -160,6 +165,19 @@ class LoraWeights:
     """Trained parameters beyond A and B for ``target``: none for LoRA."""
     del target
     return 0
+
+  def peft_tensors(self, at: tuple) -> dict[str, np.ndarray]:
+    """The ``peft_vectors`` of the layer ``at`` (``()`` unstacked): none for LoRA."""
+    del at
+    return {}
+
+  @classmethod
+  def from_peft(cls, lw: "LoraWeights", vectors: Mapping[tuple, Mapping], *, base
+                ) -> "LoraWeights":
+    """This kind from PEFT's factors ``lw`` and ``{layer at: {vector name: (out,)}}`` of the
+    kernel ``base`` (layers without tensors at identity): LoRA's is ``lw``."""
+    del vectors, base
+    return lw
 
   def groups(self) -> "LoraWeights":
     """The LoRA+ group of each trained array: "a" for A, "b" for B and any other (PEFT's

@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax import kernels, kinds
 from lora_jax.adapters import _LETTERS, LoraWeights, factor_subscripts
@@ -40,6 +41,8 @@ class DoraWeights(LoraWeights):
   summary: ClassVar[str] = ("dora: a trained magnitude per output column rescales W + s·A@B "
                             "(PEFT's use_dora)")
   additive: ClassVar[bool] = False
+  peft: ClassVar[dict | None] = {"use_dora": True}
+  peft_vectors: ClassVar[tuple[str, ...]] = ("lora_magnitude_vector",)
 
   magnitude: jax.Array = None
 
@@ -53,6 +56,20 @@ class DoraWeights(LoraWeights):
   def extra_params(cls, target) -> int:
     """The magnitudes: one per output column of every layer (``stack * out``)."""
     return target.stack * target.out_features
+
+  def peft_tensors(self, at: tuple) -> dict[str, np.ndarray]:
+    """PEFT's ``lora_magnitude_vector`` (out,) of the layer ``at``."""
+    return {"lora_magnitude_vector": np.asarray(self.magnitude, np.float32)[at].reshape(-1)}
+
+  @classmethod
+  def from_peft(cls, lw: LoraWeights, vectors, *, base) -> "DoraWeights":
+    """``lw`` with the magnitudes of ``vectors``; a layer without one keeps the column norms
+    of its base (the identity)."""
+    identity = with_magnitude(dataclasses.replace(lw, b=jnp.zeros_like(lw.b)), base)
+    m = np.array(identity.magnitude, np.float32)
+    for at, v in vectors.items():
+      m[at] = v["lora_magnitude_vector"].reshape(m.shape[len(at):])
+    return dataclasses.replace(identity, b=lw.b, magnitude=jnp.asarray(m, lw.a.dtype))
 
   @classmethod
   def of(cls, lw: LoraWeights, w) -> "DoraWeights":

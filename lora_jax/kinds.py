@@ -24,11 +24,17 @@ class AdapterKind(Protocol):
     summary: one line for help texts (``lora-jax train --variant``).
     additive: whether ``W' = W + delta`` with ``delta`` independent of W; only additive
       kinds unmerge, combine, convert and sit in a bank.
+    peft: the adapter_config.json flags that select the kind in PEFT's format, ``{}`` for
+      plain LoRA; None (or not set on the class itself): no PEFT form, ``export_peft`` refuses.
+    peft_vectors: the names of the kind's 1-D tensors per PEFT module, one value per output
+      feature (``base_model.model.<module>.<name>``).
   """
 
   name: ClassVar[str]
   summary: ClassVar[str]
   additive: ClassVar[bool]
+  peft: ClassVar[dict | None]
+  peft_vectors: ClassVar[tuple[str, ...]]
 
   @classmethod
   def create(cls, config, target, key, *, base) -> "AdapterKind":
@@ -50,6 +56,13 @@ class AdapterKind(Protocol):
 
   def rescaled(self, y, **kwargs) -> Any:
     """The adapted product as the kind finally gives it."""
+
+  def peft_tensors(self, at: tuple) -> dict:
+    """``{vector name: (out,) float32}`` of the layer ``at`` for PEFT's file."""
+
+  @classmethod
+  def from_peft(cls, lw, vectors, *, base) -> "AdapterKind":
+    """This kind from PEFT's LoRA factors ``lw`` and ``{layer: {vector name: array}}``."""
 
   def groups(self) -> "AdapterKind":
     """This adapter with each trained array replaced by its LoRA+ group, "a" or "b"."""
@@ -130,6 +143,11 @@ def by_class_name(class_name: str) -> type:
   raise ValueError(f"unknown adapter kind {class_name!r}; registered: "
                    f"{', '.join(k.__name__ for k in _REGISTERED)} (import the module that "
                    f"registers it before restoring).")
+
+
+def peft_form(kind: type) -> dict | None:
+  """The adapter_config.json flags of ``kind``'s PEFT form (set on the class itself), or None."""
+  return vars(kind).get("peft")
 
 
 def is_adapter(x) -> bool:

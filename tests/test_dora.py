@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 
 import lora_jax
-import test_models
+from _fixtures import FAMILY_MODEL, IDS, TINY, peft_llama, peft_logits_of_export
 from _models import nnx_case, nnx_stack_case
 from _utils import randomize_b
 from lora_jax import models
 from lora_jax.dora import DoraWeights
 
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-TINY, FAMILY_MODEL = test_models.TINY, test_models.FAMILY_MODEL
+TINY, FAMILY_MODEL = TINY, FAMILY_MODEL
 
 
 def _dense_norm(w, lw):
@@ -181,26 +180,17 @@ def test_peft_files_round_trip_and_a_missing_magnitude_is_named(tmp_path):
                                                               uses=uses), config=plain)
   file = tmp_path / "plain" / "adapter_config.json"
   file.write_text(json.dumps({**json.loads(file.read_text()), "use_dora": True}))
-  with pytest.raises(ValueError, match="has no lora_magnitude_vector, which DoRA"):
+  with pytest.raises(ValueError,
+                     match="has no lora_magnitude_vector, which the adapter kind dora"):
     lora_jax.peft.import_peft(tmp_path / "plain", params)
   file = tmp_path / "dora" / "adapter_config.json"
   file.write_text(json.dumps({**json.loads(file.read_text()), "use_dora": False}))
-  with pytest.raises(ValueError, match="but DoRA's magnitude vector"):
+  with pytest.raises(ValueError,
+                     match="but the lora_magnitude_vector of the adapter kind dora"):
     lora_jax.peft.import_peft(tmp_path / "dora", params)
 
 
 # ---- PEFT both ways ------------------------------------------------------------------------
-
-def _peft_llama():
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
-  from test_peft import _copy_torch_weights, _tiny
-
-  torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      **TINY["llama"], bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5)).eval()
-  return torch, peft, hf, _tiny, _copy_torch_weights
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -208,11 +198,11 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.mark.interop
 def test_peft_saved_dora_imports_to_peft_outputs_and_counts(tmp_path):
-  torch, peft, hf, tiny, copy = _peft_llama()
+  torch, peft, hf, tiny, copy = peft_llama()
   models_by_scan = {scan: tiny("llama", scan) for scan in (True, False)}
   params_by_scan = {scan: copy(hf, m) for scan, m in models_by_scan.items()}  # before PEFT
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
-      r=4, lora_alpha=8, target_modules=TARGETS, kind="dora", init_lora_weights=False,
+      r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False,
       rank_pattern={"v_proj": 2}))
   with torch.no_grad():
     for name, p in peft_model.named_parameters():
@@ -233,7 +223,7 @@ def test_peft_saved_dora_imports_to_peft_outputs_and_counts(tmp_path):
 
 @pytest.mark.interop
 def test_exported_dora_gives_peft_our_outputs(tmp_path):
-  torch, peft, hf, tiny, copy = _peft_llama()
+  torch, peft, hf, tiny, copy = peft_llama()
   model = tiny("llama", True)
   params = copy(hf, model)
   uses = lora_jax.analyze(model.apply, params, IDS)
@@ -243,18 +233,6 @@ def test_exported_dora_gives_peft_our_outputs(tmp_path):
   theirs = peft_logits_of_export(tmp_path, hf, adapters, config=config)
   assert np.abs(theirs - np.asarray(ours)).max() <= 1e-4
   assert np.abs(theirs - np.asarray(model.apply(params, IDS))).max() > 1e-2  # DoRA matters
-
-
-def peft_logits_of_export(folder, hf, adapters, **export):
-  """PEFT's logits on IDS for ``adapters`` written by ``export_peft(folder, ...)`` and loaded
-  onto the torch model ``hf``."""
-  import peft
-  import torch
-
-  lora_jax.peft.export_peft(folder, adapters, **export)
-  loaded = peft.PeftModel.from_pretrained(hf, str(folder)).eval()
-  with torch.no_grad():
-    return loaded(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.slow

@@ -17,12 +17,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-import test_models
+from _fixtures import FAMILY_MODEL, IDS, TINY, copy_torch_weights
 from lora_jax import models
 from lora_jax import peft as lora_peft
 
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-TINY, FAMILY_MODEL = test_models.TINY, test_models.FAMILY_MODEL
+TINY, FAMILY_MODEL = TINY, FAMILY_MODEL
 LLAMA_TARGETS = ["embed_tokens", "q_proj", "v_proj", "down_proj"]
 
 
@@ -384,20 +383,21 @@ def test_a_base_copy_that_is_not_the_base_and_dora_on_a_table_are_refused(tmp_pa
   (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "use_dora": True}))
   save_file({k: v for k, v in load_file(file).items() if "base_layer" not in k}
             | {f"{EMBED}.lora_magnitude_vector": np.ones(32, np.float32)}, file)
-  with pytest.raises(ValueError, match=r"lora_magnitude_vector' is DoRA on 'params/model/"
-                                       r"embed_tokens/embedding', an embedding table"):
+  with pytest.raises(ValueError, match=r"lora_magnitude_vector' is the adapter kind dora "
+                                       r"\(use_dora true\) on 'params/model/embed_tokens/"
+                                       r"embedding', an embedding table"):
     lora_peft.import_peft(tmp_path, params)
 
 
 # ---- real PEFT both ways -----------------------------------------------------------------------
 
-def _interop():
+def interop():
   return (pytest.importorskip("torch"), pytest.importorskip("transformers"),
           pytest.importorskip("peft"))
 
 
 def _hf_llama():
-  torch, transformers, peft = _interop()
+  torch, transformers, peft = interop()
   torch.manual_seed(0)
   return torch, peft, transformers.LlamaForCausalLM(transformers.LlamaConfig(
       **TINY["llama"], bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5)).eval()
@@ -409,11 +409,10 @@ def _counts(peft_model):
 
 @pytest.mark.interop
 def test_peft_saved_embedding_adapter_imports_to_peft_outputs_and_counts(tmp_path):
-  from test_peft import _copy_torch_weights
 
   torch, peft, hf = _hf_llama()
   ours = {scan: _llama(scan) for scan in (True, False)}
-  params = {scan: _copy_torch_weights(hf, m) for scan, m in ours.items()}  # before PEFT wraps
+  params = {scan: copy_torch_weights(hf, m) for scan, m in ours.items()}  # before PEFT wraps
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, init_lora_weights=False,
       rank_pattern={"v_proj": 2}))
@@ -439,11 +438,10 @@ def test_peft_saved_embedding_adapter_imports_to_peft_outputs_and_counts(tmp_pat
 
 @pytest.mark.interop
 def test_exported_embedding_adapter_gives_peft_our_outputs(tmp_path):
-  from test_peft import _copy_torch_weights
 
   torch, peft, hf = _hf_llama()
   model = _llama(True)
-  params = _copy_torch_weights(hf, model)
+  params = copy_torch_weights(hf, model)
   uses = lora_jax.analyze(model.apply, params, IDS)
   config = lora_jax.LoraConfig(targets=LLAMA_TARGETS, rank=4, alpha=8)
   adapters = _random_factors(lora_jax.init(config, params, key=jax.random.key(0), uses=uses))
@@ -502,7 +500,7 @@ def _conv_pair(torch):
 
 @pytest.mark.interop
 def test_conv2d_adapters_both_ways_with_peft(tmp_path):
-  torch, _, peft = _interop()
+  torch, _, peft = interop()
   net, params, x, flax_x = _conv_pair(torch)
   uses = lora_jax.analyze(FlaxNet().apply, params, flax_x)
   assert (uses["params/stem/kernel"].axes, uses["params/stem/kernel"].route) == ("iiio",

