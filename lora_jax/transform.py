@@ -16,18 +16,48 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax import _interpret, _product, _rules, _tree, bank, kernels
+from lora_jax import _interpret, _product, _rules, _tree, kernels
 from lora_jax._interpret import Kernel
 from lora_jax._rules import KernelUse
 from lora_jax.adapters import match
 from lora_jax.targets import base_leaves
 
-__all__ = ["KernelUse", "LoraFallbackWarning", "analyze", "lora"]
+__all__ = ["KernelUse", "LoraFallbackWarning", "analyze", "lora", "register_container"]
+
+# Adapter containers other than one trainable tree (``lora_jax.bank.AdapterBank``): how
+# ``lora(fn)`` runs each, and the keyword arguments that are the container's.
+_CONTAINERS: dict[type, tuple[Callable, tuple[str, ...]]] = {}
+
+
+def register_container(cls: type, call: Callable, *, keywords: Sequence[str] = ()) -> None:
+  """Makes ``lora(fn)(base, x, *args, **kwargs)``, ``x`` an instance of ``cls``, return
+  ``call(adapted, base, x, args, kwargs, lora_dropout_key)`` (``adapted``: ``lora(fn)``).
+
+  Args:
+    cls: the container type (a bank of adapters).
+    call: runs ``adapted`` once or more with adapter trees taken from the container.
+    keywords: ``call``'s own keyword arguments, refused when ``adapters`` is not a ``cls``.
+  """
+  _CONTAINERS[cls] = (call, tuple(keywords))
+
+
+def _container(adapters, kwargs) -> Callable | None:
+  """The registered call for ``adapters``; raises ValueError for a container's keyword
+  argument without the container."""
+  if type(adapters) in _CONTAINERS:
+    return _CONTAINERS[type(adapters)][0]
+  for cls, (_, keywords) in _CONTAINERS.items():
+    given = [k for k in keywords if k in kwargs]
+    if given:
+      raise ValueError(f"{given[0]}= needs an {cls.__name__} as adapters "
+                       f"({cls.__module__}); for one adapter tree leave {given[0]} out.")
+  return None
 
 
 class LoraFallbackWarning(UserWarning):
@@ -114,8 +144,8 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
       adapter products instead of six; no weight gradient; W' rounded to the kernel's dtype);
       ``"autodiff"``, JAX's autodiff of the factored form; ``"auto"`` (default), per product,
       ``"merged_weight"`` where it costs fewer multiplies (N·(in + out) > 2·in·out for N
-      activation rows), else ``"factored"``. Adapter dropout, a quantized base and DoRA's
-      transposed uses keep the factored form; banks use autodiff (``lora_jax._product``).
+      activation rows), else ``"factored"``. Adapter dropout, a quantized base and a
+      non-additive kind's transposed uses keep the factored form; banks use autodiff (``lora_jax._product``).
       The hand-written forms are reverse-mode only (``jax.custom_vjp``): for ``jax.jvp``,
       ``jacfwd`` or ``hessian`` of the adapted function pass ``product="autodiff"``.
     siblings: with a hand-written ``product``, compute the adapted products that share one
@@ -133,9 +163,8 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
   Returns:
     ``adapted(base, adapters, *args, lora_dropout_key=None, **kwargs)``. With a
     ``lora_dropout_key``, adapters whose config set ``dropout`` drop inputs of their branch.
-    With an ``AdapterBank`` (``lora_jax.bank``) as ``adapters`` and ``adapter_index=``
-    (one slot per example, -1: none), each example runs with its own adapter, as if alone
-    (``example_axes``, ``example_out_axes``, ``per_example``: see ``lora_jax.bank.mixed``).
+    A registered container as ``adapters`` (``register_container``: an ``AdapterBank`` of
+    ``lora_jax.bank``, with ``adapter_index=``) runs as that container says.
 
   Example:
     >>> adapted = lora_jax.lora(model.apply)
@@ -145,12 +174,10 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
   if product not in _product.PRODUCTS:
     raise ValueError(f"product must be one of {_product.PRODUCTS}, got {product!r}.")
 
-  def adapted(base, adapters, *args, lora_dropout_key=None, adapter_index=None,
-              example_axes=None, example_out_axes=0, per_example=False, **kwargs):
-    if isinstance(adapters, bank.AdapterBank) or adapter_index is not None:
-      return _mixed(adapted, base, adapters, adapter_index, args, kwargs, lora_dropout_key,
-                    dict(example_axes=example_axes, example_out_axes=example_out_axes,
-                         per_example=per_example))
+  def adapted(base, adapters, *args, lora_dropout_key=None, **kwargs):
+    container = _container(adapters, kwargs)
+    if container is not None:
+      return container(adapted, base, adapters, args, kwargs, lora_dropout_key)
     closed, out_def, dyn = _trace(fn, base, args, kwargs)
     ctx = _rules.Apply(key=lora_dropout_key, product=product,
                        siblings=siblings and product != "autodiff", recompute=recompute_inputs)
@@ -163,23 +190,6 @@ def lora(fn, *, product: str = "auto", siblings: bool = True,
   functools.update_wrapper(adapted, fn, updated=())
   del adapted.__wrapped__
   return adapted
-
-
-def _mixed(adapted, base, adapters, index, args, kwargs, key, options):
-  if not isinstance(adapters, bank.AdapterBank):
-    raise ValueError("adapter_index= needs an AdapterBank as adapters (lora_jax.bank.stack); "
-                     "for one adapter tree leave adapter_index out.")
-  if index is None:
-    raise ValueError("adapters is an AdapterBank: pass adapter_index= (one slot per example, "
-                     "-1 for the base alone), or bank.pick(i) as adapters for the whole batch.")
-  if key is not None:
-    raise ValueError("lora_dropout_key is not applied to a bank's adapters (serving holds no "
-                     "dropout); train each adapter on its own or with bank.multi_task_step.")
-
-  def call(picked, *a, **kw):
-    return adapted(base, picked, *a, **kw)
-
-  return bank.mixed(call, adapters, index, args, kwargs, **options)
 
 
 def analyze(fn, params, *args, **kwargs) -> dict[str, KernelUse]:

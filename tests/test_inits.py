@@ -262,7 +262,7 @@ def test_exported_conversion_gives_peft_our_outputs(tmp_path, init):
 def test_lora_jax_train_init_pissa_evaluates_exports_and_mixes(tmp_path, capsys):
   from _utils import run_cli
 
-  from lora_jax.app import classify
+  from lora_jax.app import classify, folders
 
   runs = {}
   for init in ("pissa", "kaiming"):
@@ -281,6 +281,8 @@ def test_lora_jax_train_init_pissa_evaluates_exports_and_mixes(tmp_path, capsys)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["r"] == 16 and written["lora_alpha"] == 32
   with pytest.raises(ValueError, match="export it with lora-jax export-peft"):
+    folders.adapters_at(runs["pissa"])
+  with pytest.raises(ValueError, match="holds no adapter: expected a PEFT folder"):
     lora_jax.bank.read(runs["pissa"], classify.load(runs["kaiming"])[0].base)
   code, out, err = run_cli(capsys, "train", "--init", "qr", "--out", str(tmp_path / "bad"))
   assert code == 2 and err.count("\n") == 1 and "--init must be one of" in err

@@ -123,7 +123,7 @@ def test_generate_with_several_adapters_equals_each_alone(smollm2_adapters, caps
 
   import lora_jax
   from lora_jax import generate as gen
-  from lora_jax.app import causal
+  from lora_jax.app import causal, folders
   from lora_jax.models import llama
 
   prompts = ("What is the capital of France?", "Name a color.")
@@ -139,7 +139,7 @@ def test_generate_with_several_adapters_equals_each_alone(smollm2_adapters, caps
   ids = causal.prompt_ids(tok, list(prompts), raw=False)
   uses = causal.analyze(model)
   for name, path in smollm2_adapters.items():
-    tree = lora_jax.bank.read(path, model.params, uses=uses)
+    tree = lora_jax.bank.read(folders.adapters_at(path), model.params, uses=uses)
     alone = gen.generate(causal.adapted_apply(model.config), (model.params, tree), ids,
                          init_cache=functools.partial(llama.init_cache, model.config),
                          max_new_tokens=8, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,

@@ -277,7 +277,7 @@ def test_library_writers_follow_the_umask(tmp_path):
   """``save_llama`` (safetensors writes 0600) and PEFT adapter files (mkstemp's 0600)."""
   import jax
   import lora_jax
-  from lora_jax.models import weights
+  from lora_jax.models import llama_io
   from lora_jax.models.llama import LlamaConfig, LlamaForCausalLM
 
   config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -288,7 +288,7 @@ def test_library_writers_follow_the_umask(tmp_path):
   trainable = lora_jax.init(lconfig, params, key=jax.random.key(1))
   old = os.umask(0o007)  # the group may read and write
   try:
-    weights.save_llama(tmp_path / "llama", config, params)
+    llama_io.save(tmp_path / "llama", config, params)
     lora_jax.peft.export_peft(tmp_path / "peft", trainable, config=lconfig)
   finally:
     os.umask(old)

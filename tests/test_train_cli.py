@@ -128,7 +128,7 @@ def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  from lora_jax.models import weights
+  from lora_jax.models import bert
   out, _ = run
   done = _cli("export-peft", str(out), "--out", str(tmp_path / "adapter"))
   assert done.returncode == 0, done.stderr
@@ -137,7 +137,7 @@ def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
   ours, ids, mask = _ours_and_inputs(out)
   inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long),
                 attention_mask=torch.tensor(mask, dtype=torch.long))
-  hf = transformers.BertForSequenceClassification.from_pretrained(str(weights.minilm_dir()),
+  hf = transformers.BertForSequenceClassification.from_pretrained(str(bert.minilm_dir()),
                                                                   num_labels=2).eval()
   with torch.no_grad():
     plain = hf(**inputs).logits.numpy()  # before PEFT injects its layers into hf
@@ -147,7 +147,7 @@ def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
   assert not np.allclose(theirs, plain, atol=1e-3)  # the adapter and the head did load
   trainable, total = peft.PeftModel.from_pretrained(
       transformers.BertForSequenceClassification.from_pretrained(
-          str(weights.minilm_dir()), num_labels=2), str(tmp_path / "adapter"),
+          str(bert.minilm_dir()), num_labels=2), str(tmp_path / "adapter"),
       is_trainable=True).get_nb_trainable_parameters()
   counts = json.loads((out / "metrics.json").read_text())["counts"]
   assert (trainable, total) == (counts["trainable"], counts["total"])
@@ -176,9 +176,9 @@ def test_eval_and_merge(run, tmp_path, capsys):
 def _ours_and_inputs(out):
   import lora_jax
   from lora_jax.app import classify
-  from lora_jax.models import weights
+  from lora_jax.models import bert
   task, trainable = classify.load(out)
-  ids, mask, _ = weights.encode(weights.tokenizer(), ["a great film", "dull and slow", "ok"])
+  ids, mask, _ = bert.encode(bert.tokenizer(), ["a great film", "dull and slow", "ok"])
   batch = {"input_ids": ids, "attention_mask": mask}
   ours = np.asarray(lora_jax.lora(task.logits)(task.base, trainable, batch))
   return ours, ids, mask
@@ -210,10 +210,10 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
               "--out", str(out))
   assert done.returncode == 0, done.stderr
   counts = json.loads((out / "metrics.json").read_text())["counts"]
-  from lora_jax.models import weights
-  checkpoint = load_file(weights.minilm_dir() / "model.safetensors")  # counted from the file
+  from lora_jax.models import bert
+  checkpoint = load_file(bert.minilm_dir() / "model.safetensors")  # counted from the file
   without_pooler = sum(v.size for k, v in checkpoint.items()
-                       if not k.startswith("pooler.") and k not in weights.BUFFERS)
+                       if not k.startswith("pooler.") and k not in bert.BUFFERS)
   assert counts["trainable"] == LORA_QV + HEAD
   # no pooler in the model; the head twice, as PEFT counts a modules_to_save copy
   assert counts["total"] == without_pooler + HEAD + LORA_QV + HEAD

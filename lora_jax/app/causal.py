@@ -34,7 +34,7 @@ import optax
 import lora_jax
 from lora_jax import generate as generate_lib
 from lora_jax import quant
-from lora_jax.app import runner
+from lora_jax.app import folders, runner
 from lora_jax.app.options import OptionError, RunOptions, at_most, option
 from lora_jax.app.runner import RunError
 from lora_jax.models import llama
@@ -138,7 +138,7 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
     ValueError: none of those (the message says what is accepted), or kernels the format
       cannot hold (an input size that is not a multiple of its block).
   """
-  from lora_jax.models import chat, gguf, weights
+  from lora_jax.models import chat, gguf, llama_io
 
   jdtype = DTYPES[dtype]
   path = pathlib.Path(name)
@@ -153,10 +153,10 @@ def load_model(name: str, *, dtype: str = "float32", quantize: str = "none",
     if fmt is not None and not double:
       return Model(config, gguf.quantized_params(file, config, fmt),
                    chat.load_chat_tokenizer(file), name)
-    params = weights.llama_params(gguf.hf_tensors(file, config), config)
+    params = llama_io.params_from_tensors(gguf.hf_tensors(file, config), config)
     model = Model(config, params, chat.load_chat_tokenizer(file), name)
   elif path.is_dir():
-    config, params = weights.load_llama(path, dtype=jdtype, **overrides)
+    config, params = llama_io.load(path, dtype=jdtype, **overrides)
     model = Model(config, params, chat.load_folder_tokenizer(path), str(path))
   else:
     raise ValueError(f"model {name!r} not found: {expected}")
@@ -480,7 +480,7 @@ def lora_config(o: CausalOptions, config: llama.LlamaConfig) -> lora_jax.LoraCon
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=llama.FAMILY.targets(o.targets, config), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout,
-                             use_dora=o.variant == "dora", init=o.lora_init, bias=o.bias)
+                             kind=o.variant, init=o.lora_init, bias=o.bias)
 
 
 class CausalLM:
@@ -676,7 +676,7 @@ def merge(run, out) -> pathlib.Path:
   """Writes the merged model as a Hugging Face Llama folder (``config.json``,
   ``model.safetensors``, ``tokenizer.json``, ``tokenizer_config.json``) that
   ``LlamaForCausalLM.from_pretrained`` loads; staged, never into a run folder."""
-  from lora_jax.models import weights
+  from lora_jax.models import llama_io
 
   out = runner.export_folder(run, out)
   task, trainable = load(run)
@@ -686,7 +686,7 @@ def merge(run, out) -> pathlib.Path:
            "tokenizer_config.json": json.dumps(tok.tokenizer_config(), indent=2,
                                                ensure_ascii=False) + "\n"}
   with runner.staged(out) as staging:
-    weights.save_llama(staging, task.model.config, params, bos_token_id=tok.bos_id,
+    llama_io.save(staging, task.model.config, params, bos_token_id=tok.bos_id,
                        eos_token_id=tok.eos_id, extra_files=files)
   return out
 
@@ -751,7 +751,8 @@ def load_bank(model: Model, paths) -> lora_jax.bank.AdapterBank:
   """
   for path in paths.values():
     _check_run_model(path, model)
-  return lora_jax.bank.load(paths, model.params, uses=analyze(model))
+  return lora_jax.bank.load({n: folders.adapters_at(p) for n, p in paths.items()}, model.params,
+                            uses=analyze(model))
 
 
 def analyze(model: Model) -> dict:

@@ -26,7 +26,7 @@ from lora_jax.app import data as data_lib
 from lora_jax.app import runner
 from lora_jax.app.options import OptionError, RunOptions, at_most, option
 from lora_jax.app.runner import RunError
-from lora_jax.models import bert, targets_for, weights
+from lora_jax.models import bert, targets_for
 
 BUCKETS = (16, 32, 64, 128, 256, 512)  # padded lengths, so jit compiles a handful of shapes
 MAX_POSITIONS = 512  # all-MiniLM-L6-v2's max_position_embeddings
@@ -148,7 +148,7 @@ def lora_config(o: ClassifyOptions) -> lora_jax.LoraConfig:
     return lora_jax.LoraConfig(targets=(), modules_to_save=(".*",))
   return lora_jax.LoraConfig(targets=targets_for("minilm-l6-h384", o.targets), rank=o.rank,
                              alpha=o.alpha, dropout=o.lora_dropout, exclude="classifier",
-                             modules_to_save=("classifier",), use_dora=o.variant == "dora",
+                             modules_to_save=("classifier",), kind=o.variant,
                              init=o.lora_init, bias=o.bias)
 
 
@@ -183,7 +183,7 @@ class Classify:
     o = self.options
     train, val = split(o)
     self.num_labels = check_labels(train, val, where=o.data or "the default task")
-    tok = weights.tokenizer()
+    tok = bert.tokenizer()
     self.train_ids, self.train_labels = tokenize(tok, train, o.max_length)
     self.val_ids, self.val_labels = tokenize(tok, val, o.max_length)
     self.steps_per_epoch = math.ceil(len(train) / o.batch_size)
@@ -191,7 +191,7 @@ class Classify:
 
   def _build(self, key) -> None:
     o = self.options
-    config, encoder = weights.load_bert(num_labels=self.num_labels, classifier_dropout=o.dropout,
+    config, encoder = bert.load(num_labels=self.num_labels, classifier_dropout=o.dropout,
                                        remat=o.remat, pooling=o.pooling)
     self.module = bert.BertForSequenceClassification(config)
     example = jnp.ones((1, 8), jnp.int32)
@@ -295,7 +295,7 @@ def _scored(task: Classify, data, text_column: str, label_column: str):
   if unknown:
     raise ValueError(f"{data}: labels {unknown[:5]} are not classes of the run's model "
                      f"(0..{task.num_labels - 1}).")
-  return tokenize(weights.tokenizer(), examples, task.options.max_length)
+  return tokenize(bert.tokenizer(), examples, task.options.max_length)
 
 
 def evaluate_runs(runs, data, *, text_column: str = "sentence",
@@ -370,21 +370,21 @@ def _write_merged(task: "Classify", params, out: pathlib.Path) -> None:
 
   encoder = params["params"]["bert"]
   if "pooler" not in encoder:  # a mean-pooled run: the checkpoint's pooler, untouched
-    encoder = {**encoder, "pooler": weights.load_bert()[1]["params"]["pooler"]}
-  tensors = weights.bert_tensors({"params": encoder}, task.module.config)
+    encoder = {**encoder, "pooler": bert.load()[1]["params"]["pooler"]}
+  tensors = bert.tensors_from_params({"params": encoder}, task.module.config)
   head = params["params"]["classifier"]
   tensors["classifier.weight"] = np.asarray(head["kernel"]).T.copy()
   tensors["classifier.bias"] = np.asarray(head["bias"])
   save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
   for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
                "special_tokens_map.json"):
-    if (weights.minilm_dir() / name).is_file():
-      shutil.copy(weights.minilm_dir() / name, out / name)
+    if (bert.minilm_dir() / name).is_file():
+      shutil.copy(bert.minilm_dir() / name, out / name)
   (out / "config.json").write_text(json.dumps(_hf_config(task), indent=2) + "\n")
 
 
 def _hf_config(task: Classify) -> dict:
-  config = json.loads((weights.minilm_dir() / "config.json").read_text())
+  config = json.loads((bert.minilm_dir() / "config.json").read_text())
   labels = {str(i): f"LABEL_{i}" for i in range(task.num_labels)}
   # Hugging Face's BertForSequenceClassification classifies the pooler's output; a mean-pooled
   # head is the encoder (BertModel) plus classifier.* applied to the masked mean.

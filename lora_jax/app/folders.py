@@ -436,3 +436,22 @@ def saved_config(run) -> dict:
     raise RunError(f"{run} is not a run folder ({path} was not written by lora-jax train); "
                    f"give a folder that lora-jax train wrote.")
   return saved
+
+
+def adapters_at(path) -> pathlib.Path:
+  """The folder ``lora_jax.bank.read`` reads for ``path``: a run's ``checkpoints/``, else
+  ``path`` itself (a PEFT or lora_jax checkpoint folder).
+
+  Raises:
+    RunError: a run trained on a residual base (PiSSA / OLoRA), whose adapters do not act on
+      the original base.
+  """
+  path = pathlib.Path(path)
+  if not is_run(path):
+    return path
+  init = saved_config(path)["options"].get("init", "")
+  if init.startswith(("pissa", "olora")):
+    raise RunError(f"{str(path)!r} is a run with init {init!r}: its adapters act on a residual "
+                   f"base, not the base given; export it with lora-jax export-peft (which "
+                   f"converts it to LoRA on the original base) and read that folder.")
+  return path / CHECKPOINTS

@@ -14,6 +14,7 @@ import math
 import numbers
 import re
 
+from lora_jax import kinds
 from lora_jax.config import BIASES, Serializable
 
 
@@ -58,8 +59,8 @@ class RunOptions(Serializable):
   alpha: float = option(16.0, "LoRA alpha (the scale is alpha / rank)")
   targets: str = option("q,v", "q,v (default), all-linear, family aliases or path patterns")
   lora_dropout: float = option(0.0, "dropout on the LoRA branch's input (PEFT's lora_dropout)")
-  variant: str = option("lora", "lora, or dora: a trained magnitude per output column rescales "
-                                "W + s·A@B (PEFT's use_dora)", choices=("lora", "dora"))
+  variant: str = option("lora", "the adapter kind (lora_jax.kinds): " + "; or ".join(
+      kinds.named(n).summary for n in kinds.names()), choices=kinds.names())
   init: str = option("kaiming", "A's (and B's) initialisation: kaiming (PEFT's default; B = 0), "
                                 "gaussian, or pissa / olora (A and B from W's top singular "
                                 "triplets / its QR decomposition, the base keeping the residual); "
@@ -87,8 +88,9 @@ class RunOptions(Serializable):
                                   'tensor-parallel over M (D*M = all devices), e.g. 8x1 or 4x2')
 
   def __post_init__(self):
-    if self.variant not in ("lora", "dora"):
-      raise OptionError("variant", f"must be lora or dora, got {self.variant!r}.")
+    if self.variant not in kinds.names():
+      raise OptionError("variant", f"must be one of {', '.join(kinds.names())} (the registered "
+                                   f"adapter kinds), got {self.variant!r}.")
     if self.full and self.variant != "lora":
       raise OptionError("variant", f"{self.variant} adapts W, which --full trains whole; drop "
                                    f"one of them.")
