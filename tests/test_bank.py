@@ -11,12 +11,12 @@ import optax
 import pytest
 
 import lora_jax
+from _fixtures import FAMILY_MODEL, TINY
 from _utils import randomize_b
 from lora_jax import bank as bank_lib
 from lora_jax import generate as gen
 from lora_jax import models
 from lora_jax.models import llama
-from test_models import FAMILY_MODEL, TINY
 
 IDS = np.random.RandomState(0).randint(1, 64, (4, 8)).astype(np.int32)
 # name: (targets, rank, alpha, modules_to_save); other targets, ranks and alphas per adapter

@@ -15,14 +15,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-import test_models
+from _fixtures import IDS, TINY, copy_torch_weights
 from _utils import assert_trees_close
 from lora_jax import models
 from lora_jax import peft as lora_peft
 from lora_jax.app.options import OptionError, RunOptions
 
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-TINY = test_models.TINY
+TINY = TINY
 # the same adapter in PEFT's words and ours: BERT with a classifier head in modules_to_save (a
 # bias that "all" would train and modules_to_save copies), GPT-2 with its Conv1D layers
 PEFT_KW = {"bert": dict(target_modules=["query", "value"], modules_to_save=["classifier"]),
@@ -32,7 +31,7 @@ OURS = {"bert": dict(targets=["query", "value"], modules_to_save=["classifier"])
 _WRAPPED = re.compile(r"\.(original_module|modules_to_save)(?=\.bias$)")
 
 
-def _interop():
+def interop():
   return (pytest.importorskip("torch"), pytest.importorskip("transformers"),
           pytest.importorskip("peft"))
 
@@ -45,7 +44,7 @@ def _flax(family, scan):
 
 
 def _hf(family):
-  torch, transformers, _ = _interop()
+  torch, transformers, _ = interop()
   torch.manual_seed(0)
   if family == "bert":
     return transformers.BertForSequenceClassification(
@@ -119,7 +118,7 @@ def test_run_options_bias():
 def test_selection_and_counts_are_peft(family, bias, tmp_path, capsys):
   """Our plan and count print PEFT's print_trainable_parameters line, and our export holds
   exactly the tensors (names included) PEFT saves for the same config."""
-  _, _, peft = _interop()
+  _, _, peft = interop()
   peft_model = peft.get_peft_model(_hf(family), peft.LoraConfig(r=4, lora_alpha=8, bias=bias,
                                                                 **PEFT_KW[family]))
   capsys.readouterr()
@@ -236,13 +235,12 @@ def test_training_updates_the_selected_biases_and_nothing_else():
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_peft_both_ways(family, bias, tmp_path):
-  torch, _, peft = _interop()
-  from test_peft import _copy_torch_weights
+  torch, _, peft = interop()
 
   hf = _hf(family)
   fresh = copy.deepcopy(hf)
   flax = {scan: _flax(family, scan) for scan in (True, False)}
-  params = {scan: _copy_torch_weights(hf, m) for scan, m in flax.items()}  # before PEFT
+  params = {scan: copy_torch_weights(hf, m) for scan, m in flax.items()}  # before PEFT
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
       r=4, lora_alpha=8, init_lora_weights=False, bias=bias, **PEFT_KW[family]))
   with torch.no_grad():

@@ -13,17 +13,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax
+from _fixtures import CHECKPOINT_CONFIG as CONFIG  # noqa: F401  (test_train_cli's, for now)
+from _fixtures import checkpoint_base as _base, damage as _damage, damage_file  # noqa: F401
 from lora_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIG = lora_jax.LoraConfig(targets="kernel", rank=2, alpha=4.0, rank_pattern={"l1": 4},
-                             use_rslora=True)
-
-
-def _base(d_in=16, d_mid=8):
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {"params": {"l0": {"kernel": jax.random.normal(k1, (d_in, d_mid))},
-                     "l1": {"kernel": jax.random.normal(k2, (d_mid, 4)), "bias": jnp.zeros(4)}}}
 
 
 def _trained(base):
@@ -101,7 +95,7 @@ import orbax.checkpoint._src.path.async_path as async_path
 import lora_jax
 from lora_jax import checkpoint
 sys.path.insert(0, {tests!r})
-from test_checkpoint import CONFIG, _base
+from _fixtures import CHECKPOINT_CONFIG as CONFIG, checkpoint_base as _base
 base = _base()
 adapters = lora_jax.init(CONFIG, base, key=jax.random.key(1))
 checkpoint.save({dir!r}, 1, adapters, config=CONFIG, base=base, data_position=1)
@@ -190,25 +184,6 @@ def test_bad_input_names_what_and_where(tmp_path):
     checkpoint.restore(tmp_path, base=base, step=5)
   with pytest.raises(ValueError, match="has no optimizer state"):
     checkpoint.restore(tmp_path, base=base, opt_state=optimizer.init(adapters))
-
-
-def _damage(folder, how: str) -> None:
-  """Truncates, deletes or flips bytes in every array data file (tensorstore's ``d/``) under
-  ``folder``."""
-  for target in [f for f in folder.rglob("*") if f.is_file() and f.parent.name == "d"]:
-    _damage_file(target, how)
-
-
-def _damage_file(target, how: str) -> None:
-  data = bytearray(target.read_bytes())
-  if how == "truncate":
-    target.write_bytes(bytes(data[: len(data) // 2]))
-  elif how == "delete":
-    target.unlink()
-  else:
-    for i in range(len(data) // 3, len(data) // 3 + 16):
-      data[i] ^= 0xFF
-    target.write_bytes(bytes(data))
 
 
 def _two_steps(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-import test_models
+from _fixtures import TINY
 from _utils import flat_adapters
 from lora_jax import combine, models
 from lora_jax import peft as lora_peft
@@ -287,7 +287,7 @@ def peft_sources():
   """A tiny BERT in PEFT with the SOURCES adapters loaded, and the same adapters in lora_jax
   (on the scanned Flax params: one stacked adapter per kernel)."""
   torch, transformers, peft = (pytest.importorskip(m) for m in ("torch", "transformers", "peft"))
-  tiny = test_models.TINY["bert"]
+  tiny = TINY["bert"]
   params = jax.eval_shape(models.get("bert-base-uncased", **tiny, scan_layers=True).init,
                           jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   uses = {p: "lio" for p, x in lora_jax.targets.leaves_by_path(params).items() if x.ndim == 3}

@@ -15,14 +15,13 @@ import pytest
 from safetensors.numpy import load_file
 
 import lora_jax
-import test_models
+from _fixtures import FAMILY_MODEL, IDS, TINY, copy_torch_weights
 from _models import nnx_stack_case
 from _utils import flat_adapters
 from lora_jax import family, models
 from lora_jax import peft as lora_peft
 
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-TINY, FAMILY_MODEL = test_models.TINY, test_models.FAMILY_MODEL
+TINY, FAMILY_MODEL = TINY, FAMILY_MODEL
 Q, V, DOWN = "self_attn/q_proj", "self_attn/v_proj", "mlp/down_proj"
 CONFIG = lora_jax.LoraConfig(targets=["q_proj", "v_proj", "down_proj"], rank=4, alpha=8,
                              rank_pattern={"layers_0/self_attn/q_proj": 2},
@@ -355,11 +354,10 @@ PEFT_PATTERNS = dict(rank_pattern={"model.layers.0.self_attn.q_proj": 2},
 def test_peft_per_layer_patterns_import_onto_the_scanned_llama(tmp_path):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
-  from test_peft import _copy_torch_weights
 
   hf = _hf_llama()
   models_by_scan = {scan: _llama(scan) for scan in (True, False)}
-  params = {scan: _copy_torch_weights(hf, m) for scan, m in models_by_scan.items()}
+  params = {scan: copy_torch_weights(hf, m) for scan, m in models_by_scan.items()}
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
       init_lora_weights=False, **PEFT_PATTERNS))
@@ -392,11 +390,10 @@ def test_peft_per_layer_patterns_import_onto_the_scanned_llama(tmp_path):
 def test_exported_per_layer_adapter_gives_peft_our_outputs(tmp_path):
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
-  from test_peft import _copy_torch_weights
 
   hf = _hf_llama()
   model = _llama(True)
-  params = _copy_torch_weights(hf, model)
+  params = copy_torch_weights(hf, model)
   tree = _random_b(lora_jax.init(CONFIG, params, key=jax.random.key(1),
                                  uses=_uses(model, params)))
   ours = np.asarray(jax.jit(lora_jax.lora(model.apply))(params, tree, IDS))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import lora_jax
+from _fixtures import FAMILY_MODEL, TINY
 from lora_jax import models
 from _utils import assert_trees_close, randomize_b
 
@@ -110,16 +111,6 @@ def test_counting_70b_allocates_no_weights():
   assert counts.total > 68_976_648_192
   assert sum(x.nbytes for x in jax.live_arrays()) - before < 1 << 20  # < 1 MiB of arrays
   assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 512 * 1024  # KiB
-
-
-TINY = {
-    "llama": dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2),
-    "gpt2": dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4),
-    "bert": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=48, max_position_embeddings=16),
-}
-FAMILY_MODEL = {"llama": "llama-2-7b", "gpt2": "gpt2", "bert": "bert-base-uncased"}
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])

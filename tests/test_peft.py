@@ -19,30 +19,13 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import lora_jax
-import test_models
-import test_weights
+from _fixtures import (IDS, TINY, abstract, copy_torch_weights, edit_config, edit_tensors,
+                       interop, minilm, needs_minilm, tiny_model)  # noqa: F401  (minilm: a fixture)
 from _utils import assert_trees_close, flat_adapters
 from lora_jax import models
 from lora_jax import peft as lora_peft
-from lora_jax.models import weights
+from lora_jax.models import bert
 
-minilm = test_weights.minilm  # the pretrained MiniLM and a tokenized batch (module fixture)
-needs_minilm = test_weights.pytestmark  # skipped without the weights package
-TINY, FAMILY_MODEL = test_models.TINY, test_models.FAMILY_MODEL
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-
-
-def _interop():
-  return (pytest.importorskip("torch"), pytest.importorskip("transformers"),
-          pytest.importorskip("peft"))
-
-
-def _tiny(family, scan):
-  return models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan)
-
-
-def _abstract(model):
-  return jax.eval_shape(model.init, jax.random.key(0), IDS)
 
 
 def _stack_axes(params):
@@ -128,7 +111,7 @@ def test_patterns_match_exactly_the_names():
     ({"uery": 2}, "encoder.layer.0.attention.self.query"),
 ])
 def test_pattern_lookup_is_peft_rule(pattern_map, name):
-  _, _, peft = _interop()
+  _, _, peft = interop()
   from peft.utils.other import get_pattern_key
   want = pattern_map.get(get_pattern_key(pattern_map.keys(), name), 0)
   assert lora_peft.pattern_value(pattern_map, name, 0) == want
@@ -139,7 +122,7 @@ def test_pattern_lookup_is_peft_rule(pattern_map, name):
 @needs_minilm
 @pytest.mark.interop
 def test_trained_export_loads_in_peft_with_equal_outputs(minilm, tmp_path):
-  torch, transformers, peft = _interop()
+  torch, transformers, peft = interop()
   config, params, batch = minilm
   model = models.BertModel(config)
   lora_config = lora_jax.LoraConfig(
@@ -153,9 +136,9 @@ def test_trained_export_loads_in_peft_with_equal_outputs(minilm, tmp_path):
   for _ in range(3):
     adapters, opt_state, _, _ = step(params, adapters, opt_state, batch)
   lora_peft.export_peft(tmp_path, adapters, config=lora_config,
-                        base_model_name_or_path=str(weights.minilm_dir()))
+                        base_model_name_or_path=str(bert.minilm_dir()))
 
-  hf = transformers.BertModel.from_pretrained(str(weights.minilm_dir()))
+  hf = transformers.BertModel.from_pretrained(str(bert.minilm_dir()))
   peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path)).eval()
   inputs = [torch.tensor(x, dtype=torch.long) for x in batch]
   with torch.no_grad():
@@ -176,9 +159,9 @@ def test_trained_export_loads_in_peft_with_equal_outputs(minilm, tmp_path):
 
 @pytest.mark.interop
 def test_adapter_config_has_every_peft_field_as_peft_writes_it(tmp_path):
-  _, _, peft = _interop()
-  model = _tiny("bert", True)
-  params = _abstract(model)
+  _, _, peft = interop()
+  model = tiny_model("bert", True)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets=["query", "value"], rank=4, alpha=8, dropout=0.1,
                                rank_pattern={"value": 2})
   lora_peft.export_peft(tmp_path, _trained_like(params, config), config=config,
@@ -210,10 +193,10 @@ def test_adapter_config_has_every_peft_field_as_peft_writes_it(tmp_path):
 @needs_minilm
 @pytest.mark.interop
 def test_import_of_peft_saved_minilm_gives_peft_outputs(minilm, tmp_path):
-  torch, transformers, peft = _interop()
+  torch, transformers, peft = interop()
   config, _, batch = minilm
   torch.manual_seed(0)
-  hf = transformers.BertModel.from_pretrained(str(weights.minilm_dir()))
+  hf = transformers.BertModel.from_pretrained(str(bert.minilm_dir()))
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
       r=8, lora_alpha=16, target_modules=["query", "value", "dense"], use_rslora=True,
       rank_pattern={"value": 4}, alpha_pattern={"output.dense": 6}, init_lora_weights=False))
@@ -225,7 +208,7 @@ def test_import_of_peft_saved_minilm_gives_peft_outputs(minilm, tmp_path):
       base = peft_model(*inputs).last_hidden_state.numpy()
   assert np.abs(out.last_hidden_state.numpy() - base).max() > 0.05  # the adapter matters
   for scan in (True, False):
-    config, params = weights.load_bert(scan_layers=scan)
+    config, params = bert.load(scan_layers=scan)
     model = models.BertModel(config)
     lora_config, adapters = lora_peft.import_peft(tmp_path, params)
     h, pooled = jax.jit(lora_jax.lora(model.apply))(params, adapters, *batch)
@@ -236,39 +219,6 @@ def test_import_of_peft_saved_minilm_gives_peft_outputs(minilm, tmp_path):
         + 8 * (1536 + 384)) + 8 * (384 + 384)
     remade = lora_jax.init(lora_config, params, key=jax.random.key(0))
     assert jax.tree_util.tree_structure(remade) == jax.tree_util.tree_structure(adapters)
-
-
-def _copy_torch_weights(hf, model):
-  """The Flax params of ``model`` from the transformers model ``hf`` with the same config: a
-  Linear weight (out, in) is a kernel (in, out), a Conv1D weight is one as it is, norm weights
-  are scales; layer ``i`` of a stack is ``name_i`` (unrolled) or index i of a stacked axis."""
-  import torch
-
-  flat, stacked = {}, {}
-  for name, p in hf.named_parameters():
-    *module, leaf = name.split(".")
-    kind = type(hf.get_submodule(".".join(module))).__name__
-    value = p.detach().numpy()
-    if leaf == "weight":
-      leaf = {"Linear": "kernel", "Conv1D": "kernel", "Embedding": "embedding"}.get(kind, "scale")
-      value = value.T if isinstance(hf.get_submodule(".".join(module)), torch.nn.Linear) else value
-    m = re.fullmatch(r"(.+?)\.(\d+)\.(.+)", ".".join(module))
-    if m and model.config.scan_layers:
-      stacked.setdefault(f"{m[1]}/{m[3]}/{leaf}".replace(".", "/"), {})[int(m[2])] = value
-    else:
-      key = f"{m[1]}_{m[2]}.{m[3]}" if m else ".".join(module)
-      flat[f"{key}/{leaf}".replace(".", "/")] = value
-  flat.update({k: np.stack([v[i] for i in sorted(v)]) for k, v in stacked.items()})
-  want = lora_jax.targets.leaves_by_path(_abstract(model)["params"])
-  assert {k: v.shape for k, v in flat.items()} == {k: v.shape for k, v in want.items()}
-  tree: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = path.split("/")
-    node = tree
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = jnp.asarray(value)
-  return {"params": tree}
 
 
 PEFT_CASES = {  # GPT-2: Conv1D layers (fan_in_fan_out), a fused c_attn, c_proj in two places
@@ -284,15 +234,15 @@ PEFT_CASES = {  # GPT-2: Conv1D layers (fan_in_fan_out), a fused c_attn, c_proj 
 @pytest.mark.interop
 @pytest.mark.parametrize("family", list(PEFT_CASES))
 def test_import_of_peft_saved_tiny_models_gives_peft_outputs(family, tmp_path):
-  torch, transformers, peft = _interop()
+  torch, transformers, peft = interop()
   hf_cls, hf_config = {"gpt2": ("GPT2LMHeadModel", "GPT2Config"),
                        "llama": ("LlamaForCausalLM", "LlamaConfig")}[family]
   extra = {"rms_norm_eps": 1e-5} if family == "llama" else {}  # as the Flax Llama's default
   torch.manual_seed(0)
   hf = getattr(transformers, hf_cls)(getattr(transformers, hf_config)(
       **TINY[family], bos_token_id=0, eos_token_id=0, **extra)).eval()
-  models_by_scan = {scan: _tiny(family, scan) for scan in (True, False)}
-  params_by_scan = {scan: _copy_torch_weights(hf, m) for scan, m in models_by_scan.items()}
+  models_by_scan = {scan: tiny_model(family, scan) for scan in (True, False)}
+  params_by_scan = {scan: copy_torch_weights(hf, m) for scan, m in models_by_scan.items()}
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                        **PEFT_CASES[family]))
   peft_model.save_pretrained(str(tmp_path))
@@ -327,8 +277,8 @@ ROUND_TRIP = {
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("family", list(ROUND_TRIP))
 def test_export_import_round_trip_is_exact(family, scan, tmp_path):
-  model = _tiny(family, scan)
-  params = _abstract(model)
+  model = tiny_model(family, scan)
+  params = abstract(model)
   config = lora_jax.LoraConfig(rank=4, alpha=8, **ROUND_TRIP[family])
   adapters = _trained_like(params, config)
   lora_peft.export_peft(tmp_path, adapters, config=config)
@@ -346,7 +296,7 @@ def test_export_import_round_trip_is_exact(family, scan, tmp_path):
 
 def test_sequence_classifier_names_carry_the_bert_prefix(tmp_path):
   model = models.BertForSequenceClassification(models.BertConfig(**TINY["bert"]))
-  params = _abstract(model)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets=["query", "classifier"], rank=2, alpha=4)
   adapters = _trained_like(params, config)
   lora_peft.export_peft(tmp_path, adapters, config=config)
@@ -384,7 +334,7 @@ def test_custom_name_map_for_other_models(tmp_path):
 
 
 def test_per_layer_ranks_import_onto_scanned_params(tmp_path):
-  unrolled, scanned = _abstract(_tiny("bert", False)), _abstract(_tiny("bert", True))
+  unrolled, scanned = abstract(tiny_model("bert", False)), abstract(tiny_model("bert", True))
   config = lora_jax.LoraConfig(targets=["query", "value"], rank=4, alpha=8,
                                rank_pattern={"layer_1/attention/self/query": 2})
   adapters = _trained_like(unrolled, config)
@@ -406,12 +356,12 @@ def test_per_layer_ranks_import_onto_scanned_params(tmp_path):
 
 
 def test_per_layer_alphas_import_onto_scanned_params(tmp_path):
-  unrolled = _tiny("bert", False)
+  unrolled = tiny_model("bert", False)
   config = lora_jax.LoraConfig(targets="value", rank=4, alpha=8,
                                alpha_pattern={"layer_0/": 16})
-  lora_peft.export_peft(tmp_path, _trained_like(_abstract(unrolled), config),
+  lora_peft.export_peft(tmp_path, _trained_like(abstract(unrolled), config),
                         config=config)
-  lw = _flat(lora_peft.import_peft(tmp_path, _abstract(_tiny("bert", True)))[1])[
+  lw = _flat(lora_peft.import_peft(tmp_path, abstract(tiny_model("bert", True)))[1])[
       "params/encoder/layer/attention/self/value/kernel"]
   assert (lw.scale, lw.ranks) == ((4.0, 2.0), None)
 
@@ -432,8 +382,8 @@ def test_per_layer_ranks_outside_a_family_stack_are_refused(tmp_path):
 
 
 def test_export_refuses_adapters_that_disagree_with_the_config(tmp_path):
-  model = _tiny("llama", False)
-  params = _abstract(model)
+  model = tiny_model("llama", False)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets="q_proj", rank=4, alpha=8)
   adapters = _trained_like(params, config)
   with pytest.raises(ValueError, match=r"adapter at 'params/model/layers_0/self_attn/q_proj/"
@@ -446,8 +396,8 @@ def test_export_refuses_adapters_that_disagree_with_the_config(tmp_path):
 
 
 def test_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
-  model = _tiny("bert", True)
-  params = _abstract(model)
+  model = tiny_model("bert", True)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets="query", rank=4, alpha=8)
   lora_peft.export_peft(tmp_path, _trained_like(params, config), config=config)
   before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -466,24 +416,12 @@ def test_failed_export_leaves_the_previous_files_whole(tmp_path, monkeypatch):
 @pytest.fixture
 def exported(tmp_path):
   """A tiny scanned BERT's params and a folder with its query/value adapter (rank 4)."""
-  model = _tiny("bert", True)
-  params = _abstract(model)
+  model = tiny_model("bert", True)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets=["query", "value"], rank=4, alpha=8)
   adapters = _trained_like(params, config)
   lora_peft.export_peft(tmp_path, adapters, config=config)
   return tmp_path, params, adapters
-
-
-def _edit_config(folder, **changes):
-  path = folder / "adapter_config.json"
-  path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
-def _edit_tensors(folder, edit):
-  path = folder / "adapter_model.safetensors"
-  tensors = load_file(path)
-  edit(tensors)
-  save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 QUERY_A = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
@@ -522,7 +460,7 @@ def test_tensor_for_no_module_of_the_base_is_named(exported):
     for key in (QUERY_A, QUERY_B):
       tensors[key.replace("layer.0", "layer.7")] = tensors.pop(key)
 
-  _edit_tensors(folder, rename)
+  edit_tensors(folder, rename)
   with pytest.raises(ValueError, match=r"adapter_model.safetensors: tensor 'base_model\.model\."
                                        r"encoder\.layer\.7\.attention\.self\.query\.lora_A\.weight"
                                        r"' names the module 'encoder\.layer\.7\.attention\.self\."
@@ -532,7 +470,7 @@ def test_tensor_for_no_module_of_the_base_is_named(exported):
 
 def test_tensor_that_does_not_fit_the_kernel_is_named(exported):
   folder, params, _ = exported
-  _edit_tensors(folder, lambda t: t.update({QUERY_A: np.zeros((4, 31), np.float32)}))
+  edit_tensors(folder, lambda t: t.update({QUERY_A: np.zeros((4, 31), np.float32)}))
   with pytest.raises(ValueError, match=re.escape(
       f"{QUERY_A}' has shape (4, 31) and '{QUERY_B}' (32, 4), which do not fit the base kernel "
       f"'params/encoder/layer/attention/self/query/kernel' of shape (2, 32, 32)")):
@@ -541,7 +479,7 @@ def test_tensor_that_does_not_fit_the_kernel_is_named(exported):
 
 def test_config_rank_that_does_not_match_the_tensors_is_named(exported):
   folder, params, _ = exported
-  _edit_config(folder, r=6)
+  edit_config(folder, r=6)
   with pytest.raises(ValueError, match=r"'base_model\.model\.encoder\.layer\.0\.attention\.self\."
                                        r"query\.lora_A\.weight' has rank 4 and .* rank 4, but "
                                        r"adapter_config\.json gives rank 6"):
@@ -550,14 +488,14 @@ def test_config_rank_that_does_not_match_the_tensors_is_named(exported):
 
 def test_unpaired_factor_is_named(exported):
   folder, params, _ = exported
-  _edit_tensors(folder, lambda t: t.pop(QUERY_B))
+  edit_tensors(folder, lambda t: t.pop(QUERY_B))
   with pytest.raises(ValueError, match=re.escape(f"tensor '{QUERY_A}' has no lora_B partner")):
     lora_peft.import_peft(folder, params)
 
 
 def test_unknown_config_keys_warn_and_are_ignored(exported):
   folder, params, adapters = exported
-  _edit_config(folder, future_knob=1, another_one=None)
+  edit_config(folder, future_knob=1, another_one=None)
   with pytest.warns(lora_peft.PeftConfigWarning, match=r"keys \['another_one', 'future_knob'\] "
                                                        r"are unknown to PEFT 0\.21\.2"):
     _, got = lora_peft.import_peft(folder, params)
@@ -575,31 +513,32 @@ def test_unknown_config_keys_warn_and_are_ignored(exported):
 ])
 def test_config_features_that_cannot_be_reproduced_are_refused(exported, changes, match):
   folder, params, _ = exported
-  _edit_config(folder, **changes)
+  edit_config(folder, **changes)
   with pytest.raises(ValueError, match=r"adapter_config\.json.*" + match):
     lora_peft.import_peft(folder, params)
 
 
 @pytest.mark.parametrize("key,match", [
     ("base_model.model.embeddings.word_embeddings.base_layer.weight", "a modules_to_save copy"),
-    ("base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector", "DoRA"),
+    ("base_model.model.encoder.layer.0.attention.self.query.lora_magnitude_vector",
+     "the lora_magnitude_vector of the adapter kind dora"),
     ("base_model.model.encoder.layer.0.attention.self.query.lora_B.bias", "a trained bias"),
     ("base_model.model.pooler.dense.weight", "a modules_to_save copy"),
 ])
 def test_tensors_that_are_not_lora_factors_are_refused(exported, key, match):
   folder, params, _ = exported
-  _edit_tensors(folder, lambda t: t.update({key: np.zeros((4, 32), np.float32)}))
+  edit_tensors(folder, lambda t: t.update({key: np.zeros((4, 32), np.float32)}))
   with pytest.raises(ValueError, match=re.escape(f"tensor '{key}' is not a LoRA factor") + ".* "
                      f"but {match}"):
     lora_peft.import_peft(folder, params)
 
 
 def test_gpt2_adapter_without_fan_in_fan_out_is_refused(tmp_path):
-  model = _tiny("gpt2", True)
-  params = _abstract(model)
+  model = tiny_model("gpt2", True)
+  params = abstract(model)
   config = lora_jax.LoraConfig(targets="c_attn", rank=4, alpha=8)
   lora_peft.export_peft(tmp_path, _trained_like(params, config), config=config)
-  _edit_config(tmp_path, fan_in_fan_out=False)
+  edit_config(tmp_path, fan_in_fan_out=False)
   with pytest.raises(ValueError, match=r"fan_in_fan_out is false, but the base model's layers "
                                        r"are GPT-2 Conv1D"):
     lora_peft.import_peft(tmp_path, params)
@@ -610,7 +549,7 @@ def test_bfloat16_tensors_are_read_as_float32(exported):
   import ml_dtypes
 
   folder, params, adapters = exported
-  _edit_tensors(folder, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+  edit_tensors(folder, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
   got = _flat(lora_peft.import_peft(folder, params)[1])
   for path, lw in _flat(adapters).items():
     assert got[path].a.dtype == jnp.float32

