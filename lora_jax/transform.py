@@ -28,7 +28,8 @@ from lora_jax._rules import KernelUse
 from lora_jax.adapters import match
 from lora_jax.targets import base_leaves
 
-__all__ = ["KernelUse", "LoraFallbackWarning", "analyze", "lora", "register_container"]
+__all__ = ["KernelUse", "LoraFallbackWarning", "analyze", "lora", "register_container",
+           "unregister_container"]
 
 # Adapter containers other than one trainable tree (``lora_jax.bank.AdapterBank``): how
 # ``lora(fn)`` runs each, and the keyword arguments that are the container's.
@@ -45,6 +46,18 @@ def register_container(cls: type, call: Callable, *, keywords: Sequence[str] = (
     keywords: ``call``'s own keyword arguments, refused when ``adapters`` is not a ``cls``.
   """
   _CONTAINERS[cls] = (call, tuple(keywords))
+
+
+def unregister_container(cls: type) -> None:
+  """Removes ``cls``'s registration (a plug-in's, or a test's).
+
+  Raises:
+    ValueError: ``cls`` is not registered.
+  """
+  if cls not in _CONTAINERS:
+    raise ValueError(f"{getattr(cls, '__name__', cls)!r} is not a registered adapter container; "
+                     f"registered: {', '.join(c.__name__ for c in _CONTAINERS)}.")
+  del _CONTAINERS[cls]
 
 
 def _container(adapters, kwargs) -> Callable | None:

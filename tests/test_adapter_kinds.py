@@ -5,6 +5,7 @@ trips), and a kind defined in this file alone (``GainLora``) trained, merged, ch
 and counted without a change to lora_jax."""
 
 import dataclasses
+import json
 from typing import ClassVar
 
 import jax
@@ -236,6 +237,23 @@ def test_peft_round_trip(kind, tmp_path):
   assert jax.tree_util.tree_structure(restored) == jax.tree_util.tree_structure(adapters)
   for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(adapters)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_kind_without_a_peft_form_or_of_another_kind_is_refused_by_export(tmp_path):
+  with pytest.raises(ValueError, match=r"adapter kind 'gain' \(GainLora\) has no PEFT form"):
+    lora_jax.peft.export_peft(tmp_path / "gain", _trained("gain"), config=_config("gain"))
+  with pytest.raises(ValueError, match=r"is a DoraWeights, but config.kind is 'lora'"):
+    lora_jax.peft.export_peft(tmp_path / "mixed", _trained("dora"), config=_config("lora"))
+  assert not (tmp_path / "gain").exists() and not (tmp_path / "mixed").exists()
+
+
+def test_each_kind_sets_only_its_own_peft_flags(tmp_path):
+  written = {}
+  for kind in PEFT_FORM:
+    lora_jax.peft.export_peft(tmp_path / kind, _trained(kind), config=_config(kind))
+    written[kind] = json.loads((tmp_path / kind / "adapter_config.json").read_text())
+  assert written["lora"]["use_dora"] is False and written["dora"]["use_dora"] is True
+  assert {k for k in written["lora"] if written["lora"][k] != written["dora"][k]} == {"use_dora"}
 
 
 # ----------------------------------------------------------------------- the registry

@@ -324,3 +324,45 @@ def test_init_sharded_with_extras_needs_concrete_params():
 def test_register_rejects_a_missing_to_dense():
   with pytest.raises(TypeError, match=r"to_dense must be a function of a Int8Kernel"):
     kernels.register(Int8Kernel, to_dense=None)
+
+
+# ---- adapter containers: a bank-like container registered outside the transform --------------
+
+@dataclasses.dataclass(frozen=True)
+class _Ensemble:
+  """A toy container: the weighted mean of the adapted function over several adapter trees."""
+  trees: tuple
+
+
+jax.tree_util.register_dataclass(_Ensemble, data_fields=["trees"], meta_fields=[])
+
+
+def _run_ensemble(adapted, base, ensemble, args, kwargs, key):
+  kwargs = dict(kwargs)
+  weights = kwargs.pop("weights", None) or [1.0] * len(ensemble.trees)
+  outs = [adapted(base, t, *args, lora_dropout_key=key, **kwargs) for t in ensemble.trees]
+  return sum(w * y for w, y in zip(weights, outs)) / sum(weights)
+
+
+@pytest.fixture
+def ensemble_container():
+  lora_jax.transform.register_container(_Ensemble, _run_ensemble, keywords=("weights",))
+  yield _Ensemble
+  lora_jax.transform.unregister_container(_Ensemble)
+
+
+def test_a_container_registered_outside_the_transform_runs_it(ensemble_container):
+  k1, k2, kx = jax.random.split(jax.random.key(0), 3)
+  base = {"w": {"kernel": jax.random.normal(k1, (6, 5))}}
+  fn = lambda p, x: jnp.tanh(x @ p["w"]["kernel"])  # noqa: E731
+  config = lora_jax.LoraConfig(targets="w", rank=2, alpha=4.0)
+  trees = [randomize_b(lora_jax.init(config, base, key=k), k) for k in jax.random.split(k2)]
+  x = jax.random.normal(kx, (3, 6))
+  got = jax.jit(lora_jax.lora(fn))(base, ensemble_container(tuple(trees)), x, weights=[1.0, 3.0])
+  dense = [fn(lora_jax.merge(base, t), x) for t in trees]  # each tree merged, no transform
+  np.testing.assert_allclose(got, (dense[0] + 3 * dense[1]) / 4, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"weights= needs an _Ensemble as adapters"):
+    lora_jax.lora(fn)(base, trees[0], x, weights=[1.0])
+  with pytest.raises(ValueError, match=r"'dict' is not a registered adapter container; "
+                                       r"registered: .*AdapterBank"):
+    lora_jax.transform.unregister_container(dict)
