@@ -134,6 +134,15 @@ def test_lora_on_each_family_equals_merged(family, scan):
   assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
   base = model.apply(params, ids)
   assert not np.allclose(jax.tree_util.tree_leaves(want)[0], jax.tree_util.tree_leaves(base)[0])
+  at_init = lora_jax.init(config, params, key=jax.random.key(2), uses=uses)  # B = 0: the base
+  # (up to float32 rounding: a scanned stack's rebuilt scan compiles apart from the base's)
+  assert_trees_close(lora_jax.lora(model.apply)(params, at_init, ids), base, rtol=0, atol=1e-6)
+
+
+def test_every_registered_family_has_a_tiny_model_in_the_contract():
+  """The family contract above runs over every registered family (a new one adds its tiny
+  config to ``_fixtures.TINY`` and its named model to ``FAMILY_MODEL``)."""
+  assert set(TINY) == set(FAMILY_MODEL) == set(lora_jax.family.registered())
 
 
 def test_sequence_classifier_head_and_tied_llama():
