@@ -9,25 +9,23 @@
 - ``ANALYZE_RULES`` run ``analyze``: the same primitives, but they only record which axis
   roles each use implies (the ``Analyze`` context), computing nothing new.
 
-A new primitive is one entry in a table; the higher-order primitives (``jit``, ``scan``,
-``checkpoint``, ``cond``) are shared and live in ``lora_jax._interpret``.
+A new primitive is one entry in a table; the ``dot_general`` rule is the adapted product's
+(``lora_jax._adapted``), and the higher-order primitives (``jit``, ``scan``, ``checkpoint``,
+``cond``) are shared (``lora_jax._higher_order``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import string
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax import _interpret, _product
+from lora_jax import _adapted, _interpret
+from lora_jax._higher_order import HIGHER_ORDER
 from lora_jax._interpret import Kernel
 from lora_jax.adapters import factor_subscripts
-
-_FREE = [c for c in string.ascii_lowercase if c != "r"]  # subscripts of the activation's axes
-_AXIS = string.ascii_uppercase  # subscripts of kernel axes, as in adapters.factor_subscripts
 
 
 # ----------------------------------------------------------------------- contexts
@@ -50,10 +48,15 @@ class Apply:
     return Apply(key=key, fallbacks=self.fallbacks, product=self.product,
                  siblings=self.siblings, recompute=self.recompute)
 
+  def look_ahead(self, jaxpr, env):
+    """The interpreter's look-ahead over ``jaxpr``: sibling products and recomputed inputs
+    (``lora_jax._adapted.Siblings``), or None."""
+    return _adapted.Siblings(jaxpr, env, self) if self.siblings or self.recompute else None
+
   def dots(self, group) -> list:
     """Outputs of sibling ``dot_general``s ``[(eqn, invals), ...]`` (one activation), computed
-    together where they can be (``_apply_dots``); None for each left to its own rule."""
-    return _apply_dots(group, self)
+    together where they can be (``_adapted.apply_dots``); None for each left to its own rule."""
+    return _adapted.apply_dots(group, self)
 
   def next_key(self):
     self._count += 1
@@ -129,6 +132,10 @@ class Analyze:
   rules: dict = {}  # ANALYZE_RULES, set below
   key = None
 
+  def look_ahead(self, jaxpr, env) -> None:
+    """``analyze`` looks at one equation at a time."""
+    del jaxpr, env
+
   def __init__(self):
     self.records: dict[str, Record] = {}
 
@@ -164,189 +171,6 @@ def _flat(axis) -> tuple[int, ...]:
 
 
 # ----------------------------------------------------------------------- apply rules
-
-
-def _dropout(x, rate: float, key):
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def _operands(eqn, kernel_is_lhs: bool):
-  """(x contracting, kernel contracting), (x batch, kernel batch) dims of a dot_general."""
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  return ((rc, lc), (rb, lb)) if kernel_is_lhs else ((lc, rc), (lb, rb))
-
-
-def _subscripts(eqn, x, k: Kernel, kernel_is_lhs: bool):
-  """einsum subscripts of x and of the product, and the original kernel axes contracted and
-  batched, for ``dot_general(x, W)``: kernel axis j is ``_AXIS[j]``, x's own axes lower-case."""
-  (xc, kc), (xb, kb) = _operands(eqn, kernel_is_lhs)
-  kfree = [d for d in range(len(k.axes)) if d not in kc and d not in kb]
-  letters = {xd: _AXIS[k.axes[kd]] for xd, kd in (*zip(xc, kc), *zip(xb, kb))}
-  free_x = iter(_FREE)
-  x_sub = "".join(letters.get(d) or next(free_x) for d in range(x.ndim))
-  x_free = "".join(x_sub[d] for d in range(x.ndim) if d not in xc and d not in xb)
-  k_free = "".join(_AXIS[k.axes[d]] for d in kfree)
-  batch = "".join(_AXIS[k.axes[d]] for d in kb)
-  out_sub = batch + (k_free + x_free if kernel_is_lhs else x_free + k_free)
-  return x_sub, out_sub, {k.axes[d] for d in kc}, {k.axes[d] for d in kb}
-
-
-def _opts(eqn) -> dict:
-  return dict(precision=eqn.params.get("precision"),
-              preferred_element_type=eqn.params.get("preferred_element_type"))
-
-
-def _factored_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
-  """The adapter's share of ``dot_general(x, W)``, or None when its axes do not allow it."""
-  x_sub, out_sub, contracted, batched = _subscripts(eqn, x, k, kernel_is_lhs)
-  if k.adapter.dropout and ctx.key is not None:
-    x = _dropout(x, k.adapter.dropout, ctx.next_key())
-  extra = k.adapter.product(
-      x, x_sub=x_sub, out_sub=out_sub, present=k.axes, contracted=contracted, batched=batched,
-      dtype=k.dtype, **_opts(eqn))
-  return extra, out_sub
-
-
-def _route(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply):
-  """(route, terms, x_sub, out_sub) of the hand-written backward (``lora_jax._product``) for
-  this product, or None for autodiff of ``adapter.product``: asked for with
-  ``product="autodiff"``, and taken for adapters whose scale is not one static float (a
-  bank's; per-layer scales are folded into B before a scan slices them) or a contraction the
-  adapter's terms do not cover."""
-  lw = k.adapter
-  if ctx.product == "autodiff" or not isinstance(lw.scale, (int, float)):
-    return None
-  x_sub, out_sub, contracted, batched = _subscripts(eqn, x, k, kernel_is_lhs)
-  terms = lw.terms(x_sub=x_sub, present=k.axes, contracted=contracted, batched=batched)
-  if terms is None:
-    return None
-  dropping = bool(lw.dropout) and ctx.key is not None
-  merged_ok = not dropping and _product.dense_base(k)
-  route = ctx.product
-  if route == "auto":
-    cheaper = merged_ok and _product.cheaper_merged(x.shape, k.w.shape, x_sub=x_sub,
-                                                    terms=terms)
-    route = "merged_weight" if cheaper else "factored"
-  if route == "merged_weight" and not merged_ok:
-    route = "factored"  # adapter dropout, or a quantized base: W' cannot hold them
-  return route, terms, x_sub, out_sub
-
-
-def _member(eqn, x, k: Kernel, kernel_is_lhs: bool, route):
-  """``route``'s ``_product.Member`` and its arrays: (member, w or None, first, second)."""
-  name, terms, _, out_sub = route
-  base_product = None
-  if name == "merged_weight":
-    def base_product(x, w):
-      return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
-  member = _product.Member(terms, out_sub, float(k.adapter.scale), base_product)
-  return (member, k.dense() if member.merged else None, terms.first.astype(k.dtype),
-          terms.second.astype(k.dtype))
-
-
-def _hand_vjp_dots(items, x, ctx: Apply, *, dropped=None) -> list:
-  """Adapted ``dot_general``s ``[(eqn, k, kernel_is_lhs, route), ...]`` that share x (and
-  the subscripts of x, A and t), through one ``_product.products``: their A factors are
-  applied to x as one product. ``dropped``: x after adapter dropout, the adapters' input
-  (one factored member; the base product keeps x)."""
-  parts = [_member(eqn, x, k, lhs, route) for eqn, k, lhs, route in items]
-  eqn, _, _, (_, _, x_sub, _) = items[0]
-  outs = _product.products(tuple(p[0] for p in parts), x_sub=x_sub, opts=_opts(eqn))(
-      x if dropped is None else dropped, [p[1] for p in parts], [p[2] for p in parts],
-      [p[3] for p in parts])
-  results = []
-  for (eqn, k, lhs, route), (member, *_), out in zip(items, parts, outs):
-    if not member.merged:
-      base = _base_dot(eqn, k, x, lhs)
-      out = base + out.astype(base.dtype)
-    results.append([k.adapter.rescaled(out, w=k.dense, present=k.axes, out_sub=route[3])])
-  return results
-
-
-def _hand_vjp_dot(eqn, x, k: Kernel, kernel_is_lhs: bool, ctx: Apply, route):
-  """One adapted ``dot_general(x, W)`` through ``lora_jax._product``'s backward; adapter
-  dropout (factored only: ``_route``) applies to the adapter's x, not the base product's."""
-  dropped = None
-  if k.adapter.dropout and ctx.key is not None:
-    dropped = _dropout(x, k.adapter.dropout, ctx.next_key())
-  return _hand_vjp_dots([(eqn, k, kernel_is_lhs, route)], x, ctx, dropped=dropped)[0]
-
-
-def _apply_dots(group, ctx: Apply) -> list:
-  """Sibling products (``_interpret.Siblings``): those on the hand-written route with the
-  same x, subscripts of x, A and t, A's shape but for its rank, factor dtype and precision,
-  and no adapter dropout drawn, computed as one group; None for the rest (each then runs on
-  its own, in order, so dropout keys are drawn as without grouping)."""
-  picked = []
-  for eqn, invals in group:
-    operand = _kernel_operand(eqn, invals, ctx)
-    k, x, lhs = operand if operand is not None else (None, None, None)
-    route = None
-    if k is not None and k.adapter is not None:
-      route = _route(eqn, x, k, lhs, ctx)
-    dropping = route is not None and bool(k.adapter.dropout) and ctx.key is not None
-    picked.append(None if route is None or dropping else (eqn, k, lhs, route))
-
-  def key(item):
-    eqn, k, _, (_, terms, x_sub, _) = item
-    r = terms.first_sub.index("r")  # the first factors are concatenated along r: alike elsewhere
-    shape = terms.first.shape[:r] + terms.first.shape[r + 1:]
-    return (x_sub, terms.first_sub, terms.t_sub, shape, k.dtype, _opts_key(eqn))
-
-  first = picked[0]
-  if first is None:
-    return [None] * len(group)
-  same = [i for i, item in enumerate(picked) if item is not None and key(item) == key(first)]
-  if len(same) < 2:
-    return [None] * len(group)
-  x = _kernel_operand(*group[0], ctx)[1]
-  outs = dict(zip(same, _hand_vjp_dots([picked[i] for i in same], x, ctx)))
-  return [outs.get(i) for i in range(len(group))]
-
-
-def _opts_key(eqn) -> tuple:
-  return (str(eqn.params.get("precision")), str(eqn.params.get("preferred_element_type")))
-
-
-def _kernel_operand(eqn, invals, ctx):
-  """(kernel, x, kernel_is_lhs), or None when both operands are kernels."""
-  lhs, rhs = invals
-  if isinstance(lhs, Kernel) and isinstance(rhs, Kernel):
-    return None
-  return (lhs, rhs, True) if isinstance(lhs, Kernel) else (rhs, lhs, False)
-
-
-def _base_dot(eqn, k: Kernel, x, kernel_is_lhs: bool):
-  """``dot_general(x, W)``. A quantized W is made dense inside a ``jax.checkpoint`` that saves
-  nothing: the backward pass dequantizes it again rather than keeping every layer's dense
-  kernel as a residual (which would undo the memory the format saves)."""
-  def product(x, w):
-    w = w.dense() if isinstance(w, _interpret.Lazy) else w
-    return _interpret.bind(eqn, [w, x] if kernel_is_lhs else [x, w])[0]
-
-  if _interpret.is_quantized(k.w):
-    policy = jax.checkpoint_policies.nothing_saveable
-    return jax.checkpoint(product, policy=policy)(x, _interpret.Lazy.of(k.w))
-  return product(x, k.dense())
-
-
-def _apply_dot(eqn, invals, ctx: Apply):
-  operand = _kernel_operand(eqn, invals, ctx)
-  if operand is None:
-    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
-  k, x, kernel_is_lhs = operand
-  if k.adapter is None:  # a quantized kernel that is not adapted
-    return [_base_dot(eqn, k, x, kernel_is_lhs)]
-  route = _route(eqn, x, k, kernel_is_lhs, ctx)
-  if route is not None:
-    return _hand_vjp_dot(eqn, x, k, kernel_is_lhs, ctx, route)
-  extra, out_sub = _factored_dot(eqn, x, k, kernel_is_lhs, ctx)
-  if extra is None:
-    return _interpret.bind(eqn, [ctx.materialize(v, "dot_general over mixed axes") for v in invals])
-  base = _base_dot(eqn, k, x, kernel_is_lhs)
-  out = base + extra.astype(base.dtype)
-  return [k.adapter.rescaled(out, w=k.dense, present=k.axes, out_sub=out_sub)]
 
 
 def _blocks(old_shape, new_shape) -> list[tuple[range, range]] | None:
@@ -474,7 +298,7 @@ def _apply_gather(eqn, invals, ctx: Apply):
   (base,) = _interpret.bind(eqn, [w, ids])
   lw, dtype = k.adapter, w.dtype
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)  # a: (*in, r), b: (r, *out)
-  at = {d: a_sub.index(_AXIS[k.axes[d]]) for d in rows}  # A's dim of each indexed dim
+  at = {d: a_sub.index(_adapted.AXIS[k.axes[d]]) for d in rows}  # A's dim of each indexed dim
   dn = eqn.params["dimension_numbers"]
   batch = ids.ndim - 1  # the ids' dims in the output (their last dim indexes the table)
   dims = lax.GatherDimensionNumbers(
@@ -484,8 +308,8 @@ def _apply_gather(eqn, invals, ctx: Apply):
                  mode=eqn.params["mode"], fill_value=eqn.params["fill_value"],
                  indices_are_sorted=eqn.params["indices_are_sorted"],
                  unique_indices=eqn.params["unique_indices"])  # (*ids, r)
-  t_sub = "".join(_FREE[:batch]) + "r"
-  kept = iter(_AXIS[k.axes[d]] for d in range(len(k.axes)) if d not in rows)  # W's offsets
+  t_sub = "".join(_adapted.FREE[:batch]) + "r"
+  kept = iter(_adapted.AXIS[k.axes[d]] for d in range(len(k.axes)) if d not in rows)  # W's offsets
   looked_up = iter(t_sub[:batch])
   out_sub = "".join(next(kept) if d in dn.offset_dims else next(looked_up)
                     for d in range(base.ndim))
@@ -520,16 +344,16 @@ def _apply_conv(eqn, invals, ctx: Apply):
   w = k.dense()
   (base,) = _interpret.bind(eqn, [x, w])
   a_sub, b_sub = factor_subscripts(lw.axes, k.axes)
-  at = [a_sub.index(_AXIS[k.axes[d]]) for d in p["dimension_numbers"].rhs_spec[1:]]
+  at = [a_sub.index(_adapted.AXIS[k.axes[d]]) for d in p["dimension_numbers"].rhs_spec[1:]]
   dims = p["dimension_numbers"]._replace(rhs_spec=(len(a_sub) - 1, *at))
   if lw.dropout and ctx.key is not None:
-    x = _dropout(x, lw.dropout, ctx.next_key())
+    x = _adapted.dropout(x, lw.dropout, ctx.next_key())
   t = lax.conv_general_dilated(
       x, a.astype(w.dtype), p["window_strides"], p["padding"], p["lhs_dilation"],
       p["rhs_dilation"], dims, precision=p["precision"],
       preferred_element_type=p["preferred_element_type"])  # features: r
   channel = dims.out_spec[1]
-  free = iter(_FREE)
+  free = iter(_adapted.FREE)
   t_sub = "".join("r" if d == channel else next(free) for d in range(t.ndim))
   out_sub = t_sub.replace("r", b_sub[1:])
   extra = jnp.einsum(f"{t_sub},{b_sub}->{out_sub}", t * jnp.asarray(scale, t.dtype),
@@ -540,7 +364,7 @@ def _apply_conv(eqn, invals, ctx: Apply):
 
 
 APPLY_RULES = {name: _adapted_only(rule) for name, rule in {
-    **_UNARY, "dot_general": _apply_dot, "reshape": _apply_reshape,
+    **_UNARY, "dot_general": _adapted.apply_dot, "reshape": _apply_reshape,
     "squeeze": _apply_reshape, "gather": _apply_gather,
     "conv_general_dilated": _apply_conv}.items()}
 
@@ -549,14 +373,14 @@ APPLY_RULES = {name: _adapted_only(rule) for name, rule in {
 
 
 def _analyze_dot(eqn, invals, ctx: Analyze):
-  operand = _kernel_operand(eqn, invals, ctx)
+  operand = _adapted.kernel_operand(eqn, invals, ctx)
   if operand is None:
     return _interpret.bind(eqn, [ctx.materialize(v, "dot_general of two kernels") for v in invals])
   k, x, kernel_is_lhs = operand
-  (_, kc), (_, kb) = _operands(eqn, kernel_is_lhs)
+  (_, kc), (_, kb) = _adapted.operands(eqn, kernel_is_lhs)
   roles = {k.axes[d]: "i" if d in kc else "l" if d in kb else "o" for d in range(len(k.axes))}
   ctx.note(k, "dot_general", roles=roles)
-  return [_base_dot(eqn, k, x, kernel_is_lhs)]
+  return [_adapted.base_dot(eqn, k, x, kernel_is_lhs)]
 
 
 def _analyze_reshape(eqn, invals, ctx: Analyze):
@@ -608,6 +432,6 @@ ANALYZE_RULES = {**_UNARY, "dot_general": _analyze_dot, "reshape": _analyze_resh
                  "squeeze": _analyze_reshape, "gather": _analyze_gather,
                  "conv_general_dilated": _analyze_conv}
 
-Apply.rules = APPLY_RULES
+Apply.rules = {**APPLY_RULES, **HIGHER_ORDER}
 Apply.keeps_kernel = frozenset(_UNARY) | {"reshape", "squeeze"}  # a kernel stays a kernel
-Analyze.rules = ANALYZE_RULES
+Analyze.rules = {**ANALYZE_RULES, **HIGHER_ORDER}

@@ -124,6 +124,18 @@ def peft_logits_of_export(folder, hf, adapters, **export):
     return loaded(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
 
 
+# from test_product.py
+def dense_reference(loss, params, adapters, x):
+  """``loss(merge(params, adapters), x)`` and its adapter gradients, all in float64: the dense
+  W + s·A@B formed and differentiated by autodiff."""
+  with jax.enable_x64(True):
+    up = lambda t: jax.tree_util.tree_map(  # noqa: E731
+        lambda v: jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
+    p64, a64 = up(params), up(adapters)
+    value, grads = jax.value_and_grad(lambda a: loss(lora_jax.merge(p64, a), up(x)))(a64)
+    return float(value), jax.tree_util.tree_map(np.asarray, grads)
+
+
 # from test_transform.py
 def reference(case, adapters):
   P = {p: f64(v) for p, v in lora_jax.targets.leaves_by_path(case.params).items()}

@@ -112,3 +112,19 @@ def test_dora_is_named_only_in_its_own_module():
                  if re.search("dora", p.read_text(), re.IGNORECASE))
   assert set(named) <= DORA_AT, named
   assert "dora.py" in named
+
+
+def test_the_interpreter_names_no_primitive():
+  """``_interpret`` is a table-driven evaluator: no primitive name appears in its code (the
+  rules tables, the higher-order rules and the adapted product's look-ahead hold them)."""
+  from lora_jax import _rules
+
+  primitives = set(_rules.Apply.rules) | set(_rules.Analyze.rules)
+  assert {"dot_general", "scan", "jit", "gather"} <= primitives
+  tree = ast.parse(MODULES["lora_jax._interpret"].read_text())
+  docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+  named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+           and isinstance(n.value, str) and id(n) not in docstrings} & primitives
+  assert named == set(), named

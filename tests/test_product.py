@@ -13,15 +13,13 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import lora_jax
-import test_models
+from _fixtures import (BIG, FAMILY_MODEL, IDS, TINY, dense_reference, dots_into_big_weight,
+                       reference)
 from _models import ALL_CASES
 from _utils import assert_trees_close, randomize_b
 from lora_jax import _product, models
-from test_transform import _reference
-from test_train import BIG, _dots_into_big_weight
 
 HAND = ["factored", "merged_weight", "auto"]
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
 
 
 def _loss(fn):
@@ -33,20 +31,9 @@ def _value_and_grad(fn, params, adapters, x, *, product, key=None, **options):
   return jax.jit(f)(params, adapters, x, lora_dropout_key=key)
 
 
-def _dense_reference(fn, params, adapters, x):
-  """Loss and adapter gradients of ``fn`` on ``merge(params, adapters)``, all in float64:
-  the dense W + s·A@B formed and differentiated by autodiff."""
-  with jax.enable_x64(True):
-    up = lambda t: jax.tree_util.tree_map(  # noqa: E731
-        lambda v: jnp.asarray(v, jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, t)
-    p64, a64 = up(params), up(adapters)
-    value, grads = jax.value_and_grad(lambda a: _loss(fn)(lora_jax.merge(p64, a), up(x)))(a64)
-    return float(value), jax.tree_util.tree_map(np.asarray, grads)
-
-
 def _check(fn, params, adapters, x, product):
   value, grads = _value_and_grad(fn, params, adapters, x, product=product)
-  want, want_grads = _dense_reference(fn, params, adapters, x)
+  want, want_grads = dense_reference(_loss(fn), params, adapters, x)
   np.testing.assert_allclose(float(value), want, rtol=1e-5, atol=1e-6)
   for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
@@ -69,7 +56,7 @@ def test_each_model_style_equals_the_dense_reference(make_case, product):
   case = make_case(jnp.float32)  # forward: the case's float64 NumPy formula; gradients: the
   adapters = _adapters(case.fn, case.params, case.x)  # dense W + s·A@B, autodiff (float32)
   out = jax.jit(lora_jax.lora(case.fn, product=product))(case.params, adapters, case.x)
-  np.testing.assert_allclose(np.asarray(out, np.float64), _reference(case, adapters),
+  np.testing.assert_allclose(np.asarray(out, np.float64), reference(case, adapters),
                              rtol=1e-5, atol=1e-5)
   _, grads = _value_and_grad(case.fn, case.params, adapters, case.x, product=product)
   want = jax.grad(lambda a: _loss(case.fn)(lora_jax.merge(case.params, a), case.x))(adapters)
@@ -79,7 +66,7 @@ def test_each_model_style_equals_the_dense_reference(make_case, product):
 
 
 def _llama(scan):
-  model = models.get(test_models.FAMILY_MODEL["llama"], **test_models.TINY["llama"],
+  model = models.get(FAMILY_MODEL["llama"], **TINY["llama"],
                      scan_layers=scan)
   return model.apply, model.init(jax.random.key(0), IDS)
 
@@ -172,10 +159,10 @@ def test_merged_weight_builds_no_weight_gradient():
   loss = lambda p, x: jnp.mean((x @ p["proj"]["kernel"]) ** 2)  # noqa: E731
   step = lora_jax.value_and_grad(loss, product="merged_weight")
   jaxpr = jax.make_jaxpr(step)(base, adapters, x).jaxpr
-  assert _dots_into_big_weight(jaxpr, 256) == []  # W' contracts the rank (8), not tokens
+  assert dots_into_big_weight(jaxpr, 256) == []  # W' contracts the rank (8), not tokens
   control = jax.make_jaxpr(lambda w, a, x: jax.grad(  # merge() + autodiff does build xᵀ·dy
       lambda a: loss(lora_jax.merge(w, a), x))(a))(base, adapters, x).jaxpr
-  assert _dots_into_big_weight(control, 256)
+  assert dots_into_big_weight(control, 256)
 
 
 def test_a_quantized_base_keeps_the_factored_form():
@@ -273,7 +260,7 @@ def test_recomputed_inputs_equal_the_reference_and_are_not_kept(scan, product, c
   fn, params = _llama(scan)
   adapters = _adapters(fn, params, IDS)
   got = _value_and_grad(fn, params, adapters, IDS, product=product, recompute_inputs=True)
-  want, want_grads = _dense_reference(fn, params, adapters, IDS)
+  want, want_grads = dense_reference(_loss(fn), params, adapters, IDS)
   np.testing.assert_allclose(float(got[0]), want, rtol=1e-5, atol=1e-6)
   for g, ref in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(g, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
@@ -281,7 +268,7 @@ def test_recomputed_inputs_equal_the_reference_and_are_not_kept(scan, product, c
                            recompute_inputs=False)
   fewer = _activations_kept(fn, params, adapters, capsys, product=product,
                             recompute_inputs=True)
-  layers = test_models.TINY["llama"]["num_hidden_layers"]
+  layers = TINY["llama"]["num_hidden_layers"]
   assert kept - fewer >= 3 * (1 if scan else layers)  # two norm outputs and silu(g)·u a layer
 
 

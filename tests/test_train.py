@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import lora_jax
-from _fixtures import BIG, dots_into_big_weight as _dots_into_big_weight
+from _fixtures import BIG, dots_into_big_weight
 from _models import linen_stack_case, nnx_case
 from _utils import flat_adapters, randomize_b
 
@@ -100,7 +100,7 @@ def test_training_step_builds_no_weight_gradient():
   step = lora_jax.train_step(loss_fn, optimizer)
   state = jax.eval_shape(optimizer.init, adapters)
   jaxpr = jax.make_jaxpr(step)(base, adapters, state, batch).jaxpr
-  assert _dots_into_big_weight(jaxpr, 256) == []
+  assert dots_into_big_weight(jaxpr, 256) == []
   big_arrays = [v for e in jaxpr.eqns for v in e.outvars if v.aval.shape == (BIG, BIG)]
   assert big_arrays == []  # no full-size update, gradient or zero for the frozen kernel
   hlo = step.lower(base, adapters, state, batch).compile().as_text()
@@ -109,7 +109,7 @@ def test_training_step_builds_no_weight_gradient():
   # checks above can fail.
   merged_grad = jax.jit(
       lambda base, a, b: jax.grad(lambda a: loss_fn(lora_jax.merge(base, a), b))(a))
-  assert len(_dots_into_big_weight(jax.make_jaxpr(merged_grad)(base, adapters, batch).jaxpr,
+  assert len(dots_into_big_weight(jax.make_jaxpr(merged_grad)(base, adapters, batch).jaxpr,
                                    256)) >= 1
   assert any(" dot(" in line for line in
              _big_hlo_values(merged_grad.lower(base, adapters, batch).compile().as_text()))
@@ -297,7 +297,7 @@ def test_skip_nonfinite_leaves_parameters_as_they_were():
 def test_ctrl_c_during_a_save_lands_after_it():
   import os
   import signal
-  from lora_jax.app.folders import interrupts_deferred
+  from lora_jax.app.run_folder import interrupts_deferred
   done = []
   with pytest.raises(KeyboardInterrupt):
     with interrupts_deferred():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import lora_jax
-from _fixtures import reference as _reference
+from _fixtures import reference
 from _models import ALL_CASES, D, linen_case, linen_stack_case, plain_case, plain_fn
 from _utils import assert_trees_close, f64, randomize_b
 
@@ -32,7 +32,7 @@ def test_matches_float64_reference(make_case, dtype):
   case, adapters = _setup(make_case, dtype)
   out = jax.jit(lora_jax.lora(case.fn))(case.params, adapters, case.x)
   assert out.dtype == case.x.dtype
-  np.testing.assert_allclose(f64(out), _reference(case, adapters), **TOL[dtype])
+  np.testing.assert_allclose(f64(out), reference(case, adapters), **TOL[dtype])
 
 
 @pytest.mark.parametrize("make_case", ALL_CASES, ids=lambda c: c.__name__)
@@ -47,7 +47,7 @@ def test_reference_check_can_fail():
   wrong = jax.tree_util.tree_map(lambda t: 1.5 * t, adapters)
   out = lora_jax.lora(case.fn)(case.params, wrong, case.x)
   with pytest.raises(AssertionError):
-    np.testing.assert_allclose(f64(out), _reference(case, adapters), **TOL["float32"])
+    np.testing.assert_allclose(f64(out), reference(case, adapters), **TOL["float32"])
 
 
 @pytest.mark.parametrize("make_case", ALL_CASES, ids=lambda c: c.__name__)
