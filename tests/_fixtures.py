@@ -103,7 +103,6 @@ def peft_llama():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
-  from test_peft import copy_torch_weights, tiny_model
 
   torch.manual_seed(0)
   hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(

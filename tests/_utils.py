@@ -1,10 +1,22 @@
-"""Small test helpers (no chex dependency)."""
+"""Small test helpers (no chex dependency), and the lora-jax command line and server run as
+processes."""
 
+import contextlib
 import dataclasses
+import json
+import pathlib
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lora_jax
 
@@ -52,3 +64,58 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = e.code
   captured = capsys.readouterr()
   return code, captured.out, captured.err
+
+
+# ---- lora-jax processes: the command line and the server
+
+READY_S = 240  # loading, and compiling the warm-up decode, on a slow CPU
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
+
+def cli_process(*argv) -> list[str]:
+  return [sys.executable, "-m", "lora_jax.app.cli", *argv]
+
+
+@contextlib.contextmanager
+def serving(argv, err: pathlib.Path, *, ready: str = "serving on http://127.0.0.1:"):
+  """A ``lora-jax serve ARGV`` process, once it printed its ready line (stderr to ``err``):
+  yields ``(url, process)``; stopped with SIGTERM (then killed) at the end."""
+  with open(err, "w") as stderr:
+    proc = subprocess.Popen(cli_process("serve", *argv), stdout=subprocess.PIPE, stderr=stderr,
+                            text=True)
+  try:
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
+    try:
+      line = lines.get(timeout=READY_S)
+    except queue.Empty:
+      pytest.fail(f"no ready line in {READY_S} s; stderr: {err.read_text()[-2000:]}")
+    assert line.startswith(ready), (line, err.read_text()[-2000:])
+    yield line.split()[-1], proc
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGTERM)
+      try:
+        proc.wait(60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
+def request(url: str, path: str, body=None, *, method=None, data: bytes | None = None):
+  """``(status, JSON answer)`` of one HTTP request (a dict ``body`` is sent as JSON)."""
+  if body is not None:
+    data = json.dumps(body).encode()
+  req = urllib.request.Request(url + path, data=data, method=method,
+                               headers={"Content-Type": "application/json"})
+  try:
+    with HTTP.open(req, timeout=300) as answer:
+      return answer.status, json.loads(answer.read())
+  except urllib.error.HTTPError as e:
+    with e:
+      return e.code, json.loads(e.read())
+
+
+def cli(*argv, timeout=600):
+  return subprocess.run(cli_process(*argv), capture_output=True,
+                        text=True, timeout=timeout)

@@ -13,8 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax
-from _fixtures import CHECKPOINT_CONFIG as CONFIG  # noqa: F401  (test_train_cli's, for now)
-from _fixtures import checkpoint_base as _base, damage as _damage, damage_file  # noqa: F401
+from _fixtures import CHECKPOINT_CONFIG as CONFIG, checkpoint_base as _base, damage as _damage
 from lora_jax import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 
 import lora_jax
-import test_models
-from test_dora import _peft_llama, peft_logits_of_export  # the tiny torch Llama, its twins
+from _fixtures import FAMILY_MODEL, IDS, TINY, peft_llama, peft_logits_of_export
 from _models import nnx_case, nnx_stack_case
 from lora_jax import models
 
-IDS = np.random.RandomState(0).randint(0, 64, (2, 8)).astype(np.int32)
-TINY, FAMILY_MODEL = test_models.TINY, test_models.FAMILY_MODEL
 INITS = ["pissa", "olora", "pissa_niter_4"]
 
 
@@ -209,7 +206,7 @@ def _logits(torch, model):
 @pytest.mark.interop
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_peft_converted_adapter_imports_to_peft_outputs(tmp_path, init):
-  torch, peft, hf, tiny, copy = _peft_llama()
+  torch, peft, hf, tiny, copy = peft_llama()
   model = tiny("llama", True)
   params = copy(hf, model)  # the original base, before PEFT moves W's principal part
   peft_model = peft.get_peft_model(hf, peft.LoraConfig(
@@ -238,7 +235,7 @@ def test_peft_converted_adapter_imports_to_peft_outputs(tmp_path, init):
 @pytest.mark.interop
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_exported_conversion_gives_peft_our_outputs(tmp_path, init):
-  torch, peft, hf, tiny, copy = _peft_llama()
+  torch, peft, hf, tiny, copy = peft_llama()
   model = tiny("llama", False)
   params = copy(hf, model)
   uses = lora_jax.analyze(model.apply, params, IDS)
@@ -262,7 +259,7 @@ def test_exported_conversion_gives_peft_our_outputs(tmp_path, init):
 def test_lora_jax_train_init_pissa_evaluates_exports_and_mixes(tmp_path, capsys):
   from _utils import run_cli
 
-  from lora_jax.app import classify, folders
+  from lora_jax.app import classify, run_folder
 
   runs = {}
   for init in ("pissa", "kaiming"):
@@ -281,7 +278,7 @@ def test_lora_jax_train_init_pissa_evaluates_exports_and_mixes(tmp_path, capsys)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["r"] == 16 and written["lora_alpha"] == 32
   with pytest.raises(ValueError, match="export it with lora-jax export-peft"):
-    folders.adapters_at(runs["pissa"])
+    run_folder.adapters_at(runs["pissa"])
   with pytest.raises(ValueError, match="holds no adapter: expected a PEFT folder"):
     lora_jax.bank.read(runs["pissa"], classify.load(runs["kaiming"])[0].base)
   code, out, err = run_cli(capsys, "train", "--init", "qr", "--out", str(tmp_path / "bad"))

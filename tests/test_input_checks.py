@@ -13,9 +13,8 @@ import pytest
 
 import lora_jax
 from _llm import needs_smollm2, tiny_llama_folder, write_jsonl
-from _utils import run_cli
+from _utils import cli_process, request, run_cli, serving
 from lora_jax.app import causal, data, options
-from test_serve import cli_process, request, serving
 
 HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 

@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from _utils import run_cli
-from test_train_cli import _cli
+from _utils import cli, run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -38,7 +37,7 @@ def runs(tmp_path_factory):
   out = {}
   for name, extra in args.items():
     out[name] = folder / name
-    done = _cli("train", "--steps", "6", "--eval-every", "6", *extra, "--out", str(out[name]))
+    done = cli("train", "--steps", "6", "--eval-every", "6", *extra, "--out", str(out[name]))
     assert done.returncode == 0, done.stderr
   return out
 
@@ -123,7 +122,7 @@ def test_generate_with_several_adapters_equals_each_alone(smollm2_adapters, caps
 
   import lora_jax
   from lora_jax import generate as gen
-  from lora_jax.app import causal, folders
+  from lora_jax.app import causal, run_folder
   from lora_jax.models import llama
 
   prompts = ("What is the capital of France?", "Name a color.")
@@ -139,7 +138,7 @@ def test_generate_with_several_adapters_equals_each_alone(smollm2_adapters, caps
   ids = causal.prompt_ids(tok, list(prompts), raw=False)
   uses = causal.analyze(model)
   for name, path in smollm2_adapters.items():
-    tree = lora_jax.bank.read(folders.adapters_at(path), model.params, uses=uses)
+    tree = lora_jax.bank.read(run_folder.adapters_at(path), model.params, uses=uses)
     alone = gen.generate(causal.adapted_apply(model.config), (model.params, tree), ids,
                          init_cache=functools.partial(llama.init_cache, model.config),
                          max_new_tokens=8, stop_ids=tok.stop_ids, pad_id=tok.pad_id or 0,

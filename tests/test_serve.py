@@ -5,34 +5,20 @@ a clean stop on SIGTERM. And the batching worker's parts, in process, without a 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import json
-import pathlib
-import queue
 import signal
 import subprocess
-import sys
-import threading
-import urllib.error
-import urllib.request
 
 import pytest
 
 from _llm import needs_smollm2
 from _many import write_smollm2_adapters
-from _utils import run_cli
+from _utils import cli_process, request, run_cli, serving
 from lora_jax.app import serve
 
 BASE = "smollm2-135m-instruct"
 CHAT = ["What is the capital of France?", "Name a color."]
 RAW = ["The capital of France is", "def add(a, b):"]
 TOKENS = 8
-READY_S = 240  # loading, and compiling the warm-up decode, on a slow CPU
-HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never a proxy
-
-
-def cli_process(*argv) -> list[str]:
-  return [sys.executable, "-m", "lora_jax.app.cli", *argv]
 
 
 @pytest.fixture(scope="module")
@@ -46,33 +32,6 @@ def adapters(tmp_path_factory, model) -> dict[str, str]:
   return write_smollm2_adapters(tmp_path_factory.mktemp("adapters"), model)
 
 
-@contextlib.contextmanager
-def serving(argv, err: pathlib.Path, *, ready: str = "serving on http://127.0.0.1:"):
-  """A ``lora-jax serve ARGV`` process, once it printed its ready line (stderr to ``err``):
-  yields ``(url, process)``; stopped with SIGTERM (then killed) at the end."""
-  with open(err, "w") as stderr:
-    proc = subprocess.Popen(cli_process("serve", *argv), stdout=subprocess.PIPE, stderr=stderr,
-                            text=True)
-  try:
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: lines.put(proc.stdout.readline()), daemon=True).start()
-    try:
-      line = lines.get(timeout=READY_S)
-    except queue.Empty:
-      pytest.fail(f"no ready line in {READY_S} s; stderr: {err.read_text()[-2000:]}")
-    assert line.startswith(ready), (line, err.read_text()[-2000:])
-    yield line.split()[-1], proc
-  finally:
-    if proc.poll() is None:
-      proc.send_signal(signal.SIGTERM)
-      try:
-        proc.wait(60)
-      except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
-
-
 @pytest.fixture(scope="module")
 def server(adapters, tmp_path_factory):
   """``(url, process, stderr file)`` of a running ``lora-jax serve`` on a free port."""
@@ -80,20 +39,6 @@ def server(adapters, tmp_path_factory):
   specs = [a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}")]
   with serving([*specs, "--port", "0", "--batch-wait-ms", "300"], err) as (url, proc):
     yield url, proc, err
-
-
-def request(url: str, path: str, body=None, *, method=None, data: bytes | None = None):
-  """``(status, JSON answer)`` of one HTTP request (a dict ``body`` is sent as JSON)."""
-  if body is not None:
-    data = json.dumps(body).encode()
-  req = urllib.request.Request(url + path, data=data, method=method,
-                               headers={"Content-Type": "application/json"})
-  try:
-    with HTTP.open(req, timeout=300) as answer:
-      return answer.status, json.loads(answer.read())
-  except urllib.error.HTTPError as e:
-    with e:
-      return e.code, json.loads(e.read())
 
 
 def parse_generate(out: str, names, prompts) -> dict:

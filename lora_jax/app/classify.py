@@ -23,7 +23,7 @@ import optax
 
 import lora_jax
 from lora_jax.app import data as data_lib
-from lora_jax.app import runner
+from lora_jax.app import runner, saved, tasks
 from lora_jax.app.options import OptionError, RunOptions, at_most, option
 from lora_jax.app.runner import RunError
 from lora_jax.models import bert, targets_for
@@ -269,15 +269,15 @@ def new(o: ClassifyOptions) -> Classify:
   return Classify(o)
 
 
+def _saved(config: dict) -> Classify:
+  return Classify(ClassifyOptions.from_dict(config["options"]), num_labels=config["num_labels"],
+                  total_steps=config["total_steps"])
+
+
 def load(run) -> tuple[Classify, dict]:
   """A saved run's task (no data read) and its trainable tree, restored with
   ``lora_jax.checkpoint.restore`` (which checks the base)."""
-  run = pathlib.Path(run)
-  saved = runner.saved_config(run)
-  task = Classify(ClassifyOptions.from_dict(saved["options"]), num_labels=saved["num_labels"],
-                  total_steps=saved["total_steps"])
-  restored = runner.restore(run, task.base)
-  return task, task.place(restored.adapters)
+  return saved.load(run, _saved)
 
 
 def evaluate(run, data: str | None, *, text_column: str, label_column: str) -> float:
@@ -357,12 +357,8 @@ def _mixed_predictions(task: Classify, bank, ids, labels, owner, max_length: int
 def merge(run, out) -> pathlib.Path:
   """Writes the merged encoder and head as safetensors with the checkpoint's names (into a
   staging folder first; never into a run folder)."""
-  out = runner.export_folder(run, out)
-  task, trainable = load(run)
-  params = lora_jax.merge(task.base, trainable)
-  with runner.staged(out) as staging:
-    _write_merged(task, params, staging)
-  return out
+  return saved.export(run, out, load, lambda task, trainable, staging: _write_merged(
+      task, lora_jax.merge(task.base, trainable), staging))
 
 
 def _write_merged(task: "Classify", params, out: pathlib.Path) -> None:
@@ -398,15 +394,36 @@ def _hf_config(task: Classify) -> dict:
 def export_peft(run, out) -> pathlib.Path:
   """Writes a LoRA run as a PEFT adapter folder (the head as ``modules_to_save``), which
   ``PeftModel.from_pretrained(BertForSequenceClassification...)`` loads."""
-  out = runner.export_folder(run, out)
-  task, trainable = load(run)
-  if task.options.full:
-    raise RunError(f"{run} is a full fine-tuning run; export it with lora-jax merge.")
-  if task.options.pooling != "pooler":
-    raise RunError(f"{run} classifies the mean of the token states, which no transformers "
-                   f"class does; export it with lora-jax merge.")
-  with runner.staged(out) as staging:
-    lora_jax.peft.export_peft(staging, trainable, config=task.lora_config,
-                              initial=task.initial, base_model_name_or_path=HUB_NAME,
-                              task_type="SEQ_CLS")
-  return out
+  def pooled(task: Classify) -> None:
+    if task.options.pooling != "pooler":
+      raise RunError(f"{run} classifies the mean of the token states, which no transformers "
+                     f"class does; export it with lora-jax merge.")
+
+  return saved.export_peft(run, out, load, base_model=lambda _: HUB_NAME, task_type="SEQ_CLS",
+                           check=pooled)
+
+
+# ----------------------------------------------------------------------- the task record
+
+
+def _eval_flags(parser) -> None:
+  parser.add_argument("--text-column", default="sentence")
+  parser.add_argument("--label-column", default="label")
+
+
+def _evaluate(runs, files, args) -> list[dict[str, float]]:
+  scores = evaluate_runs(runs, files, text_column=args.text_column,
+                         label_column=args.label_column)
+  return [{"accuracy": a} for a in scores]
+
+
+TASK = tasks.register(tasks.Task(
+    names=("classify",), options=ClassifyOptions, new=new, evaluate=_evaluate,
+    merge=lambda run, out: merge(run, out) / "model.safetensors", export_peft=export_peft,
+    out="runs/minilm-lora", summary="classify (default)", about="classify with MiniLM (default)",
+    description="--task classify (default) fine-tunes the bundled all-MiniLM-L6-v2 for text "
+                "classification (without --data: the embedded VADER polarity task).",
+    eval_help="accuracy on a labelled file (several runs: together, in mixed batches over one "
+              "base)",
+    data_help="a .tsv, .csv or .jsonl file; without it, the run's own validation split",
+    merge_help="safetensors with the original names", eval_flags=_eval_flags))

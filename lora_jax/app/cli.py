@@ -1,8 +1,10 @@
 """The ``lora-jax`` command line. Bad input prints one line on stderr and exits with 2.
 
-``train``'s option flags are generated from ``ClassifyOptions`` (one ``--flag`` per field,
-its help from the field); ``--config FILE.json|yaml`` supplies options, and flags given on the
-command line override the file's values.
+The command line names no task: ``train``, ``eval``, ``merge`` and ``export-peft`` go through
+the task records (``lora_jax.app.tasks``), and a task may bring commands of its own
+(``generate``, ``serve``). ``train``'s option flags are generated from the tasks' options
+classes (one ``--flag`` per field, its help from the field); ``--config FILE.json|yaml``
+supplies options, and flags given on the command line override the file's values.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import types
 import typing
 
+from lora_jax.app import tasks
 from lora_jax.app.options import OptionError, flag, resumed
 
 __all__ = ["add_option_flags", "flag", "main", "options_from", "read_config_file"]
@@ -67,7 +70,7 @@ def add_option_flags(parser: argparse.ArgumentParser, options_cls, *, others=(),
 
 
 def _defaults(name: str, classes) -> str:
-  """A field's default, or each class's where they differ (``classify: 32; chat/text: 8``)."""
+  """A field's default, or each class's where they differ (``A: 32; B/C: 8``, by task)."""
   values = {}
   for cls in classes:
     for field in dataclasses.fields(cls):
@@ -104,48 +107,46 @@ def read_config_file(path) -> dict:
   return {k.replace("-", "_"): v for k, v in values.items()}
 
 
-TASKS = ("chat", "text")  # lora_jax.app.causal.TASKS (not imported here: keeps --help fast)
-
-
 def given_options(args, options_cls) -> dict:
   """The option values given: ``--config``'s, then the flags on the command line.
 
   Raises:
-    OptionError: a flag of another task's options (``--pooling`` with ``--task chat``).
+    OptionError: a flag of another task's options only.
   """
   names = {f.name for f in dataclasses.fields(options_cls)}
   values = read_config_file(args.config) if getattr(args, "config", None) else {}
-  every = _all_option_names()
-  values.update({k: v for k, v in vars(args).items() if k in names or k in every})
+  owners = _option_owners()
+  values.update({k: v for k, v in vars(args).items() if k in names or k in owners})
   task = values.pop("task", None)
-  shown = task or ("chat" if "task" in names else "classify")
+  shown = task or tasks.of_options(options_cls).names[0]
   for k in values:
-    if k not in names and k in every:
-      owner = "classify" if "task" in names else "chat and text"
-      raise OptionError(k, f"applies to --task {owner}, not {shown}.")
+    if k not in names and k in owners:
+      raise OptionError(k, f"applies to --task {' or '.join(owners[k])}, not {shown}.")
   if "task" in names and task is not None:
     values["task"] = task
   return values
 
 
-def _all_option_names() -> set[str]:
-  from lora_jax.app.causal import CausalOptions
-  from lora_jax.app.classify import ClassifyOptions
-  return {f.name for cls in (ClassifyOptions, CausalOptions) for f in dataclasses.fields(cls)}
+def _option_owners() -> dict[str, list[str]]:
+  """``{option: the tasks that have it}``, each task as its names (``a and b``)."""
+  owners: dict[str, list[str]] = {}
+  for record in tasks.registered():
+    for f in dataclasses.fields(record.options):
+      owners.setdefault(f.name, []).append(" and ".join(record.names))
+  return owners
 
 
 def task_of(args) -> str:
-  """The task asked for: ``--task``, else the ``--config`` file's, else classify."""
+  """The task asked for: ``--task``, else the ``--config`` file's, else the default."""
   if getattr(args, "task", None):
     return args.task
   values = read_config_file(args.config) if getattr(args, "config", None) else {}
-  return values.get("task", "classify")
+  return values.get("task", tasks.default())
 
 
 def options_class(task: str):
-  from lora_jax.app.causal import CausalOptions
-  from lora_jax.app.classify import ClassifyOptions
-  return ClassifyOptions if task == "classify" else CausalOptions
+  """The options class of the task named ``task``."""
+  return tasks.get(task).options
 
 
 def options_from(args, options_cls):
@@ -164,99 +165,38 @@ def options_from(args, options_cls):
 
 
 def _parser() -> argparse.ArgumentParser:
+  records = tasks.registered()
   parser = _Parser(prog="lora-jax", description="LoRA for JAX: train, evaluate, merge, count.")
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
   _count_parser(sub)
-  _train_parser(sub)
-  ev = sub.add_parser("eval", help="accuracy of a trained run on a labelled file (chat/text: "
-                                   "masked loss, perplexity, exact-match accuracy)")
-  ev.add_argument("run", nargs="+", help="run folder(s) written by lora-jax train; several "
-                                         "classification runs are evaluated together, in "
-                                         "mixed batches over one base")
+  _train_parser(sub, records)
+  ev = sub.add_parser("eval", help="score a trained run on a file (" + _each(records, "eval_help")
+                      + ")")
+  ev.add_argument("run", nargs="+", help="run folder(s) written by lora-jax train, all of one "
+                                         "task")
   ev.add_argument("--data", action="append", default=None,
-                  help="a .tsv, .csv or .jsonl file (chat/text: the task's .jsonl or .txt); one "
-                       "for every run or one per run, in order; without it a classification "
-                       "run is scored on its own validation split")
-  ev.add_argument("--text-column", default="sentence")
-  ev.add_argument("--label-column", default="label")
-  merge = sub.add_parser("merge", help="write merged weights as safetensors (original names; "
-                                       "chat/text: a Hugging Face Llama folder)")
+                  help="one for every run or one per run, in order (" + _each(records, "data_help")
+                       + ")")
+  for record in records:
+    if record.eval_flags is not None:
+      record.eval_flags(ev)
+  merge = sub.add_parser("merge", help="write merged weights (" + _each(records, "merge_help")
+                         + ")")
   merge.add_argument("run")
   merge.add_argument("--out", required=True, help="folder for model.safetensors and configs")
   export = sub.add_parser("export-peft", help="write a LoRA run as a Hugging Face PEFT adapter")
   export.add_argument("run")
   export.add_argument("--out", required=True, help="folder for adapter_config.json and "
                                                    "adapter_model.safetensors")
-  _generate_parser(sub)
-  _serve_parser(sub)
+  for record in records:
+    for command in record.commands.values():
+      command.add(sub)
   return parser
 
 
-def _generate_parser(sub) -> None:
-  from lora_jax import quant
-  from lora_jax.app.options import (MAX_INT, MAX_SEED, MAX_TEMPERATURE, finite_in, integer_in,
-                                    prompt_text)
-  gen = sub.add_parser("generate", help="answer prompts with a chat/text run or a model",
-                       description="Greedy (default) or sampled decoding with a key-value "
-                                   "cache; one prompt streams its answer.")
-  gen.add_argument("source", help="a chat/text run folder, smollm2-135m-instruct, a .gguf file "
-                                  "or a Hugging Face Llama folder")
-  gen.add_argument("--prompt", action="append", required=True, type=prompt_text,
-                   help="a user message (repeat for a batch); rendered with the chat template")
-  gen.add_argument("--raw", action="store_true", help="use the prompt text as is (no template)")
-  gen.add_argument("--max-new-tokens", type=integer_in(1, MAX_INT), default=128,
-                   help="at most this many new tokens per answer (the prompt and these must fit "
-                        "the model's context; default: 128)")
-  gen.add_argument("--temperature", type=finite_in(0, MAX_TEMPERATURE), default=0.0,
-                   help="0: greedy (default); sampled up to 2 (the range OpenAI's API accepts)")
-  gen.add_argument("--top-k", type=integer_in(1, MAX_INT), default=None,
-                   help="sample from the K most likely tokens (default: all)")
-  gen.add_argument("--top-p", type=finite_in(0, 1, low_open=True), default=None,
-                   help="sample from the smallest set of tokens whose probability reaches P, "
-                        "in (0, 1] (default: no cut)")
-  gen.add_argument("--seed", type=integer_in(0, MAX_SEED), default=0,
-                   help="the sampling PRNG key's seed, 0 to 2**63 - 1 (default: 0)")
-  gen.add_argument("--merged", action="store_true",
-                   help="a run: merge the adapters into the weights first (default: unmerged)")
-  gen.add_argument("--quiet", action="store_true", help="print the answer only at the end")
-  gen.add_argument("--quantize", default="none", choices=quant.CHOICES,
-                   help="a model's projections kept in this format (QLoRA's base; a run "
-                        "uses the setting it was trained with)")
-  gen.add_argument("--adapter", action="append", default=None, metavar="NAME=PATH",
-                   help="an adapter over the model SOURCE: a chat/text run, a PEFT folder or a "
-                        "lora_jax checkpoint folder (repeat: every prompt is answered by every "
-                        "adapter, in one mixed batch)")
-
-
-def _serve_parser(sub) -> None:
-  from lora_jax import quant
-  srv = sub.add_parser("serve", help="an OpenAI-style HTTP server over a model and its adapters",
-                       description="POST /v1/completions and /v1/chat/completions (a request's "
-                                   "model names an adapter, or the model for none), GET "
-                                   "/v1/models and /health. Requests are decoded together, "
-                                   "in mixed batches (each row its own adapter); a "
-                                   "request's temperature is 0 to 2 (OpenAI's range), top_p "
-                                   "in (0, 1], seed 0 to 2**63 - 1. SIGTERM or Ctrl-C stops "
-                                   "it.")
-  srv.add_argument("--model", default="smollm2-135m-instruct",
-                   help="smollm2-135m-instruct (default), a .gguf file or a Hugging Face "
-                        "Llama folder")
-  srv.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH",
-                   help="an adapter served as model NAME: a chat/text run, a PEFT folder or "
-                        "a lora_jax checkpoint folder (repeat for several)")
-  srv.add_argument("--host", default="127.0.0.1")
-  srv.add_argument("--port", type=int, default=8000, help="0 to 65535; 0: any free port")
-  srv.add_argument("--max-batch", type=int, default=16,
-                   help="requests decoded together, 1 to 1024")
-  srv.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting at most, 1 to 2**20; more are answered 503")
-  srv.add_argument("--max-new-tokens-limit", type=int, default=512,
-                   help="the largest max_tokens a request may ask for (1 to 2**31 - 1; the "
-                        "model's context bounds each request too)")
-  srv.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests after its first, 0 to 60000")
-  srv.add_argument("--quantize", default="none", choices=quant.CHOICES,
-                   help="the model's projections kept in this format")
+def _each(records, field: str) -> str:
+  """Each task's ``field`` (a help text), labelled by its names (``a: ...; b/c: ...``)."""
+  return "; ".join(f"{r.label}: {getattr(r, field)}" for r in records if getattr(r, field))
 
 
 def _variants() -> dict[str, list]:
@@ -297,24 +237,23 @@ def _count_parser(sub) -> None:
   count.add_argument("--summary", action="store_true", help="print only the totals")
 
 
-def _train_parser(sub) -> None:
-  from lora_jax.app.causal import CausalOptions
-  from lora_jax.app.classify import ClassifyOptions
-
+def _train_parser(sub, records) -> None:
+  first, *others = records
+  outs = "; ".join(f"--task {r.label}: {', '.join(r.out.format(task=n) for n in r.names)}"
+                   for r in others)
   train = sub.add_parser(
-      "train", help="LoRA (or full) fine-tuning: classify with MiniLM (default), or chat/text "
-                    "with a Llama-family decoder",
-      description="--task classify (default) fine-tunes the bundled all-MiniLM-L6-v2 for text "
-                  "classification (without --data: the embedded VADER polarity task). --task "
-                  "chat / text fine-tunes a Llama-family decoder (--model, default the bundled "
-                  "SmolLM2-135M-Instruct) on a .jsonl file (--data).")
-  train.add_argument("--task", default=argparse.SUPPRESS, choices=("classify",) + TASKS,
-                     help="classify (default), chat (loss on the assistant's tokens) or text")
-  add_option_flags(train, ClassifyOptions, others=(CausalOptions,), skip=("task",))
+      "train", help="LoRA (or full) fine-tuning: " + ", or ".join(r.about for r in records),
+      description=" ".join(r.description for r in records))
+  train.add_argument("--task", default=argparse.SUPPRESS,
+                     choices=tuple(n for r in records for n in r.names),
+                     help=", ".join(r.summary for r in records))
+  add_option_flags(train, first.options, others=tuple(r.options for r in others),
+                   skip=("task",))
   train.add_argument("--config", default=None,
                      help="a .json or .yaml file of options (field names); flags override it")
-  train.add_argument("--out", default=None, help="run folder (default: runs/minilm-lora; "
-                                                 "--task chat/text: runs/llm-chat, runs/llm-text)")
+  train.add_argument("--out", default=None, help=f"run folder (default: "
+                                                 f"{first.out.format(task=first.names[0])}"
+                                                 f"{'; ' if outs else ''}{outs})")
   train.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
   train.add_argument("--resume", action="store_true", help="continue the run in --out")
   train.add_argument("--distributed", action="store_true",
@@ -361,15 +300,14 @@ def _train(args) -> int:
   from lora_jax import sharding
   from lora_jax.app import runner
 
-  default = "runs/minilm-lora" if task_of(args) == "classify" else f"runs/llm-{task_of(args)}"
-  run = pathlib.Path(args.out or default)
+  run = pathlib.Path(args.out or tasks.get(task_of(args)).out.format(task=task_of(args)))
   if args.distributed or args.coordinator:
     sharding.initialize(coordinator=args.coordinator, num_processes=args.num_processes,
                         process_id=args.process_id)
   if args.resume:
     runner.check(run, overwrite=args.overwrite, resume=True)
     saved = runner.saved_config(run)
-    task_name = saved.get("task", "classify")
+    task_name = tasks.saved_name(saved)
     cls = options_class(task_name)
     given = given_options(args, cls) if task_name == task_of(args) or not getattr(
         args, "task", None) else _refuse_task(args.task, task_name)
@@ -381,7 +319,7 @@ def _train(args) -> int:
   inputs = _inputs(args, options)
   runner.check(run, overwrite=args.overwrite, resume=args.resume, inputs=inputs)  # writes nothing
   with runner.RunLock(run):  # a second writer of this folder is refused
-    task = _new_task(task_name, options)  # data, weights and targets checked: nothing deleted
+    task = tasks.get(task_name).new(options)  # data, weights and targets checked: nothing deleted
     try:  # checked again under the lock, then staged: the old run stays until a checkpoint
       runner.train(task, run, resume=args.resume, overwrite=args.overwrite, inputs=inputs)
     except KeyboardInterrupt:
@@ -423,107 +361,45 @@ def _refuse_task(asked: str, saved: str):
                             f"continues a run with the options it started with.")
 
 
-def _new_task(task_name: str, options):
-  if task_name == "classify":
-    from lora_jax.app import classify
-    return classify.Classify(options)
-  from lora_jax.app import causal
-  return causal.CausalLM(options)
-
-
-def _saved_task(run) -> str:
-  """The task of a saved run folder (``classify`` for runs saved before tasks had names)."""
-  from lora_jax.app import runner
-  return runner.saved_config(run).get("task", "classify")
-
-
 def _eval(args) -> int:
   runs, data = args.run, args.data or []
   if len(data) not in (0, 1, len(runs)):
     return _fail(f"--data is given {len(data)} times for {len(runs)} runs; give it once (every "
                  f"run) or once per run.")
   data = data * len(runs) if len(data) == 1 else data or [None] * len(runs)
-  tasks = {_saved_task(run) for run in runs}
-  if tasks != {"classify"}:
-    from lora_jax.app import causal
-    if None in data:
-      return _fail("--data is required for chat/text runs (the task's .jsonl or .txt file).")
-    for run, file in zip(runs, data):
-      scores = causal.evaluate(run, file)
-      print(" ".join(f"{k} {v:.4f}" for k, v in scores.items()) + f" on {file}"
-            + (f" ({run})" if len(runs) > 1 else ""))
-    return 0
-  from lora_jax.app import classify
-
-  scores = classify.evaluate_runs(runs, data, text_column=args.text_column,
-                                  label_column=args.label_column)
-  for run, file, acc in zip(runs, data, scores):
-    where = file or "its validation split"
-    print(f"accuracy {acc:.4f} on {where}" + (f" ({run})" if len(runs) > 1 else ""))
+  records = {id(r): r for r in map(tasks.of_run, runs)}
+  if len(records) > 1:
+    names = ", ".join(r.label for r in records.values())
+    return _fail(f"the runs are of different tasks ({names}); evaluate each task's runs "
+                 f"apart.")
+  record = next(iter(records.values()))
+  if record.eval_needs_data and None in data:
+    return _fail(f"--data is required for {record.label} runs ({record.data_help}).")
+  scores = record.evaluate(runs, data, args)
+  for run, file, got in zip(runs, data, scores):
+    print(" ".join(f"{k} {v:.4f}" for k, v in got.items())
+          + f" on {file or 'its validation split'}" + (f" ({run})" if len(runs) > 1 else ""))
   return 0
 
 
 def _merge(args) -> int:
-  if _saved_task(args.run) != "classify":
-    from lora_jax.app import causal
-    print(f"wrote {causal.merge(args.run, args.out)}")
-    return 0
-  from lora_jax.app import classify
-
-  print(f"wrote {classify.merge(args.run, args.out) / 'model.safetensors'}")
+  merge = tasks.of_run(args.run).merge
+  if merge is None:
+    return _fail(f"lora-jax merge: {args.run}'s task writes no merged model.")
+  print(f"wrote {merge(args.run, args.out)}")
   return 0
 
 
 def _export_peft(args) -> int:
-  if _saved_task(args.run) != "classify":
-    from lora_jax.app import causal
-    print(f"wrote {causal.export_peft(args.run, args.out)}")
-    return 0
-  from lora_jax.app import classify
-
-  print(f"wrote {classify.export_peft(args.run, args.out)}")
+  export = tasks.of_run(args.run).export_peft
+  if export is None:
+    return _fail(f"lora-jax export-peft: {args.run}'s task has no PEFT form.")
+  print(f"wrote {export(args.run, args.out)}")
   return 0
-
-
-def _generate(args) -> int:
-  from lora_jax.app import causal
-
-  adapters = causal.adapter_paths(args.adapter) if args.adapter else None
-  single = len(args.prompt) == 1 and not args.quiet and not adapters
-  stream = sys.stdout if single else None
-  result = causal.generate_text(
-      args.source, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-      top_k=args.top_k, top_p=args.top_p, seed=args.seed, merged=args.merged, raw=args.raw,
-      quantize=args.quantize, stream=stream, adapters=adapters)
-  if stream is None:
-    names = result.adapters or [None] * len(result.texts)
-    for prompt, name, text in zip(args.prompt * len(adapters or [None]), names, result.texts):
-      print(f"{f'[{name}] ' if name else ''}{prompt}\n-> {text}\n")
-  else:
-    print()
-  print(f"{result.generation.new_tokens} new tokens in "
-        f"{result.generation.prefill_s + result.generation.decode_s:.2f} s "
-        f"({result.generation.tokens_per_s:.1f} tokens/s, batch {len(result.texts)}, "
-        f"{'merged' if args.merged else 'unmerged adapters' if result.adapted else 'base'}"
-        f"{f', adapters mixed: {len(adapters)}' if adapters else ''})",
-        file=sys.stderr)
-  return 0
-
-
-def _serve(args) -> int:
-  from lora_jax.app import causal, serve
-
-  try:
-    return serve.serve(args.model, causal.adapter_paths(args.adapter), host=args.host,
-                       port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
-                       max_new_tokens_limit=args.max_new_tokens_limit,
-                       batch_wait_ms=args.batch_wait_ms, quantize=args.quantize)
-  except KeyboardInterrupt:  # Ctrl-C while loading (once serving, it stops the server)
-    return 130
 
 
 COMMANDS = {"count": _count, "train": _train, "eval": _eval, "merge": _merge,
-            "export-peft": _export_peft, "generate": _generate, "serve": _serve}
+            "export-peft": _export_peft}
 
 
 def _interrupted() -> int:
@@ -535,10 +411,17 @@ def _interrupted() -> int:
   os._exit(130)
 
 
+def _command(name: str):
+  """The command ``name``: the command line's own, or a task's."""
+  if name in COMMANDS:
+    return COMMANDS[name]
+  return next(r.commands[name].run for r in tasks.registered() if name in r.commands)
+
+
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
-    code = COMMANDS[args.command](args)
+    code = _command(args.command)(args)
     return _interrupted() if code == 130 else code
   except KeyboardInterrupt:  # the command's own clean-up (temporary folders) has run
     print(f"lora-jax {args.command}: interrupted", file=sys.stderr)

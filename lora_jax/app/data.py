@@ -1,4 +1,5 @@
-"""Text-classification data: TSV, CSV and JSONL readers, and the embedded default task.
+"""Text-classification data: TSV, CSV and JSONL readers (the JSONL one shared with the causal
+LM tasks), and the embedded default task.
 
 The default task needs no download at run time: the VADER lexicon (Hutto & Gilbert 2014),
 shipped in the PyPI package ``vadersentiment``, lists English words, phrases and emoticons with
@@ -38,25 +39,49 @@ class Examples:
 def _rows(path: pathlib.Path):
   suffix = path.suffix.lower()
   if suffix == ".jsonl":
-    with path.open(encoding="utf-8-sig") as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {n} is not valid JSON ({e.msg}).") from None
-          found = lone_surrogate(row)
-          if found is not None:
-            raise ValueError(f"{path}: line {n}: {found[0]} holds a lone surrogate ({found[1]}): "
-                             f"half of a UTF-16 pair, which is not text; write the character "
-                             f"itself or its whole pair.")
-          yield row
+    yield from (row for _, row in jsonl_rows(path))
     return
   if suffix not in (".tsv", ".csv"):
     raise ValueError(f"{path}: unknown data format {suffix!r}; use .tsv, .csv or .jsonl.")
   with path.open(encoding="utf-8-sig", newline="") as f:  # a byte-order mark is not a column
     yield from csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
                               quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+
+
+def jsonl_rows(path, *, where: str = "{path}: line {n}") -> list[tuple[int, dict]]:
+  """``(line number, object)`` of each non-blank line of a JSONL file (a byte-order mark is
+  not text).
+
+  Args:
+    path: the file.
+    where: how an error names line ``n`` of ``path`` (a format string).
+
+  Raises:
+    ValueError: bytes that are not UTF-8 (the first named by line and byte offset), or a line
+      that is not JSON, not an object, or holds a lone surrogate (named by file and line).
+  """
+  try:
+    text = pathlib.Path(path).read_text(encoding="utf-8-sig")
+  except UnicodeDecodeError:
+    raise not_utf8(path) from None
+  rows = []
+  for n, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    at = where.format(path=path, n=n)
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{at} is not valid JSON: {e.msg}.") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{at}: expected a JSON object, got {type(row).__name__}.")
+    found = lone_surrogate(row)
+    if found is not None:
+      raise ValueError(f"{at}: {found[0]} holds a lone surrogate ({found[1]}): half of a "
+                       f"UTF-16 pair, which is not text; write the character itself or its "
+                       f"whole pair.")
+    rows.append((n, row))
+  return rows
 
 
 def _label(value, path, n, column) -> int:

@@ -9,7 +9,7 @@ import pathlib
 import shutil
 
 from lora_jax import _files
-from lora_jax.app.folders import (RunError, _make, _unmake, _writable_parent, interrupts_deferred,
+from lora_jax.app.run_folder import (RunError, _make, _unmake, _writable_parent, interrupts_deferred,
                                   interrupts_kept, is_run, shown)
 
 

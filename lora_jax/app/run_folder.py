@@ -7,8 +7,11 @@ one a run writes (``LAYOUT``: its files, event files in ``tensorboard/``, orbax'
 Only such a folder is ever replaced (``--overwrite``), and only once the new run has saved its
 first checkpoint in a staging folder beside it (``.NAME.new``). A folder that is not a run is
 never replaced or deleted; a run folder holding files no run wrote is refused, naming them.
-Exports go to a new or empty folder outside every run (``lora_jax.app.exports``). Whatever a command made for itself (its lock file, staging and temporary folders,
-parent folders it created) is removed when it ends, refused, failed or interrupted.
+Exports go to a new or empty folder outside every run (``lora_jax.app.exports``). Whatever a
+command made for itself (its lock file, staging and temporary folders, parent folders it
+created) is removed when it ends, refused, failed or interrupted. Every check of what a run
+folder is (``is_run``), where its checkpoints are (``adapters_at``) and what its
+``config.json`` says (``saved_config``) is here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The task-agnostic training loop behind ``lora-jax train``: run folders, resume, Ctrl-C,
-multi-host, metrics. It knows nothing of labels or tokens: a task (``classify``) supplies the
-data, the model, the loss, the evaluation and the export.
+multi-host, metrics. It knows nothing of labels or tokens: a task (``lora_jax.app.tasks``)
+supplies the data, the model, the loss, the evaluation, a batch's size and the export.
 
 A run folder holds ``config.json`` (every option), ``metrics.jsonl`` (one JSON line per logged
 interval and per evaluation), ``metrics.json`` (the summary: history at each evaluation,
@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import lora_jax
 from lora_jax import checkpoint, sharding
 from lora_jax.app.exports import export_folder, staged  # noqa: F401  (the tasks' exports)
-from lora_jax.app.folders import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
+from lora_jax.app.run_folder import (CHECKPOINTS, Folder, RunError, RunLock, check,  # noqa: F401
                                   interrupts_deferred, is_run, primary, saved_config, sync)
-from lora_jax.app.folders import interrupts_kept as _interrupts_kept
+from lora_jax.app.run_folder import interrupts_kept as _interrupts_kept
 from lora_jax.app.options import OptionError, RunOptions
 
 KEEP = 2  # checkpoints kept in a run folder
@@ -38,7 +38,7 @@ MAX_SKIPPED = 5  # --skip-nonfinite: non-finite steps in a row before the run st
 
 
 class Task(Protocol):
-  """What the runner needs of a task (see ``lora_jax.app.classify.Classify``)."""
+  """What the runner needs of a task (e.g. ``lora_jax.app.classify.Classify``)."""
 
   options: RunOptions
   lora_config: lora_jax.LoraConfig  # what is trained: adapters and modules_to_save extras
@@ -205,10 +205,11 @@ class Placement:
 
   def batch(self, batch: dict, *, whole=()) -> dict:
     """A batch split over the data axis (replicated when it does not divide); the keys in
-    ``whole`` (arrays without the batch axis) replicated."""
+    ``whole`` (arrays without the batch axis) replicated. Its rows: the leading axis of the
+    other arrays."""
     if self.mesh is None:
       return batch
-    rows = len(batch["input_ids"])
+    rows = next(len(v) for k, v in batch.items() if k not in whole)
     spec = P("data") if rows % self.mesh.shape["data"] == 0 else P()
     return {k: sharding.put(v, NamedSharding(self.mesh, P() if k in whole else spec))
             for k, v in batch.items()}
@@ -264,7 +265,7 @@ def _restore(run: pathlib.Path, task: Task, opt_state):
 
 def train(task: Task, run, *, resume: bool = False, overwrite: bool = False,
           inputs=None) -> dict:
-  """Trains ``task`` into the run folder (checked again with ``folders.check``: ``overwrite``,
+  """Trains ``task`` into the run folder (checked again with ``run_folder.check``: ``overwrite``,
   ``inputs``); returns the metrics summary. A checkpoint is written at every evaluation, so
   after Ctrl-C the last one is readable and ``resume=True`` continues from it. A new run that
   ends before its first checkpoint (refused, failed or interrupted) leaves nothing behind: its
