@@ -1,7 +1,8 @@
-"""The higher-order primitives in the interpreter: ``jit`` bodies inlined, ``lax.scan`` rebuilt
-with stacked kernels sliced with their adapters, ``jax.checkpoint`` and ``cond`` rebuilt through
-their public APIs with bodies that run the interpreter. Every context's rule table includes
-``HIGHER_ORDER``.
+"""Rules for the higher-order primitives a kernel enters, shared by every rule table.
+
+``jit`` / ``closed_call`` bodies are evaluated in place; ``lax.scan`` is rebuilt with each
+stacked kernel sliced together with its adapter; ``jax.checkpoint`` and ``cond`` are rebuilt
+through their public APIs with bodies that run the interpreter (``lora_jax._interpret``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import dataclasses
 import jax
 from jax import lax
 
-from lora_jax._interpret import Kernel, eval_jaxpr, open_jaxpr
+from lora_jax._interpret import eval_jaxpr, open_jaxpr
+from lora_jax._kernel import Kernel
+
 
 def _inline(param: str):
   """jit / closed_call: evaluate the inner jaxpr in place, so kernels flow through it."""

@@ -1,98 +1,21 @@
-"""A small table-driven jaxpr interpreter in which targeted kernels are ``Kernel`` values.
+"""A table-driven jaxpr evaluator: each equation a tracked value flows into runs its rule.
 
-Equations no ``Kernel`` flows into are re-bound unchanged with ``primitive.bind``; every other
-equation runs the context's rule for its primitive (``ctx.rules``: ``lora_jax._rules``'s
-tables, with ``lora_jax._higher_order``'s for jit, scan, checkpoint and cond), or
-``fallback``, the merged kernel. A context may look ahead (``ctx.look_ahead``: the adapted
-product's siblings and recomputed inputs, ``lora_jax._adapted``). This module names no
-primitive.
+An equation whose inputs the context does not track (``ctx.tracks``) is re-bound unchanged
+(``bind``). Any other runs ``ctx.rules[primitive name]``, a ``rule(eqn, invals, ctx)``, or
+``fallback`` (the inputs as plain arrays, ``ctx.materialize``) where the table has none. A
+rule that needs more of the jaxpr than its own equation is a ``FrameRule``: it also gets the
+``Frame`` being evaluated, in which it may run later equations early (``Frame.evaluate``) or
+give their outputs (``Frame.claim``); the loop then takes those outputs as they are. This
+module names no primitive: the rules, higher-order ones included, are the context's
+(``lora_jax._rules``).
 """
 
 from __future__ import annotations
 
-import jax
+import dataclasses
+from collections.abc import Callable
+
 from jax.extend import core
-
-from lora_jax import kernels
-
-@jax.tree_util.register_pytree_node_class
-class Lazy:
-  """A kernel-kind instance and the unary equations (casts, transposes, reshapes) ``fn``
-  applied to it, not yet run: they run on its dense value only where a product needs it, so a
-  quantized kernel stays quantized until then (and the product can recompute it)."""
-
-  def __init__(self, kind, ops=()):
-    self.kind, self.ops = kind, tuple(ops)
-
-  @classmethod
-  def of(cls, w) -> "Lazy":
-    return w if isinstance(w, Lazy) else cls(w)
-
-  def then(self, eqn) -> "Lazy":
-    return Lazy(self.kind, self.ops + (eqn,))
-
-  def dense(self):
-    w = kernels.dense(self.kind)
-    for eqn in self.ops:
-      (w,) = bind(eqn, [w])
-    return w
-
-  def tree_flatten(self):
-    return (self.kind,), self.ops
-
-  @classmethod
-  def tree_unflatten(cls, ops, children):
-    return cls(children[0], ops)
-
-
-def is_quantized(w) -> bool:
-  """Whether ``w`` (a ``Kernel``'s base) is a kernel kind, possibly with pending unary ops."""
-  return isinstance(w, Lazy) or kernels.is_kind(w)
-
-
-@jax.tree_util.register_pytree_node_class
-class Kernel:
-  """A targeted kernel inside the interpreter.
-
-  ``w`` is the base kernel as ``fn`` currently sees it (after casts and transposes): a dense
-  array, or a kernel-kind instance (``lora_jax.kernels``) until a rule needs its dense
-  operand. ``axes[k]`` is the original kernel axis that axis k of ``w`` is. ``adapter`` is the
-  adapter kind (``LoraWeights``) with the stacked axes that a ``lax.scan`` sliced off removed;
-  it is None while ``analyze`` only watches how kernels are used.
-  """
-
-  def __init__(self, w, adapter, *, path: str, axes):
-    self.w, self.adapter, self.path, self.axes = w, adapter, path, tuple(axes)
-
-  @property
-  def roles(self) -> str | None:
-    return None if self.adapter is None else self.adapter.axes
-
-  @property
-  def dtype(self):
-    """The dtype of ``dense()``, without forming it."""
-    if isinstance(self.w, Lazy):
-      return self.w.ops[-1].outvars[0].aval.dtype if self.w.ops else self.w.kind.dtype
-    return self.w.dtype
-
-  def dense(self):
-    """The base kernel as a dense array."""
-    return self.w.dense() if isinstance(self.w, Lazy) else kernels.dense(self.w)
-
-  def replace(self, **changes) -> "Kernel":
-    fields = dict(w=self.w, adapter=self.adapter, path=self.path, axes=self.axes) | changes
-    return Kernel(fields.pop("w"), fields.pop("adapter"), **fields)
-
-  def role(self, dim: int) -> str | None:
-    return self.roles[self.axes[dim]] if self.roles else None
-
-  def tree_flatten(self):
-    return (self.w, self.adapter), (self.path, self.axes)
-
-  @classmethod
-  def tree_unflatten(cls, aux, children):
-    path, axes = aux
-    return cls(*children, path=path, axes=axes)
 
 
 def bind(eqn, invals) -> list:
@@ -112,51 +35,124 @@ def open_jaxpr(jaxpr):
   return jaxpr, ()
 
 
+@dataclasses.dataclass(frozen=True)
+class FrameRule:
+  """A rule that also sees the jaxpr around its equation: ``fn(eqn, invals, ctx, frame)``."""
+
+  fn: Callable
+
+
+class Frame:
+  """One jaxpr under evaluation, as a ``FrameRule`` sees it.
+
+  Attributes:
+    jaxpr: the open jaxpr.
+    ctx: the context it runs in.
+    index: the index of the equation being evaluated.
+  """
+
+  def __init__(self, jaxpr, ctx):
+    self.jaxpr, self.ctx, self.index = jaxpr, ctx, -1
+    self._env: dict = {}
+    self._claimed: dict[int, list] = {}
+    self._producer: dict | None = None
+    self._users: dict | None = None
+
+  def write(self, variables, values) -> None:
+    """Binds ``variables`` to ``values`` (a dropped output is not kept)."""
+    for v, x in zip(variables, values):
+      if not isinstance(v, core.DropVar):
+        self._env[v] = x
+
+  def read(self, v):
+    """``v``'s value: a literal's own, else the computed one (KeyError when not yet)."""
+    return v.val if isinstance(v, core.Literal) else self._env[v]
+
+  def value(self, v, default=None):
+    """``v``'s value when it is known already, else ``default``."""
+    return v.val if isinstance(v, core.Literal) else self._env.get(v, default)
+
+  def producer(self, v) -> int | None:
+    """The index of the equation that outputs ``v``; None for an input or a literal."""
+    if self._producer is None:
+      self._index()
+    return None if isinstance(v, core.Literal) else self._producer.get(v)
+
+  def users(self, v) -> tuple[int, ...]:
+    """The indices of the equations that read ``v``, in order."""
+    if self._users is None:
+      self._index()
+    return () if isinstance(v, core.Literal) else tuple(self._users.get(v, ()))
+
+  def _index(self) -> None:
+    self._producer, self._users = {}, {}
+    for i, eqn in enumerate(self.jaxpr.eqns):
+      for v in eqn.outvars:
+        self._producer[v] = i
+      for v in eqn.invars:
+        if not isinstance(v, core.Literal) and i not in self._users.get(v, ()):
+          self._users.setdefault(v, []).append(i)
+
+  def done(self, i: int) -> bool:
+    """Whether equation ``i`` has its outputs already (run early or claimed)."""
+    return i in self._claimed or i <= self.index
+
+  def claim(self, i: int, outvals) -> None:
+    """Gives the outputs of the later equation ``i``: the loop takes them when it gets there.
+
+    Raises:
+      ValueError: if equation ``i`` is not a later one, or has outputs already.
+    """
+    if self.done(i):
+      raise ValueError(f"claim: equation {i} is not a later, not yet claimed one of this "
+                       f"jaxpr (now at {self.index}); claim each later equation once.")
+    outvals = list(outvals)
+    self._claimed[i] = outvals
+    self.write(self.jaxpr.eqns[i].outvars, outvals)
+
+  def evaluate(self, i: int) -> list:
+    """Runs the later equation ``i`` now (its inputs must be known) and claims its outputs."""
+    eqn = self.jaxpr.eqns[i]
+    outvals = step(eqn, [self.read(v) for v in eqn.invars], self)
+    self.claim(i, outvals)
+    return outvals
+
+  def take(self, i: int) -> list | None:
+    """The outputs claimed for equation ``i``, or None."""
+    return self._claimed.pop(i, None)
+
+
+def step(eqn, invals, frame: Frame) -> list:
+  """The outputs of ``eqn`` on ``invals``: its rule's when the context tracks an input."""
+  ctx = frame.ctx
+  if not any(ctx.tracks(x) for x in invals):
+    return bind(eqn, invals)
+  rule = ctx.rules.get(eqn.primitive.name, fallback)
+  if isinstance(rule, FrameRule):
+    return rule.fn(eqn, invals, ctx, frame)
+  return rule(eqn, invals, ctx)
+
+
 def eval_jaxpr(jaxpr, consts, args, ctx) -> list:
-  """Evaluates ``jaxpr`` on ``args``, which may hold ``Kernel`` values."""
-  env = {}
-
-  def read(v):
-    return v.val if isinstance(v, core.Literal) else env[v]
-
-  def write(v, x):
-    if not isinstance(v, core.DropVar):
-      env[v] = x
-
-  for v, x in zip(jaxpr.constvars, consts):
-    write(v, x)
-  for v, x in zip(jaxpr.invars, args):
-    write(v, x)
-  ahead = ctx.look_ahead(jaxpr, env)
+  """Evaluates ``jaxpr`` on ``args``, which may hold values the context tracks."""
+  frame = Frame(jaxpr, ctx)
+  frame.write(jaxpr.constvars, consts)
+  frame.write(jaxpr.invars, args)
   for i, eqn in enumerate(jaxpr.eqns):
-    if ahead is not None and i in ahead.done:
-      outvals = ahead.done.pop(i)
-    else:
-      invals = [read(v) for v in eqn.invars]
-      if not any(isinstance(x, Kernel) for x in invals):
-        outvals = bind(eqn, invals)
-      else:
-        outvals = None if ahead is None else ahead.run(i, eqn, invals)
-        if outvals is None:
-          outvals = rule(eqn.primitive.name, ctx)(eqn, invals, ctx)
-    for v, x in zip(eqn.outvars, outvals):
-      write(v, x)
-  return [read(v) for v in jaxpr.outvars]
+    frame.index = i
+    outvals = frame.take(i)
+    if outvals is None:
+      outvals = step(eqn, [frame.read(v) for v in eqn.invars], frame)
+    frame.write(eqn.outvars, outvals)
+  return [frame.read(v) for v in jaxpr.outvars]
 
 
 def run(closed, args, ctx) -> list:
-  """Evaluates a closed jaxpr; kernels that reach the outputs are returned merged."""
+  """Evaluates a closed jaxpr; tracked values that reach the outputs are materialized."""
   jaxpr, consts = open_jaxpr(closed)
   return [ctx.materialize(x, "output") for x in eval_jaxpr(jaxpr, consts, args, ctx)]
 
 
-def rule(name: str, ctx):
-  """The context's rule for the primitive ``name``; ``fallback`` where it has none."""
-  return ctx.rules.get(name) or fallback
-
-
 def fallback(eqn, invals, ctx) -> list:
-  """The merged kernel for a use with no rule: correct, reported as a fallback."""
+  """``eqn`` on its inputs as plain arrays (``ctx.materialize``): the use with no rule."""
   return bind(eqn, [ctx.materialize(x, eqn.primitive.name) for x in invals])
-
-

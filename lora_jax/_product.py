@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from lora_jax import _interpret
 from lora_jax.adapters import Terms
 
 PRODUCTS = ("auto", "autodiff", "factored", "merged_weight")
@@ -195,7 +194,3 @@ def _size(sizes: dict, letters) -> int:
     n *= sizes[c]
   return n
 
-
-def dense_base(k) -> bool:
-  """Whether a ``Kernel``'s base is a plain array (not a quantized kind): W' needs it."""
-  return not _interpret.is_quantized(k.w)

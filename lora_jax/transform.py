@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import _interpret, _product, _rules, _tree, kernels
-from lora_jax._interpret import Kernel
+from lora_jax._kernel import Kernel
 from lora_jax._rules import KernelUse
 from lora_jax.adapters import match
 from lora_jax.targets import base_leaves
