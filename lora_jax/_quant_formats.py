@@ -19,7 +19,7 @@ import numpy as np
 from lora_jax import kernels
 
 # The 16 NormalFloat levels (QLoRA, Dettmers et al. 2023, §3 and Appendix E; the same float32
-# values as bitsandbytes' NF4 table). tests/test_quant.py rebuilds them from normal quantiles.
+# values as bitsandbytes' NF4 table). tests/core/test_quant.py rebuilds them from normal quantiles.
 NF4 = np.array([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,

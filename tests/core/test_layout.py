@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "lora_jax"
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "lora_jax"
 MAX_LINES = 500
 # Where the DoRA kind may be named: its module, the registry's list of built-in kinds, and
 # the package namespace that imports (so registers) it.
@@ -116,7 +116,8 @@ def test_dora_is_named_only_in_its_own_module():
 
 def test_the_interpreter_names_no_primitive():
   """``_interpret`` is a table-driven evaluator: no primitive name appears in its code (the
-  rules tables, the higher-order rules and the adapted product's look-ahead hold them)."""
+  rules tables hold them, the higher-order rules and the adapted product's ``FrameRule``
+  included)."""
   from lora_jax import _rules
 
   primitives = set(_rules.Apply.rules) | set(_rules.Analyze.rules)
@@ -128,3 +129,21 @@ def test_the_interpreter_names_no_primitive():
   named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
            and isinstance(n.value, str) and id(n) not in docstrings} & primitives
   assert named == set(), named
+
+
+def test_test_modules_import_none_of_each_other_and_mirror_the_layout():
+  """Shared pieces live in tests/_fixtures.py and tests/_utils.py, never in a test module;
+  every test module sits in one of the layout's folders under a name no other one has."""
+  tests = ROOT.parent / "tests"
+  found = sorted(tests.rglob("test_*.py"))
+  assert {p.parent.name for p in found} == {"core", "models", "app", "interop", "docs"}
+  assert len({p.name for p in found}) == len(found)
+  names = {p.stem for p in found}
+  for path in [*found, *tests.glob("_*.py")]:
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        imported |= {a.name.split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.module:
+        imported.add(node.module.split(".")[0])
+    assert not imported & names, (path.name, imported & names)

@@ -338,7 +338,7 @@ def test_text_task_with_packing(folder, tmp_path, capsys):
 @needs_smollm2
 def test_a_qlora_run_trains_on_a_quantized_base_and_evaluates(folder, tmp_path, capsys):
   """--quantize q4_1: the projections stay Q4_1 blocks; the run saves and evaluates like any
-  other (merging is lora_jax.merge's: tests/test_quant.py)."""
+  other (merging is lora_jax.merge's: tests/core/test_quant.py)."""
   root, model, data = folder
   code, _, err = _main(capsys, "train", "--task", "chat", "--model", model, "--data", data,
                        "--quantize", "q4_1", "--steps", "2", "--eval-every", "2",

@@ -4,6 +4,8 @@ forward and A/B gradients of the hand-written backward ("factored", "merged_weig
 (merge in float64, then autodiff) and against autodiff of the factored form, in every model
 style, on the reference Llama (scanned and unrolled), with dropout, DoRA and odd layouts."""
 
+import ast
+import pathlib
 import re
 
 import jax
@@ -17,7 +19,7 @@ from _fixtures import (BIG, FAMILY_MODEL, IDS, TINY, dense_reference, dots_into_
                        reference)
 from _models import ALL_CASES
 from _utils import assert_trees_close, randomize_b
-from lora_jax import _product, models
+from lora_jax import _interpret, _product, models
 
 HAND = ["factored", "merged_weight", "auto"]
 
@@ -335,3 +337,64 @@ def test_forward_mode_needs_autodiff_which_equals_the_merged_model():
       continue
     got = jax.jvp(f, (adapters,), (tangent,))[1]
     np.testing.assert_allclose(got, jax.jvp(ref, (adapters,), (tangent,))[1], rtol=1e-4)
+
+
+class _Tagged:
+  """A value a toy context tracks, for the interpreter alone."""
+
+  def __init__(self, v):
+    self.v = v
+
+
+class _Toy:
+  """A context with its own table: ``sin`` of a tagged value is its cosine instead."""
+
+  tracks = staticmethod(lambda x: isinstance(x, _Tagged))
+
+  def __init__(self, rules):
+    self.rules, self.seen = rules, []
+
+  def materialize(self, x, consumer):
+    if not isinstance(x, _Tagged):
+      return x
+    self.seen.append(consumer)
+    return x.v
+
+
+def _cos_rule(eqn, invals, ctx):
+  ctx.seen.append(eqn.primitive.name)
+  return [jnp.cos(invals[0].v)]
+
+
+def test_the_interpreter_runs_any_table_and_claims_later_equations():
+  x, y = jnp.float32(0.5), jnp.float32(2.0)
+  closed = jax.make_jaxpr(lambda x, y: jnp.sin(x) * y + jnp.exp(x))(x, y)
+  ctx = _Toy({"sin": _cos_rule})
+  (out,) = _interpret.run(closed, [_Tagged(x), y], ctx)
+  np.testing.assert_allclose(out, np.cos(0.5) * 2.0 + np.exp(0.5), rtol=1e-6)
+  assert ctx.seen == ["sin", "exp"]  # exp of a tagged value has no rule: its fallback
+  (plain,) = _interpret.run(closed, [x, y], ctx)  # nothing tracked: bound unchanged
+  np.testing.assert_allclose(plain, np.sin(0.5) * 2.0 + np.exp(0.5), rtol=1e-6)
+
+  def claims_exp(eqn, invals, ctx, frame):  # a FrameRule: gives the later exp of x now
+    (j,) = [j for j in frame.users(eqn.invars[0]) if frame.jaxpr.eqns[j].primitive.name == "exp"]
+    assert j > frame.index and frame.producer(eqn.outvars[0]) == frame.index
+    frame.claim(j, [jnp.float32(10.0)])
+    with pytest.raises(ValueError, match="claim each later equation once"):
+      frame.claim(j, [jnp.float32(0.0)])
+    with pytest.raises(ValueError, match="not a later"):
+      frame.claim(frame.index, [jnp.float32(0.0)])
+    return _cos_rule(eqn, invals, ctx)
+
+  ctx = _Toy({"sin": _interpret.FrameRule(claims_exp)})
+  (out,) = _interpret.run(closed, [_Tagged(x), y], ctx)
+  np.testing.assert_allclose(out, np.cos(0.5) * 2.0 + 10.0, rtol=1e-6)
+  assert ctx.seen == ["sin"]  # the claimed exp never ran
+
+
+def test_the_interpreter_imports_no_lora_jax_module():
+  tree = ast.parse(pathlib.Path(_interpret.__file__).read_text())  # so none of the rules
+  imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  assert "jax.extend" in imported  # core: the jaxpr types
+  assert not any(m.startswith("lora_jax") for m in imported), imported

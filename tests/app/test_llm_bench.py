@@ -13,7 +13,7 @@ import pytest
 
 from _llm import tiny_llama_folder
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 HAVE_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
 

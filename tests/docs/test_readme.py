@@ -4,7 +4,7 @@ import pathlib
 import re
 import runpy
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 MARK = "# --- quickstart (the README shows the code below) ---\n"
 
