@@ -1,22 +1,9 @@
 """Adapter checkpoints with orbax: the trainable tree, its description, optimizer state, step
 and data position. The frozen base is never written.
 
-A checkpoint folder holds one sub-folder per saved step (orbax's ``CheckpointManager``: a save is
-written to a temporary folder and renamed into place when complete, so an interrupted save never
-replaces the last good one; the newest ``keep`` are kept). Each step holds:
-
-  trainable   the arrays of the trainable tree, as a list in the order the description gives
-              (each adapter's factors, then each ``modules_to_save`` extra), so any tree key,
-              one holding a '/' included, round-trips (orbax ``StandardSave``)
-  opt_state   the optax state's leaves, if given (restored into the caller's template)
-  meta        JSON: the LoraConfig, each adapter's key path / kind / static fields (scale or
-              per-layer scales, axis roles, dropout, per-layer ranks) / array shapes, each
-              extra's key path and shape, the base model's identity (name, a hash of every
-              leaf's path, shape and dtype, and the adapted kernels' shapes), the step and
-              the data position.
-
-``restore`` refuses a base whose adapted (or saved) leaves differ in name or shape from the one
-the adapters were trained on, and can place the restored arrays on any sharding.
+Saves are atomic (orbax's ``CheckpointManager`` renames a complete step into place; the newest
+``keep`` are kept); ``restore`` refuses a base whose adapted leaves differ in name or shape from
+the one the adapters were trained on. The folder's layout is specified in ``docs/formats.md``.
 """
 
 from __future__ import annotations

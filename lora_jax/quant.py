@@ -4,19 +4,8 @@ Each format is a kernel kind (``lora_jax.kernels``): a pytree of codes and block
 stands for a dense kernel of its ``shape`` and ``dtype``. ``lora(fn)`` computes the base product
 with the block dequantized inside the jitted function (inside ``lax.scan``, one layer at a time)
 and the adapter path as ``s·((x@A)@B)``; the codes are integer leaves, so no gradient reaches
-them. Codes are kept as llama.cpp keeps a weight row: ``(..., out, in)`` with the blocks along
-the input axis (the contracted one), leading axes being stacked layers.
-
-Formats (``QUANT_FORMATS.md`` has the facts):
-
-- ``q4_1``: GGUF Q4_1. Blocks of 32; float16 scale ``d`` and minimum ``m``; ``w = d·q + m``;
-  byte ``j`` of a block holds element ``j`` (low nibble) and ``j + 16`` (high). 5 bits/weight.
-- ``q8_0``: GGUF Q8_0. Blocks of 32; float16 scale; int8 codes; ``w = d·q``. 8.5 bits/weight.
-- ``nf4``: QLoRA's 4-bit NormalFloat (Dettmers et al. 2023, §3): blocks of 64, float32 absmax,
-  ``w = absmax·NF4[q]``, packed two codes per byte as Q4_1 packs them. 4.5 bits/weight; with
-  ``double_quant=True`` the absmax constants are themselves quantized (8-bit codes of their
-  deviation from their mean, blocks of 256, one float32 scale per block): ~4.127 bits/weight.
-- ``int8``: int8 codes with one float32 absmax scale per output channel (``w = s·q``).
+them. The formats' blocks, scales and bit widths are specified in ``docs/formats.md``
+(``QUANT_FORMATS.md`` has the facts); their codecs live in ``lora_jax._quant_formats``.
 
 ``quantize(params, format, targets=...)`` selects kernels with ``LoraConfig``'s patterns
 (default ``"all-linear"``: every matmul kernel but the output head); ``dequantize`` is its

@@ -5,32 +5,10 @@
 matching transformers model; ``import_peft`` reads such a folder back onto the Flax params of
 the project's model (``lora_jax.models``), concrete or ``jax.eval_shape``-abstract.
 
-Names, one rule (``torch_name``): drop a leading ``params`` collection and the trailing
-``kernel``, join with '.', and write the layer index after the layer-stack module of a
-registered model family (``lora_jax.family``; this module names none):
-``encoder/layer_3/attention/self/query/kernel`` (an unrolled stack) or
-``encoder/layer/attention/self/query/kernel`` at index 3 of its stacked axis (a scanned stack)
-is ``encoder.layer.3.attention.self.query``. Other models: ``name_map=``.
-
-``modules_to_save`` extras are written under their module's name with PyTorch's parameter
-names (``kernel`` and ``scale`` -> ``weight``, a Linear kernel transposed), e.g.
-``base_model.model.classifier.weight``, and listed in the config's ``modules_to_save``.
-Biases trained in place (``LoraConfig.bias``, PEFT's ``bias``) are written as PEFT's
-``get_peft_model_state_dict`` writes them: ``base_model.model.<module>.bias``, and
-``<module>.base_layer.bias`` for an adapted module (PEFT wraps it; the bias is its base
-layer's).
-
-Tensors: ``base_model.model.<module>.lora_A.weight`` is ``a.T`` (r, in) and ``lora_B.weight``
-is ``b.T`` (out, r), as ``torch.nn.Linear`` stores (out, in); kernels with several input or
-output axes are flattened. GPT-2's ``Conv1D`` layers (``fan_in_fan_out``) use the same A and B.
-An embedding table (a leaf named ``embedding``, (vocab, features)) has PEFT's
-``lora_embedding_A`` (r, vocab) = ``a.T`` and ``lora_embedding_B`` (features, r) = ``b.T``
-(no ``.weight``). A convolution's kernel (*window, in, out) (a kernel ``analyze`` saw as a
-``conv_general_dilated`` filter) has a ``torch.nn.Conv*d`` layout: ``lora_A.weight``
-(r, in, *window) and ``lora_B.weight`` (out, r, 1, ...) from a (*window, in, r), b (r, out).
-The scale is not stored: it is ``lora_alpha / r`` (or ``/ sqrt(r)`` with ``use_rslora``) after
-PEFT's ``rank_pattern`` and ``alpha_pattern``, which match a regular expression against the
-end of the dotted module name (``peft.utils.other.get_pattern_key``); the first key wins.
+Modules: ``names`` (tensor names and config fields), ``layout`` (a kernel's A, B in PyTorch's
+layouts), ``export``, ``files`` (reading a folder), ``checks`` (what a folder must hold before
+it is applied), ``load``. The format itself (names, tensors, extras, scales) is specified in
+``docs/formats.md``.
 """
 
 from lora_jax.peft.export import export_peft, peft_config

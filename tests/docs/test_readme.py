@@ -33,3 +33,10 @@ def test_ci_runs_the_readme_test_command():
   assert install_and_run.endswith("lora-jax train")
   ci = (ROOT / ".ci" / "run").read_text().splitlines()
   assert install_and_test in ci
+
+
+def test_every_docs_page_the_code_and_readme_name_exists():
+  texts = [README] + [p.read_text() for p in (ROOT / "lora_jax").rglob("*.py")]
+  named = {m for t in texts for m in re.findall(r"(?<![\w/.])docs/[\w/.-]+\.md\b", t)}
+  assert "docs/formats.md" in named  # the format specifications' one home
+  assert [n for n in sorted(named) if not (ROOT / n).is_file()] == []
