@@ -56,6 +56,24 @@ def register(kind: type, *, to_dense: Callable[[Any], jax.Array],
   return kind
 
 
+def unregister(kind: type) -> None:
+  """Removes a registered kernel kind (a plug-in's, or a test's).
+
+  Raises:
+    ValueError: ``kind`` is not registered.
+  """
+  if kind not in _KINDS:
+    raise ValueError(f"{getattr(kind, '__name__', kind)!r} is not a registered kernel kind; "
+                     f"registered: {', '.join(k.__name__ for k in _KINDS)}.")
+  del _KINDS[kind]
+  _SHARD.pop(kind, None)
+
+
+def registered() -> tuple[type, ...]:
+  """Every registered kernel kind, in registration order."""
+  return tuple(_KINDS)
+
+
 def leaf_specs(x, spec):
   """The PartitionSpecs of a kind instance's leaves for a dense kernel laid out by ``spec``
   (the instance's structure, a PartitionSpec per leaf)."""

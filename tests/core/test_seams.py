@@ -271,7 +271,13 @@ class Int8Kernel:
 
 
 jax.tree_util.register_dataclass(Int8Kernel, data_fields=["codes", "scale"], meta_fields=[])
-kernels.register(Int8Kernel, to_dense=lambda k: k.codes.astype(k.scale.dtype) * k.scale)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def int8_kind():
+  kernels.register(Int8Kernel, to_dense=lambda k: k.codes.astype(k.scale.dtype) * k.scale)
+  yield Int8Kernel
+  kernels.unregister(Int8Kernel)
 
 
 def _quantize(w):
