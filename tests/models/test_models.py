@@ -6,6 +6,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lora_jax
@@ -137,6 +138,41 @@ def test_lora_on_each_family_equals_merged(family, scan):
   at_init = lora_jax.init(config, params, key=jax.random.key(2), uses=uses)  # B = 0: the base
   # (up to float32 rounding: a scanned stack's rebuilt scan compiles apart from the base's)
   assert_trees_close(lora_jax.lora(model.apply)(params, at_init, ids), base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("family", list(TINY))
+def test_each_family_trains_with_its_base_bit_identical_and_round_trips(family, scan, tmp_path):
+  """The rest of the family contract: training moves every adapter and never the base, and
+  the adapters round-trip through an orbax checkpoint and a PEFT folder (the family's names)
+  onto the same model, scanned or unrolled."""
+  model = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan)
+  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+  params = model.init(jax.random.key(1), ids)
+  before = [np.array(x) for x in jax.tree_util.tree_leaves(params)]
+  uses = lora_jax.analyze(model.apply, params, ids)
+  config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
+  adapters = lora_jax.init(config, params, key=jax.random.key(2), uses=uses)
+  def loss(p, ids):  # every output (BERT's pooled one too), so every adapter gets a gradient
+    return sum(jnp.mean(y ** 2) for y in jax.tree_util.tree_leaves(model.apply(p, ids)))
+  optimizer = optax.sgd(0.5)
+  step, state = lora_jax.train_step(loss, optimizer), optimizer.init(adapters)
+  for _ in range(2):
+    adapters, state, _, _ = step(params, adapters, state, ids)
+  assert all(np.any(np.asarray(lw.b) != 0) for lw in jax.tree_util.tree_leaves(
+      adapters, is_leaf=lora_jax.kinds.is_adapter))
+  for was, now in zip(before, jax.tree_util.tree_leaves(params)):
+    assert np.array_equal(was, np.asarray(now))  # bit-identical
+  want = model.apply(lora_jax.merge(params, adapters), ids)
+  lora_jax.checkpoint.save(tmp_path / "ckpt", 2, adapters, config=config, base=params)
+  restored = lora_jax.checkpoint.restore(tmp_path / "ckpt", base=params).adapters
+  assert_trees_close(lora_jax.lora(model.apply)(params, restored, ids), want,
+                     rtol=1e-4, atol=1e-5)
+  lora_jax.peft.export_peft(tmp_path / "peft", adapters, config=config)
+  _, imported = lora_jax.peft.import_peft(tmp_path / "peft", params)
+  assert_trees_close(imported, adapters, rtol=1e-6, atol=1e-7)
+  assert_trees_close(lora_jax.lora(model.apply)(params, imported, ids), want,
+                     rtol=1e-4, atol=1e-5)
 
 
 def test_every_registered_family_has_a_tiny_model_in_the_contract():
