@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lora_jax import _files, _tree, family, kinds
+from lora_jax import _files, _tree, family, inits, kinds
 from lora_jax.adapters import LoraWeights, split
 from lora_jax.config import LoraConfig
 from lora_jax.peft import layout
@@ -161,8 +161,6 @@ def export_peft(directory, adapters, *, config: LoraConfig,
         f"returned)." if config.changes_base else
         f"initial= converts PiSSA / OLoRA adapters, but config.init is {config.init!r}; drop it.")
   if initial is not None:
-    from lora_jax import inits  # built on this package's adapters
-
     adapters = inits.convert_to_lora(adapters, initial=initial)
     config = inits.converted_config(config)
   lora, extras = split(adapters)
