@@ -63,10 +63,6 @@ def _base(name):
   return jax.tree_util.tree_map(MAKERS[name], _dense_base())
 
 
-def _dense(base):
-  return jax.tree_util.tree_map(kernels.dense, base, is_leaf=kernels.is_kind)
-
-
 def _model(params, x):
   return jnp.tanh(x @ params["up"]["kernel"]) @ params["down"]["kernel"]
 
@@ -108,7 +104,7 @@ def test_init_is_the_identity_on_the_kinds_dense_kernel(name):
   base = _base(name)
   adapters = lora_jax.init(CONFIG, base, key=jax.random.key(3))
   got = jax.jit(lora_jax.lora(_model))(base, adapters, X)
-  np.testing.assert_allclose(got, _model(_dense(base), X), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, _model(quant.dequantize(base), X), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", MAKERS)
@@ -116,7 +112,7 @@ def test_transform_and_merge_equal_the_float64_dense_reference(name):
   base = _base(name)
   adapters = _trained(base)
   want = _reference(base, adapters, X)
-  assert not np.allclose(want, _model(_dense(base), X), atol=1e-3)  # the adapters matter
+  assert not np.allclose(want, _model(quant.dequantize(base), X), atol=1e-3)  # adapters matter
   np.testing.assert_allclose(jax.jit(lora_jax.lora(_model))(base, adapters, X), want,
                              rtol=1e-5, atol=1e-5)
   merged = lora_jax.merge(base, adapters)  # a merged kind comes back dense
@@ -131,7 +127,7 @@ def test_gradients_equal_autodiff_of_the_dense_form(name):
   adapters = _trained(base)
   value, grads = jax.jit(lora_jax.value_and_grad(_loss))(base, adapters, BATCH)
   want_value, want = jax.value_and_grad(
-      lambda t: _loss(lora_jax.merge(_dense(base), t), BATCH))(adapters)
+      lambda t: _loss(lora_jax.merge(quant.dequantize(base), t), BATCH))(adapters)
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   assert_trees_close(grads, want, rtol=1e-4, atol=1e-6)
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import lora_jax
-from _fixtures import FAMILY_MODEL, TINY
+from _fixtures import FAMILY_MODEL, IDS, TINY, tiny_model
 from lora_jax import models
 from _utils import assert_trees_close, randomize_b
 
@@ -146,8 +146,7 @@ def test_each_family_trains_with_its_base_bit_identical_and_round_trips(family, 
   """The rest of the family contract: training moves every adapter and never the base, and
   the adapters round-trip through an orbax checkpoint and a PEFT folder (the family's names)
   onto the same model, scanned or unrolled."""
-  model = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan)
-  ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
+  model, ids = tiny_model(family, scan), IDS
   params = model.init(jax.random.key(1), ids)
   before = [np.array(x) for x in jax.tree_util.tree_leaves(params)]
   uses = lora_jax.analyze(model.apply, params, ids)
