@@ -70,7 +70,7 @@ def test_each_model_style_equals_the_dense_reference(make_case, product):
 def _llama(scan):
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"],
                      scan_layers=scan)
-  return model.apply, model.init(jax.random.key(0), IDS)
+  return model.apply, jax.jit(model.init)(jax.random.key(0), IDS)
 
 
 @pytest.mark.parametrize("product", HAND)
