@@ -2,8 +2,9 @@
 
 The command line run in this process for its exit codes and one line on stderr (real
 ``lora-jax`` processes where a process's own state is the point: Ctrl-C, the umask), a real
-folder with the user's data in it, and a property test over random folder contents: no command deletes or changes a file it did not write, and a refused command leaves
-no trace at all.
+folder with the user's data in it, and a property test over random folder contents: no
+command deletes or changes a file it did not write, and a refused command leaves no trace at
+all.
 """
 
 import contextlib

@@ -32,7 +32,7 @@ SAVED = {"llama": "model/norm", "gpt2": "ln_f", "bert": "pooler"}
 def _setup(family: str, scan: bool, remat: bool = False):
   """The tiny model, its params, and three different trained-like adapter trees."""
   model = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan, remat=remat)
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   trees = {}
   for seed, (name, (targets, rank, alpha, extra)) in enumerate(ADAPTERS.items()):

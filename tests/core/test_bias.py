@@ -156,7 +156,7 @@ def test_count_without_config_counts_every_extra_twice():
 
 def test_plan_table_shows_biases():
   model = _flax("bert", True)
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   shown = str(lora_jax.plan(_config("bert", "lora_only"), params, uses=uses))
   rows = [line.split() for line in shown.splitlines()[1:-1]]
@@ -200,7 +200,7 @@ def test_a_bias_in_modules_to_save_is_a_saved_copy():
 
 def test_training_updates_the_selected_biases_and_nothing_else():
   model, bias = _flax("bert", True), "all"
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   before = jax.tree_util.tree_map(np.array, params)
   uses = lora_jax.analyze(model.apply, params, IDS)
   config = lora_jax.LoraConfig(targets=["query", "value"], rank=2, alpha=4, bias=bias)

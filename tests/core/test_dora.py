@@ -77,12 +77,13 @@ def _reference_params(params, adapters):
 
 def _check_against_reference(fn, params, adapters, x):
   loss = lambda p, x: jnp.mean(jax.tree_util.tree_leaves(fn(p, x))[0] ** 2)  # noqa: E731
-  value, grads = jax.value_and_grad(
-      lambda a: lora_jax.lora(loss)(params, a, x))(adapters)
+  ours = jax.value_and_grad(lambda a, p, x: lora_jax.lora(loss)(p, a, x))
+  value, grads = jax.jit(ours)(adapters, params, x)  # jitted: eagerly, each op compiles alone
   with jax.enable_x64(True):
     a64 = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), adapters)
-    want, want_grads = jax.value_and_grad(  # the models' dtype=float32 layers stay float32
-        lambda a: loss(_reference_params(params, a), x))(a64)
+    dense = jax.value_and_grad(  # the models' dtype=float32 layers stay float32
+        lambda a, p, x: loss(_reference_params(p, a), x))
+    want, want_grads = jax.jit(dense)(a64, params, x)
   np.testing.assert_allclose(value, want, rtol=1e-5)
   for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
@@ -94,7 +95,7 @@ def _check_against_reference(fn, params, adapters, x):
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 def test_llama_forward_and_gradients_equal_the_dense_float64_formula(scan):
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"], scan_layers=scan)
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, kind="dora")
   _check_against_reference(model.apply, params, _dora_tree(params, config, uses), IDS)
@@ -110,7 +111,7 @@ def test_nnx_forward_and_gradients_equal_the_dense_float64_formula(case):
 
 def test_identity_at_init_is_exact_and_merge_matches():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8, kind="dora")
   fresh = lora_jax.init(config, params, key=jax.random.key(1), uses=uses)
@@ -140,7 +141,7 @@ def test_a_transposed_use_runs_through_the_merged_kernel():
 
 def test_counts_add_one_magnitude_per_output_column():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   lora = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
   dora = dataclasses.replace(lora, kind="dora")
@@ -153,7 +154,7 @@ def test_counts_add_one_magnitude_per_output_column():
 
 def test_a_bank_and_combine_refuse_dora():
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   config = lora_jax.LoraConfig(targets="q_proj", rank=2, kind="dora")
   tree = lora_jax.init(config, params, key=jax.random.key(0),
                        uses=lora_jax.analyze(model.apply, params, IDS))
@@ -168,7 +169,7 @@ def test_peft_files_round_trip_and_a_missing_magnitude_is_named(tmp_path):
   import json
 
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"])
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   uses = lora_jax.analyze(model.apply, params, IDS)
   config = lora_jax.LoraConfig(targets=["q_proj", "down_proj"], rank=2, alpha=4, kind="dora")
   adapters = _dora_tree(params, config, uses)

@@ -21,7 +21,7 @@ INITS = ["pissa", "olora", "pissa_niter_4"]
 
 def _llama(scan=True):
   model = models.get(FAMILY_MODEL["llama"], **TINY["llama"], scan_layers=scan)
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   return model, params, lora_jax.analyze(model.apply, params, IDS)
 
 
@@ -109,10 +109,12 @@ def _einsum(axes):
 
 def _check_against_reference(fn, base, adapters, x):
   loss = lambda p, x: jnp.mean(jax.tree_util.tree_leaves(fn(p, x))[0] ** 2)  # noqa: E731
-  value, grads = jax.value_and_grad(lambda a: lora_jax.lora(loss)(base, a, x))(adapters)
+  ours = jax.value_and_grad(lambda a, p, x: lora_jax.lora(loss)(p, a, x))
+  value, grads = jax.jit(ours)(adapters, base, x)  # jitted: eagerly, each op compiles alone
   with jax.enable_x64(True):
     a64 = jax.tree_util.tree_map(lambda v: jnp.asarray(v, jnp.float64), adapters)
-    want, want_grads = jax.value_and_grad(lambda a: loss(_reference(base, a), x))(a64)
+    dense = jax.value_and_grad(lambda a, p, x: loss(_reference(p, a), x))
+    want, want_grads = jax.jit(dense)(a64, base, x)
   np.testing.assert_allclose(value, want, rtol=1e-5)
   for got, ref in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(want_grads)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

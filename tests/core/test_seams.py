@@ -91,7 +91,7 @@ def test_extras_step_equals_autodiff_over_adapters_and_extras_in_float64():
     model = _MLP(jnp.float64)
     x = jax.random.normal(jax.random.key(0), (16, 5), jnp.float64)
     y = jax.random.normal(jax.random.key(1), (16, 2), jnp.float64)
-    base = model.init(jax.random.key(2), x)
+    base = jax.jit(model.init)(jax.random.key(2), x)
     config = lora_jax.LoraConfig(targets="fc1", rank=2, alpha=6, modules_to_save="head",
                                  dtype=jnp.float64)
     trainable = randomize_b(lora_jax.init(config, base, key=jax.random.key(3)),
@@ -118,7 +118,7 @@ def test_extras_step_equals_autodiff_over_adapters_and_extras_in_float64():
 def test_extras_are_planned_counted_merged_and_never_touch_the_base():
   model = _MLP()
   x = jnp.ones((3, 5))
-  base = model.init(jax.random.key(0), x)
+  base = jax.jit(model.init)(jax.random.key(0), x)
   config = lora_jax.LoraConfig(targets="fc1", rank=2, modules_to_save=["head"])
   plan = lora_jax.plan(config, base)
   head = 8 * 2 + 2
@@ -224,7 +224,7 @@ def test_a_family_registered_outside_the_core_gets_counts(toy_family, capsys):
 def test_a_family_registered_outside_the_core_gets_peft_names(toy_family, scan, tmp_path):
   model = Toy(ToyConfig(scan_layers=scan))
   ids = jnp.zeros((1, 3), jnp.int32)
-  params = model.init(jax.random.key(0), ids)
+  params = jax.jit(model.init)(jax.random.key(0), ids)
   layer = "blocks/up" if scan else "blocks_1/up"
   assert peft.torch_name(f"params/{layer}/kernel", 1 if scan else None) == "blocks.1.up"
   config = lora_jax.LoraConfig(targets=["up", "down"], rank=2)
@@ -290,7 +290,7 @@ def _quantize(w):
 def test_a_kernel_kind_is_adapted_like_its_dense_kernel(scan, targets):
   model = Toy(ToyConfig(scan_layers=scan))
   ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 16)
-  params = model.init(jax.random.key(1), ids)
+  params = jax.jit(model.init)(jax.random.key(1), ids)
   is_kernel = lambda path, x: path[-1] == "kernel"  # noqa: E731
   qparams = lora_jax._tree.map_with_path(
       lambda p, x: _quantize(x) if is_kernel(p, x) else x, params)

@@ -563,7 +563,7 @@ def test_modules_to_save_round_trip(tmp_path, scan):
   under their torch names (Linear weights (out, in)) and read back exactly."""
   config = models.BertConfig(**TINY["bert"], scan_layers=scan, num_labels=3)
   model = models.BertForSequenceClassification(config)
-  params = model.init(jax.random.key(0), IDS)
+  params = jax.jit(model.init)(jax.random.key(0), IDS)
   lora = lora_jax.LoraConfig(targets=["query", "value"], rank=2, alpha=4,
                              modules_to_save=["classifier", "attention/output/LayerNorm"])
   uses = lora_jax.analyze(model.apply, params, IDS)

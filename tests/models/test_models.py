@@ -119,7 +119,7 @@ def test_counting_70b_allocates_no_weights():
 def test_lora_on_each_family_equals_merged(family, scan):
   model = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan)
   ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
-  params = model.init(jax.random.key(1), ids)
+  params = jax.jit(model.init)(jax.random.key(1), ids)
   uses = lora_jax.analyze(model.apply, params, ids)
   config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
   adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(2), uses=uses),
@@ -147,7 +147,7 @@ def test_each_family_trains_with_its_base_bit_identical_and_round_trips(family, 
   the adapters round-trip through an orbax checkpoint and a PEFT folder (the family's names)
   onto the same model, scanned or unrolled."""
   model, ids = tiny_model(family, scan), IDS
-  params = model.init(jax.random.key(1), ids)
+  params = jax.jit(model.init)(jax.random.key(1), ids)
   before = [np.array(x) for x in jax.tree_util.tree_leaves(params)]
   uses = lora_jax.analyze(model.apply, params, ids)
   config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
@@ -184,13 +184,13 @@ def test_sequence_classifier_head_and_tied_llama():
   c = models.BertConfig(**TINY["bert"], num_labels=3)
   clf = models.BertForSequenceClassification(c)
   ids = jnp.ones((2, 8), jnp.int32)
-  params = clf.init(jax.random.key(0), ids)
+  params = jax.jit(clf.init)(jax.random.key(0), ids)
   assert clf.apply(params, ids, jnp.ones_like(ids)).shape == (2, 3)
   assert params["params"]["classifier"]["kernel"].shape == (32, 3)
   tied = models.get("llama-3.2-1b", **TINY["llama"])
   tree = jax.eval_shape(tied.init, jax.random.key(0), ids)
   assert "lm_head" not in tree["params"] and tied.apply(
-      tied.init(jax.random.key(0), ids), ids).shape == (2, 8, 64)
+      jax.jit(tied.init)(jax.random.key(0), ids), ids).shape == (2, 8, 64)
 
 
 def test_mean_pooled_classifier_is_the_masked_mean_of_the_hidden_states():
@@ -198,7 +198,7 @@ def test_mean_pooled_classifier_is_the_masked_mean_of_the_hidden_states():
   clf = models.BertForSequenceClassification(c)
   ids = jnp.array([[5, 6, 7, 8, 0, 0], [9, 3, 4, 2, 11, 12]], jnp.int32)
   mask = (ids != 0).astype(jnp.int32)
-  params = clf.init(jax.random.key(0), ids)
+  params = jax.jit(clf.init)(jax.random.key(0), ids)
   assert "pooler" not in params["params"]["bert"]  # the classifier does not use one
   hidden, _ = models.BertModel(c, add_pooling_layer=False).apply(
       {"params": params["params"]["bert"]}, ids, mask)
@@ -231,7 +231,7 @@ def test_roberta_positions_skip_left_padding():
   model = models.BertModel(c)
   ids = jnp.array([[5, 6, 7, 8]])
   padded = jnp.array([[1, 1, 5, 6, 7, 8]])  # left padding with the pad id
-  params = model.init(jax.random.key(0), padded)
+  params = jax.jit(model.init)(jax.random.key(0), padded)
   plain, _ = model.apply(params, ids)
   left, _ = model.apply(params, padded, jnp.array([[0, 0, 1, 1, 1, 1]]))
   np.testing.assert_allclose(left[:, 2:], plain, rtol=1e-5, atol=1e-5)
@@ -244,7 +244,7 @@ def test_remat_gives_the_same_lora_gradients_and_recomputes(family, scan):
   ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 64)
   plain = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan)
   remat = models.get(FAMILY_MODEL[family], **TINY[family], scan_layers=scan, remat=True)
-  params = plain.init(jax.random.key(1), ids)
+  params = jax.jit(plain.init)(jax.random.key(1), ids)
   config = lora_jax.LoraConfig(targets="all-linear", rank=4, alpha=8)
   adapters = randomize_b(lora_jax.init(config, params, key=jax.random.key(2),
                                        uses=lora_jax.analyze(plain.apply, params, ids)),
