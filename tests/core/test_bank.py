@@ -65,9 +65,10 @@ def _assert_rows_alone(model, params, bank, trees, names):
   1e-5 of the outputs' scale (float32 sums in another order)."""
   adapted = lora_jax.lora(model.apply)
   mixed = _first(jax.jit(adapted)(params, bank, IDS, adapter_index=bank.indices(names)))
+  base, adapted = jax.jit(model.apply), jax.jit(adapted)  # eagerly, each op compiles alone
   for row, name in enumerate(names):
     x = IDS[row:row + 1]
-    alone = model.apply(params, x) if name is None else adapted(params, trees[name], x)
+    alone = base(params, x) if name is None else adapted(params, trees[name], x)
     want = _first(alone)[0]
     np.testing.assert_allclose(mixed[row], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
   return mixed

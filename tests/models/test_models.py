@@ -131,13 +131,15 @@ def test_lora_on_each_family_equals_merged(family, scan):
   with warnings.catch_warnings():
     warnings.simplefilter("error", lora_jax.LoraFallbackWarning)
     got = jax.jit(lora_jax.lora(model.apply))(params, adapters, ids)
-  want = model.apply(lora_jax.merge(params, adapters), ids)
+  apply = jax.jit(model.apply)  # jitted, as eagerly each op would compile on its own
+  want = apply(lora_jax.merge(params, adapters), ids)
   assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
-  base = model.apply(params, ids)
+  base = apply(params, ids)
   assert not np.allclose(jax.tree_util.tree_leaves(want)[0], jax.tree_util.tree_leaves(base)[0])
   at_init = lora_jax.init(config, params, key=jax.random.key(2), uses=uses)  # B = 0: the base
   # (up to float32 rounding: a scanned stack's rebuilt scan compiles apart from the base's)
-  assert_trees_close(lora_jax.lora(model.apply)(params, at_init, ids), base, rtol=0, atol=1e-6)
+  assert_trees_close(jax.jit(lora_jax.lora(model.apply))(params, at_init, ids), base, rtol=0,
+                     atol=1e-6)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
