@@ -129,13 +129,15 @@ def test_dequantize_inverts_quantize_up_to_the_formats_rounding():
 
 
 @functools.lru_cache(maxsize=None)  # one model per shape: jitted functions below are reused
+@functools.lru_cache(maxsize=None)
 def _llama(*, scan: bool, layers: int = 2, width: int = 64, ffn: int = 128):
+  """A tiny random Llama, built once per shape (its ``apply`` then keys ``_jitted``'s cache)."""
   config = LlamaConfig(vocab_size=128, hidden_size=width, intermediate_size=ffn,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                        scan_layers=scan, max_position_embeddings=64)
   model = LlamaForCausalLM(config)
   ids = jax.random.randint(jax.random.key(5), (2, 8), 0, 128)
-  params = model.init(jax.random.key(0), ids)
+  params = jax.jit(model.init)(jax.random.key(0), ids)
   return model, params, ids, lora_jax.analyze(model.apply, params, ids)
 
 
