@@ -226,7 +226,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path, cap
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
+def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, capsys):
   out = tmp_path / "r"
   proc = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400",
                            "--eval-every", "2", "--out", str(out)], stderr=subprocess.PIPE,
@@ -244,7 +244,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   config["options"]["steps"] = interrupted + 4  # finish soon after the interruption
   config["total_steps"] = interrupted + 4
   (out / "config.json").write_text(json.dumps(config))
-  done = cli("train", "--resume", "--out", str(out))
+  done = _here(capsys, "train", "--resume", "--out", str(out))  # the signal's process is gone
   assert done.returncode == 0, done.stderr
   steps = [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]
   assert steps[-1] == interrupted + 4 and steps == sorted(steps)
@@ -326,11 +326,11 @@ def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monke
 
 
 def test_a_damaged_newest_checkpoint_falls_back_for_eval_and_resume(tmp_path):
-  """Processes of their own: orbax's failed read of the damaged array leaves a coroutine that
-  is collected later, outside the test ("Event loop is closed")."""
+  """The reads in processes of their own: orbax's failed read of the damaged array leaves a
+  coroutine that is collected later, outside the test ("Event loop is closed")."""
   from _fixtures import damage
   out = tmp_path / "r"
-  done = cli("train", *FEW, "--steps", "2", "--eval-every", "1", "--out", str(out))
+  done = cli_here("train", *FEW, "--steps", "2", "--eval-every", "1", "--out", str(out))
   assert done.returncode == 0, done.stderr
   damage(out / "checkpoints" / "2" / "trainable", "flip")
   (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nwonderful\t1\n")

@@ -61,7 +61,8 @@ def test_each_model_style_equals_the_dense_reference(make_case, product):
   np.testing.assert_allclose(np.asarray(out, np.float64), reference(case, adapters),
                              rtol=1e-5, atol=1e-5)
   _, grads = _value_and_grad(case.fn, case.params, adapters, case.x, product=product)
-  want = jax.grad(lambda a: _loss(case.fn)(lora_jax.merge(case.params, a), case.x))(adapters)
+  want = jax.jit(jax.grad(lambda a: _loss(case.fn)(lora_jax.merge(case.params, a), case.x)))(
+      adapters)
   assert_trees_close(grads, want, rtol=1e-4, atol=1e-5)
   _, auto = _value_and_grad(case.fn, case.params, adapters, case.x, product="autodiff")
   assert_trees_close(grads, auto, rtol=1e-4, atol=1e-6)
@@ -211,13 +212,13 @@ def test_siblings_share_one_product_and_equal_separate_ones(scan, product, monke
   fn, params = _llama(scan)
   adapters = _adapters(fn, params, IDS)
   taken = _spy(monkeypatch)
-  together = jax.value_and_grad(lambda a: lora_jax.lora(_loss(fn), product=product)(
-      params, a, IDS))(adapters)
+  adapted = lora_jax.lora(_loss(fn), product=product)
+  together = jax.jit(jax.value_and_grad(lambda a: adapted(params, a, IDS)))(adapters)
   layers = 1 if scan else 2  # a scanned body is traced once
   merged = product == "merged_weight"
   assert sorted(taken) == sorted([(merged,) * 3, (merged,) * 2, (merged,), (merged,)] * layers)
-  apart = jax.value_and_grad(lambda a: lora_jax.lora(_loss(fn), product=product,
-                                                      siblings=False)(params, a, IDS))(adapters)
+  adapted = lora_jax.lora(_loss(fn), product=product, siblings=False)
+  apart = jax.jit(jax.value_and_grad(lambda a: adapted(params, a, IDS)))(adapters)
   np.testing.assert_allclose(float(together[0]), float(apart[0]), rtol=1e-6)
   assert_trees_close(together[1], apart[1], rtol=1e-5, atol=1e-7)
 
