@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from _llm import SENTIMENT, write_jsonl
-from _utils import run_cli
+from _utils import cli_here, run_cli
 from lora_jax.app.run_folder import RUN_ENTRIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -42,14 +42,13 @@ def _cli(*argv, cwd=None, umask=None, timeout=600):
                         timeout=timeout, cwd=cwd)
 
 
-def _here(monkeypatch, capsys, *argv, cwd=None):
+def _here(monkeypatch, *argv, cwd=None):
   """``lora-jax ARGV`` in this process from the working directory ``cwd``, shaped like
   ``_cli``'s result (the umask and Ctrl-C tests keep a process of their own)."""
   with monkeypatch.context() as m:
     if cwd is not None:
       m.chdir(cwd)
-    code, out, err = run_cli(capsys, *argv)
-  return subprocess.CompletedProcess(["lora-jax", *argv], code, out, err)
+    return cli_here(*argv)
 
 
 def _one_line(done) -> str:
@@ -90,7 +89,7 @@ def run(tmp_path_factory):
 # ----------------------------------------------------------------------- 1: --overwrite
 
 
-def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path, monkeypatch, capsys):
+def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path, monkeypatch):
   """The issue's command: the training data and notes.txt in ``victim/``, ``--out victim
   --overwrite``; and the same folder with the data elsewhere."""
   victim = tmp_path / "victim"
@@ -98,14 +97,14 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path, monkeypat
   write_jsonl(victim / "chat16.jsonl", SENTIMENT * 2)
   (victim / "notes.txt").write_text("x\n")
   before = _snapshot(tmp_path)
-  line = _one_line(_here(monkeypatch, capsys, "train", "--task", "chat", "--data",
+  line = _one_line(_here(monkeypatch, "train", "--task", "chat", "--data",
                          "victim/chat16.jsonl", "--out", "victim", "--overwrite", "--steps", "1",
                          cwd=tmp_path))
   assert "--out victim holds the --data file" in line and "chat16.jsonl" in line
   assert _snapshot(tmp_path) == before
   shutil.move(victim / "chat16.jsonl", tmp_path / "chat16.jsonl")
   before = _snapshot(tmp_path)
-  line = _one_line(_here(monkeypatch, capsys, "train", "--task", "chat", "--data",
+  line = _one_line(_here(monkeypatch, "train", "--task", "chat", "--data",
                          "chat16.jsonl", "--out", "victim", "--overwrite", "--steps", "1",
                          cwd=tmp_path))
   assert "--out victim is not a lora-jax run folder" in line and "holds notes.txt" in line
@@ -177,14 +176,13 @@ def test_an_input_in_a_staging_folders_place_is_refused(run, tmp_path, capsys):
 # ----------------------------------------------------------------------- 2: --out . and inputs
 
 
-def test_out_that_is_the_working_directory_or_holds_an_input_is_refused(tmp_path, monkeypatch,
-                                                                         capsys):
+def test_out_that_is_the_working_directory_or_holds_an_input_is_refused(tmp_path, monkeypatch):
   work = tmp_path / "work"
   _tsv(work / "data" / "d.tsv")
   before = _snapshot(tmp_path)
   for out, words in ((".", "is the working directory"), ("..", "is the working directory"),
                      ("data", "holds the --data file"), ("data/d.tsv", "is a file")):
-    line = _one_line(_here(monkeypatch, capsys, *TRAIN, "--data", "data/d.tsv", "--out", out,
+    line = _one_line(_here(monkeypatch, *TRAIN, "--data", "data/d.tsv", "--out", out,
                            "--overwrite", cwd=work))
     assert f"--out {out} {words}" in line, line
     assert _snapshot(tmp_path) == before  # nothing ran: no ..new, no lock, no .old
@@ -193,23 +191,23 @@ def test_out_that_is_the_working_directory_or_holds_an_input_is_refused(tmp_path
 # ----------------------------------------------------------------------- 3: export destinations
 
 
-def test_exports_check_the_destination_before_any_work(run, tmp_path, monkeypatch, capsys):
+def test_exports_check_the_destination_before_any_work(run, tmp_path, monkeypatch):
   (tmp_path / "file.jsonl").write_text("the user's data\n")
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "model.safetensors").write_text("the user's model")
   before = _snapshot(tmp_path)
   for command in ("merge", "export-peft"):
-    line = _one_line(_here(monkeypatch, capsys, command, str(run), "--out",
+    line = _one_line(_here(monkeypatch, command, str(run), "--out",
                            str(tmp_path / "file.jsonl")))
     assert "file.jsonl is a file" in line, line
-    line = _one_line(_here(monkeypatch, capsys, command, str(run), "--out",
+    line = _one_line(_here(monkeypatch, command, str(run), "--out",
                            str(tmp_path / "full")))
     assert "already holds files (model.safetensors)" in line, line
   assert _snapshot(tmp_path) == before  # no temporary folder beside them either
 
 
-def test_an_export_into_the_empty_working_directory_fills_it(run, tmp_path, monkeypatch, capsys):
-  done = _here(monkeypatch, capsys, "export-peft", str(run), "--out", ".", cwd=tmp_path)
+def test_an_export_into_the_empty_working_directory_fills_it(run, tmp_path, monkeypatch):
+  done = _here(monkeypatch, "export-peft", str(run), "--out", ".", cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json",
                                                         "adapter_model.safetensors"]
@@ -234,16 +232,16 @@ def test_ctrl_c_during_an_export_removes_its_temporary_folder(run, tmp_path):
 # ----------------------------------------------------------------------- 6: --resume
 
 
-def test_resume_takes_the_command_line_that_started_the_run(tmp_path, monkeypatch, capsys):
+def test_resume_takes_the_command_line_that_started_the_run(tmp_path, monkeypatch):
   _tsv(tmp_path / "data" / "d.tsv")
-  done = _here(monkeypatch, capsys, *TRAIN, "--data", "data/d.tsv", "--out", "r", cwd=tmp_path)
+  done = _here(monkeypatch, *TRAIN, "--data", "data/d.tsv", "--out", "r", cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
-  done = _here(monkeypatch, capsys, *TRAIN[:1], "--resume", "--data", "data/d.tsv", "--steps",
+  done = _here(monkeypatch, *TRAIN[:1], "--resume", "--data", "data/d.tsv", "--steps",
                "2", "--out", "r", cwd=tmp_path)
   assert done.returncode == 0 and "at step 1 of 2" in done.stderr, done.stderr[-3000:]
   (tmp_path / "elsewhere").mkdir()
   shutil.copy(tmp_path / "data" / "d.tsv", tmp_path / "elsewhere" / "d.tsv")  # another file
-  line = _one_line(_here(monkeypatch, capsys, "train", "--resume", "--data", "d.tsv", "--out",
+  line = _one_line(_here(monkeypatch, "train", "--resume", "--data", "d.tsv", "--out",
                          "../r", cwd=tmp_path / "elsewhere"))
   assert "--data" in line and "differs from the saved run's" in line
   history = json.loads((tmp_path / "r" / "metrics.json").read_text())["history"]

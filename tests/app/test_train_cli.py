@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -25,13 +24,6 @@ FEW = ("--eval-examples", "64")  # runs whose accuracy is not compared
 
 
 CLI = (sys.executable, "-m", "lora_jax.app.cli")
-
-
-def _here(capsys, *argv):
-  """``lora-jax ARGV`` run in this process (no interpreter start-up), shaped like ``_cli``'s
-  result; the tests of real processes (signals, locks, exit codes) keep ``_cli``."""
-  code, out, err = run_cli(capsys, *argv)
-  return types.SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +140,20 @@ def test_peft_export_of_a_classifier_run_loads_in_peft(run, tmp_path):
   assert (trainable, total) == (counts["trainable"], counts["total"])
 
 
-def test_existing_run_folder_is_refused(run, capsys):
+def test_existing_run_folder_is_refused(run):
   out, _ = run
-  done = _here(capsys, "train", "--steps", "2", "--out", str(out))
+  done = cli_here("train", "--steps", "2", "--out", str(out))
   assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
   assert "already holds files; pass --overwrite" in done.stderr
 
 
-def test_eval_and_merge(run, tmp_path, capsys):
+def test_eval_and_merge(run, tmp_path):
   out, _ = run
   (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nwonderful\t1\nhorrible\t0\n")
-  done = _here(capsys, "eval", str(out), "--data", str(tmp_path / "d.tsv"))
+  done = cli_here("eval", str(out), "--data", str(tmp_path / "d.tsv"))
   assert done.returncode == 0 and done.stdout.startswith("accuracy ")
   merged = tmp_path / "merged"
-  assert _here(capsys, "merge", str(out), "--out", str(merged)).returncode == 0
+  assert cli_here("merge", str(out), "--out", str(merged)).returncode == 0
   from safetensors.numpy import load_file
   tensors = load_file(merged / "model.safetensors")
   assert "encoder.layer.5.attention.self.value.weight" in tensors
@@ -195,13 +187,13 @@ def test_merged_weights_load_in_transformers_with_equal_logits(run, tmp_path):
 
 
 @pytest.mark.interop
-def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path, capsys):
+def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   from safetensors.numpy import load_file
   from lora_jax.app import classify as run_lib
   out = tmp_path / "mean"
-  done = _here(capsys, "train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
+  done = cli_here("train", *FEW, "--pooling", "mean", "--steps", "2", "--eval-every", "2",
                 "--out", str(out))
   assert done.returncode == 0, done.stderr
   counts = json.loads((out / "metrics.json").read_text())["counts"]
@@ -226,7 +218,7 @@ def test_merged_mean_pooled_run_is_transformers_bert_plus_its_head(tmp_path, cap
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, capsys):
+def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path):
   out = tmp_path / "r"
   proc = subprocess.Popen([*CLI, "train", *FEW, "--steps", "400",
                            "--eval-every", "2", "--out", str(out)], stderr=subprocess.PIPE,
@@ -244,7 +236,7 @@ def test_ctrl_c_keeps_a_checkpoint_and_resume_finishes(tmp_path, capsys):
   config["options"]["steps"] = interrupted + 4  # finish soon after the interruption
   config["total_steps"] = interrupted + 4
   (out / "config.json").write_text(json.dumps(config))
-  done = _here(capsys, "train", "--resume", "--out", str(out))  # the signal's process is gone
+  done = cli_here("train", "--resume", "--out", str(out))  # the signal's process is gone
   assert done.returncode == 0, done.stderr
   steps = [h["step"] for h in json.loads((out / "metrics.json").read_text())["history"]]
   assert steps[-1] == interrupted + 4 and steps == sorted(steps)
@@ -271,9 +263,9 @@ def test_a_second_writer_is_refused_and_a_killed_run_frees_the_folder(tmp_path):
   assert third.returncode == 0, third.stderr
 
 
-def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path, capsys):
+def test_a_non_finite_loss_stops_before_a_checkpoint_is_overwritten(tmp_path):
   out = tmp_path / "r"
-  done = _here(capsys, "train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
+  done = cli_here("train", *FEW, "--lr", "1e6", "--steps", "12", "--eval-every", "4",
                "--log-every", "1", "--out", str(out))
   last = done.stderr.strip().splitlines()[-1]  # after the progress bar's line
   assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -295,29 +287,29 @@ def jax_leaves(tree):
   return jax.tree_util.tree_leaves(tree)
 
 
-def test_exports_never_write_into_a_run_folder(run, tmp_path, capsys):
+def test_exports_never_write_into_a_run_folder(run, tmp_path):
   out, _ = run
   for command in ("merge", "export-peft"):
-    done = _here(capsys, command, str(out), "--out", str(out / "exported"))
+    done = cli_here(command, str(out), "--out", str(out / "exported"))
     assert done.returncode == 2 and "is inside the run folder" in done.stderr
   assert not (out / "exported").exists()
   (tmp_path / "d.tsv").write_text("sentence\tlabel\nawful\t0\nodd\t7\n")
-  done = _here(capsys, "eval", str(out), "--data", str(tmp_path / "d.tsv"))
+  done = cli_here("eval", str(out), "--data", str(tmp_path / "d.tsv"))
   assert done.returncode == 2 and "labels [7] are not classes of the run's model" in done.stderr
 
 
-def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monkeypatch, capsys):
+def test_resume_extends_a_finished_run_and_refuses_other_options(tmp_path, monkeypatch):
   (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(
       f"{w}\t{i % 2}\n" for i, w in enumerate(["awful", "great", "bad", "good"] * 8)))
   monkeypatch.chdir(tmp_path)  # a relative --data path, resumed from another folder below
-  done = _here(capsys, "train", "--data", "d.tsv", "--steps", "2", "--eval-every", "2",
+  done = cli_here("train", "--data", "d.tsv", "--steps", "2", "--eval-every", "2",
                "--batch-size", "4", "--out", "r")
   assert done.returncode == 0, done.stderr
   (tmp_path / "elsewhere").mkdir()
   monkeypatch.chdir(tmp_path / "elsewhere")
-  refused = _here(capsys, "train", "--resume", "--rank", "4", "--out", str(tmp_path / "r"))
+  refused = cli_here("train", "--resume", "--rank", "4", "--out", str(tmp_path / "r"))
   assert refused.returncode == 2 and "--rank 4 differs from the saved run's 8" in refused.stderr
-  done = _here(capsys, "train", "--resume", "--steps", "4", "--out", str(tmp_path / "r"))
+  done = cli_here("train", "--resume", "--steps", "4", "--out", str(tmp_path / "r"))
   assert done.returncode == 0, done.stderr
   assert "resuming" in done.stderr and "at step 2 of 4 with the options it was started with" in (
       done.stderr)
@@ -376,21 +368,21 @@ def test_an_overwrite_stopped_before_its_first_checkpoint_keeps_the_old_run(run,
   assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
-def test_a_refused_overwrite_deletes_nothing(run, tmp_path, capsys):
+def test_a_refused_overwrite_deletes_nothing(run, tmp_path):
   """--overwrite replaces a run only once the new one's options, data and model are good."""
   shutil.copytree(run[0], tmp_path / "r")
   before = _files(tmp_path / "r")
-  done = _here(capsys, "train", "--out", str(tmp_path / "r"), "--overwrite", "--rank", "1000")
+  done = cli_here("train", "--out", str(tmp_path / "r"), "--overwrite", "--rank", "1000")
   assert done.returncode == 2 and "rank 1000 for kernel" in done.stderr
   assert _files(tmp_path / "r") == before
   assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
 
 
-def test_training_on_a_device_mesh_matches_one_device(run, tmp_path, capsys):
+def test_training_on_a_device_mesh_matches_one_device(run, tmp_path):
   """``--mesh 2x4``: batches split over 2, the encoder tensor-parallel over 4 (of the 8
   simulated CPU devices); the same losses and accuracy as the single-device run."""
   out, _ = run
-  done = _here(capsys, "train", *EVAL, "--steps", "8", "--eval-every", "4", "--mesh", "2x4",
+  done = cli_here("train", *EVAL, "--steps", "8", "--eval-every", "4", "--mesh", "2x4",
                "--out", str(tmp_path / "m"))
   assert done.returncode == 0, done.stderr
   one = json.loads((out / "metrics.json").read_text())["history"]
