@@ -221,7 +221,8 @@ def load_llama(path=None, *, dtype=jnp.float32, quantize: str | None = None, **o
   return config, llama_io.params_from_tensors(hf_tensors(file, config), config)
 
 
-def _hf_shape(tensor) -> tuple[int, ...]:
+def hf_shape(tensor) -> tuple[int, ...]:
+  """A GGUF tensor's shape in Hugging Face's order (GGUF lists it innermost-first)."""
   return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists shapes innermost-first
 
 
@@ -233,7 +234,7 @@ def _quantized_kernel(file: GGUFFile, name: str, target: str, config: LlamaConfi
            config.num_key_value_heads if target.endswith("k_proj.weight") else None)
   stored = tensor.tensor_type.name
   if stored.lower() == format:
-    data = np.asarray(tensor.data).reshape(_hf_shape(tensor)[0], -1)
+    data = np.asarray(tensor.data).reshape(hf_shape(tensor)[0], -1)
     return quant.from_gguf(unpermute(data, heads) if heads else data, stored,
                            dtype=config.dtype)
   w = dequantize(file, name)
@@ -255,7 +256,7 @@ def quantized_params(file: GGUFFile, config: LlamaConfig, format: str) -> dict:
   quant.check_format(format)
   tree = llama_io.param_tree(config)
   names = {hf_name(n) or n: n for n in file.tensors}
-  llama_io.check_tensors({hf: jax.ShapeDtypeStruct(_hf_shape(file.tensors[n]), np.float32)
+  llama_io.check_tensors({hf: jax.ShapeDtypeStruct(hf_shape(file.tensors[n]), np.float32)
                           for hf, n in names.items()}, config, tree=tree)
   dtype = jnp.dtype(config.param_dtype)
   flat: dict[str, list] = {}

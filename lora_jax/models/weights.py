@@ -193,31 +193,43 @@ def read_checkpoint(folder) -> dict[str, np.ndarray]:
   """
   from safetensors.numpy import load_file
 
-  folder = pathlib.Path(folder)
-  single, index = folder / SAFETENSORS, folder / SAFETENSORS_INDEX
+  tensors = {}
+  for file, _ in safetensors_files(folder):
+    tensors.update(load_file(file))
+  return tensors
+
+
+def safetensors_files(path) -> list[tuple[pathlib.Path, list[str]]]:
+  """``(file, the tensor names the index places in it)`` for each safetensors file of a
+  Hugging Face folder (``model.safetensors``, or every shard ``model.safetensors.index.json``
+  names, each checked to exist), or for ``path`` itself when it is a file (no names).
+
+  Raises:
+    FileNotFoundError: neither file, or a shard, exists (the message names the path).
+    ValueError: the index is not JSON with a ``weight_map``.
+  """
+  path = pathlib.Path(path)
+  if path.is_file():
+    return [(path, [])]
+  single, index = path / SAFETENSORS, path / SAFETENSORS_INDEX
   if single.is_file():
-    return load_file(single)
+    return [(single, [])]
   if not index.is_file():
     raise FileNotFoundError(
         f"{single}: no such file (nor {index.name}); expected a Hugging Face checkpoint folder "
         f"with safetensors weights (save_pretrained writes them; convert .bin files first).")
-  tensors = {}
-  for shard in _shards(index):
-    tensors.update(load_file(shard))
-  return tensors
-
-
-def _shards(index: pathlib.Path) -> list[pathlib.Path]:
   weight_map = read_json(index).get("weight_map")
   if not isinstance(weight_map, dict):
     raise ValueError(f"{index}: expected a JSON object with a \"weight_map\" (tensor name -> "
                      f"shard file), as save_pretrained writes; re-download the checkpoint.")
-  paths = [index.parent / name for name in dict.fromkeys(weight_map.values())]
-  for path in paths:
-    if not path.is_file():
-      raise FileNotFoundError(f"{path}: no such file, though {index.name} names it; download "
+  files = {}
+  for name, file in weight_map.items():
+    files.setdefault(index.parent / file, []).append(name)
+  for file in files:
+    if not file.is_file():
+      raise FileNotFoundError(f"{file}: no such file, though {index.name} names it; download "
                               f"every shard of the checkpoint.")
-  return paths
+  return list(files.items())
 
 
 def read_json(path) -> dict:

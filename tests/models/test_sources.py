@@ -1,0 +1,121 @@
+"""Model sources (lora_jax.models.sources): a listing from the headers alone, and each tensor or
+slice read from the memory-mapped file equal to the whole-file readers' (safetensors.numpy's
+load_file, the gguf package's dequantization) bit for bit; damaged checkpoints refused by name."""
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from _llm import write_gguf
+from lora_jax.models import gguf, sources, weights
+
+RNG = np.random.default_rng(0)
+TENSORS = {
+    "model.embed_tokens.weight": RNG.normal(size=(16, 8)).astype(ml_dtypes.bfloat16),
+    "model.layers.0.self_attn.q_proj.weight": RNG.normal(size=(8, 8)).astype(np.float16),
+    "model.layers.1.self_attn.q_proj.weight": RNG.normal(size=(8, 8)).astype(np.float32),
+    "model.norm.weight": np.ones(8, np.float32),
+}
+SHARDS = {"model-00001-of-00002.safetensors": list(TENSORS)[:2],
+          "model-00002-of-00002.safetensors": list(TENSORS)[2:]}
+
+
+def _sharded(folder):
+  """A folder as save_pretrained writes a sharded checkpoint: two shards and the index."""
+  folder.mkdir(exist_ok=True)
+  for file, names in SHARDS.items():
+    save_file({n: TENSORS[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+  weight_map = {n: file for file, names in SHARDS.items() for n in names}
+  (folder / weights.SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {},
+                                                             "weight_map": weight_map}))
+  return folder
+
+
+def test_a_sharded_folder_lists_from_headers_and_reads_what_load_file_reads(tmp_path):
+  folder = _sharded(tmp_path / "m")
+  source = sources.open_source(folder)
+  listed = source.tensors()
+  assert {n: (t.shape, t.dtype, t.file.name) for n, t in listed.items()} == {
+      n: (TENSORS[n].shape, {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[
+          str(TENSORS[n].dtype)], file) for file, names in SHARDS.items() for n in names}
+  whole = {}
+  for file in SHARDS:
+    whole.update(load_file(folder / file))
+  got = sources.read_all(source)
+  assert got.keys() == whole.keys() == weights.read_checkpoint(folder).keys()
+  for name, want in whole.items():
+    assert got[name].dtype == want.dtype and got[name].tobytes() == want.tobytes()
+  rows = (slice(3, 11), slice(None))
+  part = source.read("model.embed_tokens.weight", rows)
+  assert part.dtype == ml_dtypes.bfloat16 and part.tobytes() == whole[
+      "model.embed_tokens.weight"][rows].tobytes()
+  cols = (slice(None), slice(2, 6))
+  np.testing.assert_array_equal(source.read("model.layers.1.self_attn.q_proj.weight", cols),
+                                TENSORS["model.layers.1.self_attn.q_proj.weight"][cols])
+
+
+def test_a_single_file_and_a_folder_with_model_safetensors_read_alike(tmp_path):
+  save_file(TENSORS, str(tmp_path / weights.SAFETENSORS))
+  by_folder = sources.read_all(sources.open_source(tmp_path))
+  by_file = sources.read_all(sources.open_source(tmp_path / weights.SAFETENSORS))
+  for name, want in TENSORS.items():
+    assert by_folder[name].tobytes() == by_file[name].tobytes() == want.tobytes()
+
+
+def test_damaged_checkpoints_are_refused_by_name(tmp_path):
+  folder = _sharded(tmp_path / "m")
+  source = sources.open_source(folder)
+  with pytest.raises(KeyError, match=r"holds no tensor 'lm_head.weight'; it holds"):
+    source.read("lm_head.weight")
+  second = folder / "model-00002-of-00002.safetensors"
+  data = second.read_bytes()
+  second.write_bytes(data[:-16])
+  with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors is not a complete "
+                                       r"safetensors file \(.*\); download or copy it again"):
+    sources.open_source(folder)
+  save_file({"model.norm.weight": TENSORS["model.norm.weight"]}, str(second))
+  with pytest.raises(ValueError, match=r"lacks model.layers.1.self_attn.q_proj.weight, which "
+                                       r"the checkpoint's model.safetensors.index.json places"):
+    sources.open_source(folder)
+  second.unlink()
+  with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002.safetensors: no such file, "
+                                              r"though model.safetensors.index.json names it"):
+    sources.open_source(folder)
+  with pytest.raises(FileNotFoundError, match=r"nothing: no such file or folder; pass a Hugging "
+                                              r"Face model folder, a .safetensors file or a "
+                                              r".gguf file"):
+    sources.open_source(tmp_path / "nothing")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"model.safetensors: no such file \(nor "
+                                              r"model.safetensors.index.json\)"):
+    sources.open_source(tmp_path / "empty")
+
+
+def test_a_gguf_file_lists_in_hugging_faces_order_and_reads_what_gguf_dequantizes(tmp_path):
+  import gguf as gguf_package
+
+  w = RNG.normal(size=(4, 64)).astype(np.float32)  # (out, in): GGUF stores it (in, out)-first
+  quantized = gguf_package.quants.quantize(w, gguf_package.GGMLQuantizationType.Q8_0)
+  path = write_gguf(tmp_path / "t.gguf", "llama", {"norm.weight": np.ones(8, np.float32)})
+  writer = gguf_package.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+  writer.add_tensor("blk.0.attn_q.weight", quantized, raw_shape=quantized.shape,
+                    raw_dtype=gguf_package.GGMLQuantizationType.Q8_0)
+  writer.add_tensor("output_norm.weight", np.ones(8, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  assert sources.open_source(path).tensors()["norm.weight"].shape == (8,)
+  source = sources.open_source(tmp_path / "q.gguf")
+  listed = source.tensors()
+  assert (listed["blk.0.attn_q.weight"].shape, listed["blk.0.attn_q.weight"].dtype) == (
+      (4, 64), "Q8_0")
+  want = gguf_package.quants.dequantize(quantized, gguf_package.GGMLQuantizationType.Q8_0)
+  np.testing.assert_array_equal(source.read("blk.0.attn_q.weight"), want)
+  np.testing.assert_array_equal(source.read("blk.0.attn_q.weight", (slice(1, 3),)), want[1:3])
+  np.testing.assert_array_equal(source.read("blk.0.attn_q.weight"),
+                                gguf.dequantize(gguf.read(tmp_path / "q.gguf"),
+                                                "blk.0.attn_q.weight"))
