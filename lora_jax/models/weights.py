@@ -154,6 +154,56 @@ def params_from_checkpoint(tensors: Mapping, family: Family, tree, *, layers: in
       for p, v in flat.items()})})
 
 
+def params_from_source(source, family: Family, tree, *, layers: int, scan: bool,
+                       dtype=np.float32, shardings=None) -> dict:
+  """``params_from_checkpoint``'s tree, each leaf made in place from a model source
+  (``lora_jax.models.sources``): ``jax.make_array_from_callback`` asks for each device's slice,
+  and only that slice of each checkpoint tensor is read and cast (a stacked leaf reads the
+  layers its slice holds), so the host never holds more than one device's part of a tensor.
+
+  Args:
+    source: a model source whose tensors are already checked (``check_checkpoint`` on its
+      listing); its names are the table's.
+    family, tree, layers, scan, dtype: as ``params_from_checkpoint``.
+    shardings: optional ``{'/'-joined Flax path: jax.sharding.Sharding}``; a leaf without one
+      goes to the first device whole.
+  """
+  by_path: dict[str, list[Entry]] = {}
+  for e in entries(family, shapes(tree), layers=layers, scan=scan):
+    by_path.setdefault(e.path, []).append(e)
+  flat = leaves_by_path(tree)
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  made = {}
+  for path, rows in by_path.items():
+    sharding = (shardings or {}).get(path, default)
+    parts: dict = {}  # a part several devices hold (replicas) is read once
+    made[tuple(path.split("/"))] = jax.make_array_from_callback(
+        tuple(flat[path].shape), sharding,
+        lambda index, rows=rows, parts=parts: _part(parts, source, rows, index, dtype))
+  return {"params": _tree.nest(made)}
+
+
+def _part(parts: dict, source, rows: list[Entry], index: tuple, dtype) -> np.ndarray:
+  key = tuple((s.start, s.stop, s.step) for s in index)
+  if key not in parts:
+    parts[key] = _read_part(source, rows, index, dtype)
+  return parts[key]
+
+
+def _read_part(source, rows: list[Entry], index: tuple, dtype) -> np.ndarray:
+  """The part ``index`` (slices of the Flax leaf) of the leaf that ``rows`` fill."""
+  if rows[0].index is None:  # one tensor
+    return _read_tensor(source, rows[0], index, dtype)
+  layers, rest = index[0], index[1:]
+  picked = [rows[i] for i in range(*layers.indices(len(rows)))]
+  return np.stack([_read_tensor(source, e, rest, dtype) for e in picked])
+
+
+def _read_tensor(source, e: Entry, index: tuple, dtype) -> np.ndarray:
+  value = np.asarray(source.read(e.name, tuple(reversed(index)) if e.linear else index), dtype)
+  return np.ascontiguousarray(value.T if e.linear else value)
+
+
 def checkpoint_from_params(params, family: Family, tree, *, layers: int, scan: bool,
                            dtype=np.float32) -> dict[str, np.ndarray]:
   """Checkpoint tensors under their original names (contiguous, ``dtype``) from a parameter

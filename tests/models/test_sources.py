@@ -119,3 +119,82 @@ def test_a_gguf_file_lists_in_hugging_faces_order_and_reads_what_gguf_dequantize
   np.testing.assert_array_equal(source.read("blk.0.attn_q.weight"),
                                 gguf.dequantize(gguf.read(tmp_path / "q.gguf"),
                                                 "blk.0.attn_q.weight"))
+
+
+# ----------------------------------------------------------------------- assembling in place
+
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+
+
+class _Counting:
+  """A source that counts the elements each read returns, by tensor."""
+
+  def __init__(self, inner):
+    self.inner, self.path, self.read_elements = inner, inner.path, {}
+
+  def tensors(self):
+    return self.inner.tensors()
+
+  def read(self, name, index=None):
+    value = self.inner.read(name, index)
+    self.read_elements[name] = self.read_elements.get(name, 0) + value.size
+    return value
+
+
+def _saved_llama(folder, *, dtype):
+  import jax
+
+  from lora_jax.models import llama, llama_io
+  config = llama.LlamaConfig(**LLAMA)
+  params = jax.jit(llama.LlamaForCausalLM(config).init)(jax.random.key(0),
+                                                         np.zeros((1, 4), np.int32))
+  return llama_io.save(folder, config, params, dtype=dtype)
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("stored, loaded", [("bfloat16", "bfloat16"), ("bfloat16", "float32"),
+                                            ("float32", "float32")])
+def test_params_from_a_source_equal_the_whole_file_loaders_bit_for_bit(tmp_path, scan, stored,
+                                                                        loaded):
+  import jax
+
+  from lora_jax.models import llama_io
+  from lora_jax.models.llama import FAMILY
+  folder = _saved_llama(tmp_path / "m", dtype=stored)
+  config, want = llama_io.load(folder, dtype=loaded, scan_layers=scan)
+  source = _Counting(sources.open_source(folder))
+  tree = llama_io.param_tree(config)
+  got = weights.params_from_source(source, FAMILY, tree, **weights.layout(config),
+                                   dtype=np.dtype(loaded))
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    assert g.dtype == w.dtype and np.asarray(g).tobytes() == np.asarray(w).tobytes()
+  listed = source.tensors()
+  assert source.read_elements == {n: int(np.prod(t.shape)) for n, t in listed.items()}  # once
+
+
+def test_params_from_a_source_are_made_in_their_shardings_reading_each_part_once(tmp_path):
+  from lora_jax import sharding
+  from lora_jax.models import llama_io
+  from lora_jax.models.llama import FAMILY
+  from lora_jax.targets import leaves_by_path
+  folder = _saved_llama(tmp_path / "m", dtype="float32")
+  config, want = llama_io.load(folder)
+  mesh = sharding.mesh("2x4")
+  tree = llama_io.param_tree(config)
+  specs = sharding.tensor_parallel_specs({"params": tree}, FAMILY.partition_rules, mesh=mesh,
+                                         fsdp=True)
+  shardings = leaves_by_path(sharding.named_shardings(specs, mesh)["params"])
+  source = _Counting(sources.open_source(folder))
+  got = weights.params_from_source(source, FAMILY, tree, **weights.layout(config),
+                                   shardings=shardings)
+  flat_got, flat_want = (leaves_by_path(t["params"]) for t in (got, want))
+  split = 0
+  for path, leaf in flat_got.items():
+    assert leaf.sharding == shardings[path]
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat_want[path]))
+    split += len({str(s.index) for s in leaf.addressable_shards}) > 1
+  assert split >= 8  # the embedding, the head and every projection are split over the mesh
+  # each byte once: a part several devices hold (the replicated norms) is read once
+  assert source.read_elements == {n: int(np.prod(t.shape)) for n, t in source.tensors().items()}
