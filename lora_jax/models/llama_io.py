@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models import weights
+from lora_jax.models import sources, weights
 from lora_jax.models.llama import FAMILY, LlamaConfig, LlamaForCausalLM
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # torch dtypes a Llama export may use
@@ -151,8 +151,9 @@ def params_from_tensors(tensors: Mapping, config: LlamaConfig) -> dict:
 def load(folder, *, dtype=jnp.float32, **overrides):
   """``(config, params)`` of a Hugging Face Llama folder (``save_pretrained``'s output).
 
-  Reads ``config.json`` and ``model.safetensors`` (or the shards of
-  ``model.safetensors.index.json``) with NumPy, no torch. The parameters are cast to ``dtype``,
+  Reads ``config.json``, then ``model.safetensors`` (or the shards of
+  ``model.safetensors.index.json``) with NumPy, no torch, memory-mapped, one tensor at a time
+  (``params_from_source``). The parameters are cast to ``dtype``,
   which also becomes the config's ``dtype`` and ``param_dtype`` unless ``overrides`` (any
   LlamaConfig field: ``scan_layers``, ``remat``, ...) set them; they follow ``param_dtype``.
 
@@ -163,7 +164,24 @@ def load(folder, *, dtype=jnp.float32, **overrides):
   """
   folder = pathlib.Path(folder)
   config = config_from_hf(folder, **{"dtype": dtype, "param_dtype": dtype, **overrides})
-  return config, params_from_tensors(weights.read_checkpoint(folder), config)
+  return config, params_from_source(sources.SafetensorsSource(folder), config)
+
+
+def params_from_source(source, config: LlamaConfig) -> dict:
+  """``params_from_tensors``' tree from a model source (``lora_jax.models.sources``), checked on
+  its listing before any tensor is read, each leaf then made in place from the parts it holds
+  (``weights.params_from_source``): the host never holds the whole checkpoint.
+
+  Raises:
+    ValueError: missing, unexpected or mis-shaped tensors (all listed).
+  """
+  tree = param_tree(config)
+  listed = {n: jax.ShapeDtypeStruct(t.shape, np.float32) for n, t in source.tensors().items()}
+  if config.tie_word_embeddings:  # a stored head is harmless only as an exact copy (read both)
+    listed.update({n: source.read(n) for n in (HEAD_TENSOR, EMBED_TENSOR) if n in listed})
+  check_tensors(listed, config, tree=tree)
+  return weights.params_from_source(source, FAMILY, tree, **weights.layout(config),
+                                    dtype=jnp.dtype(config.param_dtype))
 
 
 def tensors_from_params(params, config: LlamaConfig, *, dtype="float32"

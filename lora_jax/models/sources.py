@@ -34,7 +34,7 @@ from typing import Protocol
 import numpy as np
 
 from lora_jax._tree import listing
-from lora_jax.models import gguf, weights  # weights imports JAX: NumPy reads bfloat16
+from lora_jax.models import weights  # weights imports JAX: NumPy reads bfloat16
 
 Index = tuple[slice, ...]
 
@@ -103,25 +103,100 @@ class SafetensorsSource:
     return np.asarray(part[index] if index is not None else part[:])
 
 
+# --- GGUF ----------------------------------------------------------------------------------
+
+# GGUF tensor types the gguf package dequantizes with NumPy and these loaders accept.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K",
+                   "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+  """An opened GGUF file: its path, metadata values by key, and its tensors by name."""
+
+  path: pathlib.Path
+  metadata: dict
+  tensors: dict
+
+  def get(self, key: str, default=None):
+    return self.metadata.get(key, default)
+
+  def require(self, key: str):
+    if key not in self.metadata:
+      raise ValueError(f"{self.path}: GGUF metadata has no {key!r}; a Llama-architecture file "
+                       f"from llama.cpp's converter has it.")
+    return self.metadata[key]
+
+
+def read(path) -> GGUFFile:
+  """Opens a GGUF file (memory-mapped; tensors are dequantized only when asked for).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a complete GGUF file (truncated or damaged).
+  """
+  import gguf
+
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"path: no GGUF file at {path}; pass the path of a .gguf file.")
+  try:
+    reader = gguf.GGUFReader(str(path))
+    metadata = {k: _value(f) for k, f in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+  except (ValueError, IndexError, OSError, KeyError) as e:
+    raise ValueError(f"{path} is not a complete GGUF file (truncated or damaged: {e}); "
+                     f"download or copy it again.") from None
+  return GGUFFile(path, metadata, tensors)
+
+
+def _value(field):
+  try:
+    return field.contents()
+  except Exception:  # noqa: BLE001  (a field type this gguf version cannot decode: skip it)
+    return None
+
+
+def dequantize(file: GGUFFile, name: str) -> np.ndarray:
+  """One tensor as float32, shaped as Hugging Face stores it (a Linear weight (out, in)).
+
+  Raises:
+    ValueError: a tensor type this loader does not accept (named, with the accepted ones).
+  """
+  import gguf
+
+  tensor = file.tensors[name]
+  kind = tensor.tensor_type.name
+  if kind not in SUPPORTED_TYPES:
+    raise ValueError(f"{file.path}: tensor {name} is stored as {kind}, which this loader does "
+                     f"not dequantize; supported: {', '.join(SUPPORTED_TYPES)}.")
+  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+
+def hf_shape(tensor) -> tuple[int, ...]:
+  """A GGUF tensor's shape in Hugging Face's order (GGUF lists it innermost-first)."""
+  return tuple(int(n) for n in reversed(tensor.shape))
+
+
 class GGUFSource:
   """The tensors of a GGUF file under their GGUF names, memory-mapped by the ``gguf`` reader:
   listing reads the header only; ``read`` dequantizes one tensor to float32 and slices it.
 
   Raises:
-    FileNotFoundError, ValueError: as ``lora_jax.models.gguf.read``.
+    FileNotFoundError, ValueError: as ``read``.
   """
 
   def __init__(self, path):
-    self.file = gguf.read(path)
+    self.file = read(path)
     self.path = self.file.path
-    self._tensors = {name: TensorInfo(gguf.hf_shape(t), t.tensor_type.name, self.path)
+    self._tensors = {name: TensorInfo(hf_shape(t), t.tensor_type.name, self.path)
                      for name, t in self.file.tensors.items()}
 
   def tensors(self) -> Mapping[str, TensorInfo]:
     return self._tensors
 
   def read(self, name: str, index: Index | None = None) -> np.ndarray:
-    w = gguf.dequantize(self.file, _known(self, name))
+    w = dequantize(self.file, _known(self, name))
     return w[index] if index is not None else w
 
 
@@ -149,5 +224,5 @@ def open_source(path) -> Source:
 
 
 def read_all(source: Source) -> dict[str, np.ndarray]:
-  """Every tensor of ``source``, whole, by name (what ``weights.read_checkpoint`` returns)."""
+  """Every tensor of ``source``, whole, by name."""
   return {name: source.read(name) for name in source.tensors()}

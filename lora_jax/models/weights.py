@@ -233,22 +233,6 @@ def checkpoint_from_params(params, family: Family, tree, *, layers: int, scan: b
 # --- Files ---------------------------------------------------------------------------------
 
 
-def read_checkpoint(folder) -> dict[str, np.ndarray]:
-  """Every tensor of a Hugging Face folder's ``model.safetensors``, or of the shards its
-  ``model.safetensors.index.json`` names, as NumPy arrays (bfloat16 included; no torch).
-
-  Raises:
-    FileNotFoundError: neither file, or a shard, exists (the message names the path).
-    ValueError: the index is not JSON with a ``weight_map``.
-  """
-  from safetensors.numpy import load_file
-
-  tensors = {}
-  for file, _ in safetensors_files(folder):
-    tensors.update(load_file(file))
-  return tensors
-
-
 def safetensors_files(path) -> list[tuple[pathlib.Path, list[str]]]:
   """``(file, the tensor names the index places in it)`` for each safetensors file of a
   Hugging Face folder (``model.safetensors``, or every shard ``model.safetensors.index.json``

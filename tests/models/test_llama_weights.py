@@ -114,7 +114,7 @@ def test_save_llama_writes_atomically_and_refuses_an_existing_folder(ours, tmp_p
   assert (hf["dtype"], hf["torch_dtype"], hf["bos_token_id"], hf["eos_token_id"]) == (
       "bfloat16", "bfloat16", 1, [2, 3])
   assert hf["rope_parameters"] == {"rope_type": "default", "rope_theta": 1000.0}
-  assert {str(t.dtype) for t in weights.read_checkpoint(out).values()} == {"bfloat16"}
+  assert {str(t.dtype) for t in load_file(out / "model.safetensors").values()} == {"bfloat16"}
   with pytest.raises(FileExistsError, match=rf"{re.escape(str(out))} already exists and is not "
                                             r"an empty folder"):
     llama_io.save(out, config, params)

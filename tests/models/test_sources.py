@@ -45,7 +45,7 @@ def test_a_sharded_folder_lists_from_headers_and_reads_what_load_file_reads(tmp_
   for file in SHARDS:
     whole.update(load_file(folder / file))
   got = sources.read_all(source)
-  assert got.keys() == whole.keys() == weights.read_checkpoint(folder).keys()
+  assert got.keys() == whole.keys()
   for name, want in whole.items():
     assert got[name].dtype == want.dtype and got[name].tobytes() == want.tobytes()
   rows = (slice(3, 11), slice(None))
@@ -162,14 +162,17 @@ def test_params_from_a_source_equal_the_whole_file_loaders_bit_for_bit(tmp_path,
   from lora_jax.models import llama_io
   from lora_jax.models.llama import FAMILY
   folder = _saved_llama(tmp_path / "m", dtype=stored)
-  config, want = llama_io.load(folder, dtype=loaded, scan_layers=scan)
+  config = llama_io.config_from_hf(folder, dtype=loaded, param_dtype=loaded, scan_layers=scan)
+  # the whole-file path: every tensor in memory, then cast, transposed and stacked
+  want = llama_io.params_from_tensors(load_file(folder / weights.SAFETENSORS), config)
   source = _Counting(sources.open_source(folder))
-  tree = llama_io.param_tree(config)
-  got = weights.params_from_source(source, FAMILY, tree, **weights.layout(config),
-                                   dtype=np.dtype(loaded))
-  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
-  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-    assert g.dtype == w.dtype and np.asarray(g).tobytes() == np.asarray(w).tobytes()
+  got = weights.params_from_source(source, FAMILY, llama_io.param_tree(config),
+                                   **weights.layout(config), dtype=np.dtype(loaded))
+  loaded_by_load = llama_io.load(folder, dtype=loaded, scan_layers=scan)[1]  # through a source
+  for tree in (got, loaded_by_load):
+    assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(want)):
+      assert g.dtype == w.dtype and np.asarray(g).tobytes() == np.asarray(w).tobytes()
   listed = source.tensors()
   assert source.read_elements == {n: int(np.prod(t.shape)) for n, t in listed.items()}  # once
 
@@ -180,7 +183,8 @@ def test_params_from_a_source_are_made_in_their_shardings_reading_each_part_once
   from lora_jax.models.llama import FAMILY
   from lora_jax.targets import leaves_by_path
   folder = _saved_llama(tmp_path / "m", dtype="float32")
-  config, want = llama_io.load(folder)
+  config = llama_io.config_from_hf(folder)
+  want = llama_io.params_from_tensors(load_file(folder / weights.SAFETENSORS), config)
   mesh = sharding.mesh("2x4")
   tree = llama_io.param_tree(config)
   specs = sharding.tensor_parallel_specs({"params": tree}, FAMILY.partition_rules, mesh=mesh,
