@@ -170,7 +170,8 @@ def load(folder, *, dtype=jnp.float32, **overrides):
 def params_from_source(source, config: LlamaConfig) -> dict:
   """``params_from_tensors``' tree from a model source (``lora_jax.models.sources``), checked on
   its listing before any tensor is read, each leaf then made in place from the parts it holds
-  (``weights.params_from_source``): the host never holds the whole checkpoint.
+  (``weights.params_from_source``): no whole-checkpoint copy is built on the host (the memory
+  map's touched pages still count in the process's RSS until the OS drops them).
 
   Raises:
     ValueError: missing, unexpected or mis-shaped tensors (all listed).
