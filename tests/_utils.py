@@ -3,6 +3,7 @@ processes."""
 
 import contextlib
 import dataclasses
+import io
 import json
 import pathlib
 import queue
@@ -71,8 +72,7 @@ def cli_here(*argv):
   (``returncode``, ``stdout``, ``stderr``) and usable where ``capsys`` is not (a module's
   fixture): a run that needs no process of its own skips the interpreter start-up and shares
   this process's compiled programs with the tests that use it."""
-  import io
-  from lora_jax.app import cli as app
+  from lora_jax.app import cli as app  # the app only where a test runs it
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:
